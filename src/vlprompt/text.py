@@ -1,0 +1,314 @@
+"""Text encoding of learned prompts with no wasted work.
+
+Prompt learners hand the text tower token *embeddings* instead of token ids. A prompt is split into a
+``prefix`` (positions ``0..P-1``: the start token and whatever context comes before the first token that
+differs between prompts) and a ``suffix`` (the rest: class name, ".", end token, padding). Three paths give the
+same numbers:
+
+* ``plain``: the whole sequence at the model's context length (77), exactly as CLIP runs it. The reference
+  and the fallback (towers without a causal mask, e.g. MobileCLIP, take this path).
+* ``cut``: the sequence cut after the last end-of-text (EOT) position of the batch. Exact because the mask is
+  causal: nothing after a token can change it.
+* ``prefix``: the prefix is run once (per group) and every prompt's suffix tokens attend to its cached keys
+  and values, layer by layer, as in a key/value cache. Exact for the same reason; the prefix positions are the
+  bulk of a CoOp prompt (SOT + 16 context vectors), so this removes most of the work.
+
+Groups: the prefix may be shared by all prompts ``(P, D)`` or differ per group ``(G, P, D)`` (one group per
+image for CoCoOp, per prompt set for PLOT), with suffixes shared by the groups ``(K, S, D)`` or per group
+``(G, K, S, D)``. Many prompts are encoded in chunks; under autograd each chunk is checkpointed, so memory stays
+bounded for K = 1000+ while gradients stay exact.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import BackboneError
+
+MODES = ("auto", "plain", "cut", "prefix")
+
+
+class TextEncoder:
+    """A view over the frozen text tower of an open_clip model (it owns no parameters of its own).
+
+    ``D`` is the tower width (token embedding size), ``E`` the joint embedding size.
+    """
+
+    def __init__(self, *, token_embedding: nn.Embedding, positional_embedding: torch.Tensor,
+                 transformer: nn.Module, ln_final: nn.Module, text_projection, attn_mask: Optional[torch.Tensor],
+                 pool_type: str, eos_id: Optional[int], tokenizer=None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 unsupported: Optional[str] = None):
+        self._parts = {
+            "token_embedding": token_embedding, "transformer": transformer, "ln_final": ln_final,
+            "text_projection": text_projection,
+        }
+        self._positional = positional_embedding
+        self._attn_mask = attn_mask
+        self.pool_type = pool_type
+        self.eos_id = eos_id
+        self.tokenizer = tokenizer
+        self.autocast = autocast
+        self.unsupported = unsupported
+        blocks = list(getattr(transformer, "resblocks", []))
+        self._blocks = blocks
+        self.causal = attn_mask is not None
+        self.fast_ok = (self.causal and unsupported is None and pool_type in ("argmax", "eos") and all(
+            hasattr(b, "attn") and isinstance(b.attn, nn.MultiheadAttention) and b.attn._qkv_same_embed_dim
+            and hasattr(b, "ln_1") and hasattr(b, "mlp") for b in blocks))
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer=None, autocast=contextlib.nullcontext) -> "TextEncoder":
+        tower = model.text if hasattr(model, "text") else model
+        if not hasattr(tower, "token_embedding") or not hasattr(tower, "transformer"):
+            # e.g. Hugging Face text towers: strings still encode through open_clip, prompts cannot be learned
+            return cls(token_embedding=None, positional_embedding=None, transformer=nn.Identity(),
+                       ln_final=nn.Identity(), text_projection=None, attn_mask=None, pool_type="none",
+                       eos_id=None, tokenizer=tokenizer, autocast=autocast,
+                       unsupported=f"the text tower {type(tower).__name__} does not take token embeddings")
+        unsupported = None
+        if getattr(tower, "cls_emb", None) is not None:
+            unsupported = "text towers with a class embedding (CoCa) are not supported for learned prompts"
+        if getattr(tower, "use_pad_mask", False):
+            unsupported = "text towers with a padding mask are not supported for learned prompts"
+        return cls(token_embedding=tower.token_embedding, positional_embedding=tower.positional_embedding,
+                   transformer=tower.transformer, ln_final=tower.ln_final,
+                   text_projection=getattr(tower, "text_projection", None),
+                   attn_mask=getattr(tower, "attn_mask", None),
+                   pool_type=getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax")),
+                   eos_id=getattr(tower, "text_eos_id", getattr(tower, "eos_id", None)),
+                   tokenizer=tokenizer, autocast=autocast, unsupported=unsupported)
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def _require(self):
+        if self.unsupported:
+            raise BackboneError(f"learned prompts need a CLIP-style text transformer: {self.unsupported}")
+
+    @property
+    def context_length(self) -> int:
+        self._require()
+        return int(self._positional.shape[0])
+
+    @property
+    def width(self) -> int:
+        """D, the size of a token embedding."""
+        self._require()
+        return int(self._parts["token_embedding"].weight.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._parts["token_embedding"].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._parts["token_embedding"].weight.device
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def tokenize(self, texts) -> torch.Tensor:
+        """(K, L) token ids of strings, padded to the context length."""
+        return self.tokenizer(list(texts)).to(self.device)
+
+    @torch.no_grad()
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (K, L, D) of token ids (K, L) (constants: no gradient to the frozen table)."""
+        self._require()
+        return self._parts["token_embedding"](tokens.to(self.device)).float()
+
+    def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(K,) position of the end-of-text token in each row of (K, L) token ids."""
+        if self.pool_type == "eos" and self.eos_id is not None:
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
+
+    def token_count(self, text: str) -> int:
+        """Number of BPE tokens of ``text`` without the start and end tokens."""
+        tokens = self.tokenize([text])[0]
+        return int(self.eot_positions(tokens[None])[0]) - 1
+
+    # -- encoding -------------------------------------------------------------------------------
+    def __call__(self, embeddings: torch.Tensor, eot: torch.Tensor, *, mode: str = "auto",
+                chunk_size: Optional[int] = 256) -> torch.Tensor:
+        """Text features (K, E) of whole prompts given as token embeddings (K, L, D) and EOT positions (K,).
+
+        ``mode='auto'`` cuts the sequence after the last EOT when the tower is causal. Passing embeddings of
+        real tokens gives ``encode_text`` of those tokens.
+        """
+        self._require()
+        mode = self._pick_mode(mode, prefix_len=0)
+        if mode == "prefix":
+            mode = "cut"
+        return self._run_rows(embeddings, eot.to(embeddings.device), mode, chunk_size)
+
+    def encode_prompts(self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor, *,
+                       mode: str = "auto", chunk_size: Optional[int] = 256) -> torch.Tensor:
+        """Text features of prompts made of a prefix and a suffix.
+
+        Args:
+            prefix: (P, D) shared by all prompts, or (G, P, D) one per group.
+            suffix: (K, S, D) shared by the groups, or (G, K, S, D). P + S is at most the context length;
+                give the whole padded tail (P + S = 77) so that the plain path is CLIP's own computation.
+            eot: (K,) or (G, K) EOT positions in the whole sequence (so P <= eot < P + S).
+            mode: ``auto`` (prefix when the tower is causal and P > 1, else plain), ``plain``, ``cut``, ``prefix``.
+        Returns:
+            (K, E) for a shared prefix, (G, K, E) for a grouped one.
+        """
+        self._require()
+        grouped = prefix.dim() == 3
+        prefix3 = prefix if grouped else prefix[None]
+        g, p, _ = prefix3.shape
+        suffix4 = suffix if suffix.dim() == 4 else suffix[None].expand(g, *suffix.shape)
+        if suffix4.shape[0] != g:
+            raise ValueError(f"suffix has {suffix4.shape[0]} groups, prefix {g}")
+        k, s = suffix4.shape[1], suffix4.shape[2]
+        if p + s > self.context_length:
+            raise ValueError(f"prompt length {p}+{s} exceeds the context length {self.context_length}")
+        eot2 = (eot if eot.dim() == 2 else eot[None].expand(g, k)).to(prefix.device)
+        if int(eot2.min()) < p or int(eot2.max()) >= p + s:
+            raise ValueError("EOT positions must fall inside the suffix")
+        mode = self._pick_mode(mode, prefix_len=p)
+        if mode == "prefix":
+            out = self._run_prefixed(prefix3, suffix4, eot2, chunk_size)
+        else:
+            full = torch.cat([prefix3[:, None].expand(g, k, p, prefix3.shape[-1]), suffix4], dim=2)
+            out = self._run_rows(full.reshape(g * k, p + s, -1), eot2.reshape(-1), mode, chunk_size)
+            out = out.reshape(g, k, -1)
+        return out if grouped else out[0]
+
+    def _pick_mode(self, mode: str, prefix_len: int) -> str:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "auto":
+            if not self.fast_ok:
+                return "plain"
+            return "prefix" if prefix_len > 1 else "cut"
+        if mode in ("cut", "prefix") and not self.fast_ok:
+            raise BackboneError(f"the {mode!r} text path needs a causal CLIP text transformer "
+                                f"(this tower: causal={self.causal}, pool={self.pool_type})")
+        return mode
+
+    # -- plain and cut ----------------------------------------------------------------------------
+    def _run_rows(self, x: torch.Tensor, eot: torch.Tensor, mode: str, chunk_size: Optional[int]) -> torch.Tensor:
+        if mode == "cut":
+            x = x[:, : int(eot.max()) + 1]
+        n = x.shape[0]
+        if chunk_size is None or n <= chunk_size:
+            return self._rows_forward(x, eot)
+        outs = []
+        for i in range(0, n, chunk_size):
+            xs, es = x[i:i + chunk_size], eot[i:i + chunk_size]
+            if torch.is_grad_enabled() and xs.requires_grad:
+                outs.append(checkpoint(self._rows_forward, xs, es, use_reentrant=False))
+            else:
+                outs.append(self._rows_forward(xs, es))
+        return torch.cat(outs)
+
+    def _rows_forward(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """CLIP's own text forward on embeddings (N, L, D): open_clip's transformer and masks."""
+        length = x.shape[1]
+        with self.autocast():
+            h = x + self._positional[:length].to(x.dtype)
+            mask = self._attn_mask[:length, :length] if self._attn_mask is not None else None
+            h = self._parts["transformer"](h, attn_mask=mask)
+            pooled = self._pool(h, eot)
+            return self._project(pooled)
+
+    def _pool(self, h: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "first":
+            return h[:, 0]
+        if self.pool_type == "last":
+            return h[:, -1]
+        return h[torch.arange(h.shape[0], device=h.device), eot]
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        pooled = self._parts["ln_final"](pooled)
+        proj = self._parts["text_projection"]
+        if proj is None:
+            out = pooled
+        elif isinstance(proj, nn.Linear):
+            out = proj(pooled)
+        else:
+            out = pooled @ proj
+        return out.float()
+
+    # -- shared prefix (key/value cache) -----------------------------------------------------------
+    def _split_heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        n, length, d = t.shape
+        return t.reshape(n, length, heads, d // heads).transpose(1, 2)
+
+    def _attend(self, block: nn.Module, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+        attn = block.attn
+        q = self._split_heads(h, attn.num_heads)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+        o = o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)
+        return attn.out_proj(o)
+
+    def _qkv(self, block: nn.Module, x: torch.Tensor):
+        attn = block.attn
+        h = block.ln_1(x)
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        heads = attn.num_heads
+        return q, self._split_heads(k, heads), self._split_heads(v, heads)
+
+    @staticmethod
+    def _residual(block: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        x = x + block.ls_1(attn_out)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def _prefix_kv(self, prefix: torch.Tensor) -> list[torch.Tensor]:
+        """Keys and values of the prefix at every layer: a flat list [k0, v0, k1, v1, ...], each (G, H, P, hd)."""
+        x = prefix + self._positional[: prefix.shape[1]].to(prefix.dtype)
+        kv = []
+        for i, block in enumerate(self._blocks):
+            q, k, v = self._qkv(block, x)
+            kv += [k, v]
+            if i + 1 < len(self._blocks):  # the last layer's prefix outputs are never read
+                x = self._residual(block, x, self._attend(block, q, k, v, None, causal=True))
+        return kv
+
+    def _run_prefixed(self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor,
+                      chunk_size: Optional[int]) -> torch.Tensor:
+        g, k, s, d = suffix.shape
+        p = prefix.shape[1]
+        eot_local = eot - p
+        s_cut = int(eot_local.max()) + 1
+        rows = suffix[:, :, :s_cut].reshape(g * k, s_cut, d)
+        group = torch.arange(g, device=rows.device).repeat_interleave(k)
+        eot_rows = eot_local.reshape(-1)
+        with self.autocast():
+            kv = self._prefix_kv(prefix)
+            n = rows.shape[0]
+            step = n if chunk_size is None else max(chunk_size, 1)
+            outs = []
+            for i in range(0, n, step):
+                args = (rows[i:i + step], eot_rows[i:i + step], group[i:i + step], p, *kv)
+                if n > step and torch.is_grad_enabled() and (rows.requires_grad or prefix.requires_grad):
+                    outs.append(checkpoint(self._suffix_forward, *args, use_reentrant=False))
+                else:
+                    outs.append(self._suffix_forward(*args))
+        return torch.cat(outs).reshape(g, k, -1)
+
+    def _suffix_forward(self, x: torch.Tensor, eot: torch.Tensor, group: torch.Tensor, p: int,
+                        *kv: torch.Tensor) -> torch.Tensor:
+        """Suffix rows (n, S, D) attending to their group's cached prefix keys/values: features (n, E)."""
+        n, s, _ = x.shape
+        x = x + self._positional[p:p + s].to(x.dtype)
+        # suffix token i sees every prefix position and suffix positions <= i
+        mask = torch.ones(s, p + s, dtype=torch.bool, device=x.device)
+        mask[:, p:] = torch.tril(mask[:, p:])
+        single = kv[0].shape[0] == 1
+        for i, block in enumerate(self._blocks):
+            q, k, v = self._qkv(block, x)
+            kp, vp = kv[2 * i], kv[2 * i + 1]
+            kp = kp.expand(n, *kp.shape[1:]) if single else kp[group]
+            vp = vp.expand(n, *vp.shape[1:]) if single else vp[group]
+            keys = torch.cat([kp.to(k.dtype), k], dim=2)
+            values = torch.cat([vp.to(v.dtype), v], dim=2)
+            x = self._residual(block, x, self._attend(block, q, keys, values, mask, causal=False))
+        pooled = x[torch.arange(n, device=x.device), eot]
+        return self._project(pooled)

@@ -1,0 +1,64 @@
+import os
+import warnings
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from vlprompt.testing import make_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    root = Path(os.environ.get("VLPROMPT_SHARED", REPO.parent / "shared")) / "assets" / "data"
+    return root
+
+
+def require_shared(*parts: str) -> Path:
+    path = shared_data().joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared dataset not found: {path} (set VLPROMPT_SHARED to the shared/ folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+def _load(tiny_dir, kind, **kw):
+    from vlprompt.backbone import load_backbone
+
+    cfg, weights = make_tiny_checkpoint(tiny_dir, kind, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_backbone(str(cfg), str(weights), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tiny_dir):
+    return _load(tiny_dir, "tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_rn(tiny_dir):
+    return _load(tiny_dir, "tiny-rn")
+
+
+@pytest.fixture(scope="session", params=["tiny-vit", "tiny-rn"])
+def tiny_backbone(request, tiny_vit, tiny_rn):
+    return tiny_vit if request.param == "tiny-vit" else tiny_rn
+
+
+@pytest.fixture(scope="session")
+def sharp_rn(tiny_dir):
+    return _load(tiny_dir, "tiny-rn", sharpen=True, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

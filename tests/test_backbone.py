@@ -1,0 +1,130 @@
+"""The backbone layer: loading, QuickGELU, errors, image features (global and local)."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from vlprompt.backbone import load_backbone
+from vlprompt.errors import BackboneError
+from vlprompt.testing import make_tiny_checkpoint
+
+
+def test_weights_load_back_through_pretrained_file(tiny_dir, tiny_vit):
+    cfg, weights = make_tiny_checkpoint(tiny_dir, "tiny-vit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = load_backbone(str(cfg), str(weights), device="cpu")
+    for (k, a), (_, b) in zip(tiny_vit.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert again.fingerprint == tiny_vit.fingerprint
+    assert not any(p.requires_grad for p in again.model.parameters())
+    assert again.embed_dim == 64 and again.image_size == 32
+
+
+def test_fingerprint_changes_with_weights(tiny_dir, tiny_vit):
+    cfg, weights = make_tiny_checkpoint(tiny_dir / "other", "tiny-vit", seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = load_backbone(str(cfg), str(weights), device="cpu")
+    assert other.fingerprint != tiny_vit.fingerprint
+
+
+def test_random_weights_warn_loudly(tiny_dir):
+    cfg, _ = make_tiny_checkpoint(tiny_dir, "tiny-rn")
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        load_backbone(str(cfg), None, device="cpu")
+
+
+def test_openai_tag_gets_quick_gelu(monkeypatch):
+    """OpenAI weights must run with QuickGELU; open_clip only warns otherwise."""
+    import open_clip
+
+    seen = {}
+
+    def fake_create(name, pretrained=None, **kw):
+        seen.update(kw, name=name, pretrained=pretrained)
+        raise RuntimeError("Failed to download weights for tag 'openai': offline")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", fake_create)
+    with pytest.raises(BackboneError, match="could not fetch.*--pretrained"):
+        load_backbone("RN50", "openai", device="cpu")
+    assert seen["force_quick_gelu"] is True
+    with pytest.raises(BackboneError):
+        load_backbone("RN50", "laion400m_e32", device="cpu")  # hmm: RN50 has no laion tag -> clear error
+    with pytest.raises(BackboneError, match="could not fetch"):
+        load_backbone("ViT-B-32", "laion2b_s34b_b79k", device="cpu")
+    assert seen["force_quick_gelu"] is False
+
+
+def test_offline_tag_gives_clear_error():
+    """The real open_clip download path, offline: one clear error naming the tag and how to pass a file."""
+    with pytest.raises(BackboneError, match=r"RN50.*--pretrained"):
+        load_backbone("RN50", "openai", device="cpu")
+
+
+def test_unknown_names_and_files(tmp_path):
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        load_backbone("NoSuchNet-7", None)
+    with pytest.raises(BackboneError, match="not found"):
+        load_backbone(str(tmp_path / "missing.json"), None)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(BackboneError, match="bad.json"):
+        load_backbone(str(bad), None)
+    cfg, _ = make_tiny_checkpoint(tmp_path, "tiny-vit")
+    with pytest.raises(BackboneError, match="neither a file nor a known tag"):
+        load_backbone(str(cfg), str(tmp_path / "nope.pt"))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00" * 100)
+    with pytest.raises(BackboneError, match="broken.pt"):
+        load_backbone(str(cfg), str(broken))
+
+
+def test_openai_format_checkpoint_with_quick_gelu(tmp_path):
+    """A config with quick_gelu loads a state dict in OpenAI's layout unchanged (how OpenAI weights are used)."""
+    cfg, weights = make_tiny_checkpoint(tmp_path, "tiny-vit", quick_gelu=True)
+    assert json.loads(cfg.read_text())["quick_gelu"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bb = load_backbone(str(cfg), str(weights), device="cpu")
+    assert bb.model_cfg["quick_gelu"] is True
+    act = bb.model.transformer.resblocks[0].mlp.gelu
+    assert type(act).__name__ == "QuickGELU"
+
+
+def test_global_and_local_image_features(tiny_backbone):
+    x = torch.randn(3, 3, tiny_backbone.image_size, tiny_backbone.image_size)
+    g = tiny_backbone.encode_image(x)
+    g2, local = tiny_backbone.encode_image(x, local=True)
+    assert g.shape == (3, tiny_backbone.embed_dim)
+    side = tiny_backbone.image_size // (32 if tiny_backbone.local_kind == "resnet_attnpool" else 8)
+    assert local.shape == (3, side * side, tiny_backbone.embed_dim)
+    # the pooled position of the attention pool / the ViT's pooled token is exactly the global feature
+    torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-6)
+    assert torch.equal(g, tiny_backbone.model.encode_image(x))
+
+
+def test_resnet_local_features_are_attention_pool_outputs(sharp_rn):
+    """Local features vary over the grid on a sharpened model (a random RN is nearly degenerate)."""
+    x = torch.randn(2, 3, 64, 64)
+    _, local = sharp_rn.encode_image(x, local=True)
+    local = torch.nn.functional.normalize(local, dim=-1)
+    cos = local @ local.transpose(1, 2)
+    assert cos.min() < 0.99
+    # the local features of each image are the attention pool applied with each cell as the query
+    visual = sharp_rn.model.visual
+    feats = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(x)))))
+    flat = feats.flatten(2).permute(2, 0, 1)
+    seq = torch.cat([flat.mean(0, keepdim=True), flat]) + visual.attnpool.positional_embedding[:, None]
+    pool = visual.attnpool
+    q = pool.q_proj(seq[3:4])  # grid cell 2 (row-major), position 3 in the sequence
+    k, v = pool.k_proj(seq), pool.v_proj(seq)
+    h = pool.num_heads
+    qh = q.reshape(1, 2, h, -1).permute(1, 2, 0, 3)
+    kh = k.reshape(-1, 2, h, k.shape[-1] // h).permute(1, 2, 0, 3)
+    vh = v.reshape(-1, 2, h, v.shape[-1] // h).permute(1, 2, 0, 3)
+    att = torch.softmax(qh @ kh.transpose(-1, -2) / (qh.shape[-1] ** 0.5), dim=-1) @ vh
+    out = pool.c_proj(att.permute(2, 0, 1, 3).reshape(1, 2, -1))[0]
+    _, raw_local = sharp_rn.encode_image(x, local=True)
+    torch.testing.assert_close(raw_local[:, 2], out, rtol=1e-4, atol=1e-5)
