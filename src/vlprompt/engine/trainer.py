@@ -1,0 +1,298 @@
+"""The training engine shared by every learned method.
+
+The engine knows a method only through :class:`vlprompt.methods.base.Method`. Inputs come in one of two modes:
+
+* **cached views** (default for methods with a frozen image tower): the image features of ``views`` augmented
+  views of every training image are computed once through the :class:`~vlprompt.cache.FeatureCache` (and reused
+  across runs, methods and seeds); each step draws one view per image. The frozen image tower -- the largest cost
+  of a step -- then runs once per view instead of once per step.
+* **online**: every step augments and encodes its images, exactly as the papers do.
+
+Every epoch's data order, view choice and augmentation are seeded from ``(seed, epoch)``, and a checkpoint is
+written at the end of every ``checkpoint_every`` epochs, so a run killed at any point resumes from the last
+checkpoint and finishes with the same numbers as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import NonFiniteError, VLPromptError
+from ..methods.base import Features, Method
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .schedule import lr_at_epoch
+
+log = logging.getLogger("vlprompt")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 32
+    optimizer: str = "sgd"  # sgd | adamw | adam | radam
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"  # cosine | constant
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    views: int = 10  # cached augmented views per training image
+    online: bool = False  # augment + encode at every step instead
+    augment: bool = True  # CoOp's train augmentation; False: the test transform
+    seed: int = 1
+    checkpoint_every: int = 1
+    eval_every: int = 0  # evaluate on the val split every N epochs (0: never during training)
+    batch_workers: int = 0
+    feature_batch_size: int = 64
+    nonfinite: str = "error"  # error | skip (skip-and-count; always skip under fp16 gradient scaling)
+    grad_clip: float = 0.0
+    max_steps: int = 0  # stop after this many optimisation steps (0: no limit); for smoke runs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # next epoch to run
+    step: int = 0
+    skipped_steps: int = 0
+    history: list = field(default_factory=list)
+
+
+def epoch_seed(seed: int, epoch: int, salt: str = "") -> int:
+    h = hashlib.sha256(f"{seed}:{epoch}:{salt}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    name = cfg.optimizer.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "radam":
+        return torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise VLPromptError(f"unknown optimizer {cfg.optimizer!r} (sgd | adamw | adam | radam)")
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+class CachedViews:
+    """Features of V views per training image, (V, N, E) and optionally (V, N, M, E); one view drawn per step."""
+
+    def __init__(self, global_: torch.Tensor, local: Optional[torch.Tensor] = None):
+        self.global_ = global_
+        self.local = local
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Features:
+        views = torch.randint(0, self.global_.shape[0], (len(idx),), generator=gen)
+        local = None if self.local is None else self.local[views, idx].float()
+        return Features(global_=self.global_[views, idx].float(), local=local)
+
+
+class OnlineImages:
+    """Augment and load the batch's images at every step; encode them with the frozen tower unless the method
+    trains its own image encoder (then the images themselves are passed)."""
+
+    def __init__(self, dataset, backbone, local: bool, encode: bool, workers: int = 0):
+        self.dataset = dataset
+        self.backbone = backbone
+        self.local = local
+        self.encode = encode
+        self.workers = workers
+
+    def _images(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+            # per-image seeds keep augmentation independent of thread scheduling
+            seeds = torch.randint(0, 2 ** 62, (len(idx),)).tolist()
+
+            def load(pair):
+                i, s = pair
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(s)
+                    random.seed(s)
+                    return self.dataset[int(i)][0]
+            with ThreadPoolExecutor(self.workers) as pool:
+                return torch.stack(list(pool.map(load, zip(idx.tolist(), seeds))))
+        return torch.stack([self.dataset[int(i)][0] for i in idx])
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Features:
+        images = self._images(idx)
+        if not self.encode:
+            return Features(images=images)
+        out = self.backbone.encode_image(images, local=self.local)
+        if self.local:
+            return Features(global_=out[0], local=out[1])
+        return Features(global_=out)
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, method: Method, train_cfg: TrainConfig, run_dir: Path, *, config_hash: str = "",
+                 device: Optional[torch.device] = None, progress: bool = True,
+                 on_epoch: Optional[Callable[[dict], None]] = None):
+        self.method = method
+        self.cfg = train_cfg
+        self.run_dir = Path(run_dir)
+        self.config_hash = config_hash
+        self.device = device or method.backbone.device
+        self.progress = progress
+        self.on_epoch = on_epoch
+        self.optimizer = make_optimizer(method.param_groups(train_cfg.lr), train_cfg)
+        for group in self.optimizer.param_groups:
+            group.setdefault("lr_scale", group["lr"] / train_cfg.lr if train_cfg.lr else 1.0)
+        self.state = TrainState()
+        amp = method.backbone.device.type == "cuda" and method.backbone.precision == "amp"
+        self.fp16 = amp and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.fp16)
+
+    # -- checkpoints --
+    def _state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.state.epoch, "step": self.state.step, "skipped_steps": self.state.skipped_steps,
+                "history": json.dumps(self.state.history), "rng": rng_state()}
+
+    def resume(self) -> bool:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        epoch, learned, state = load_checkpoint(path, self.config_hash or None)
+        self.method.load_learned_state({k: v.to(self.device) for k, v in learned.items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(epoch=int(state["epoch"]), step=int(state["step"]),
+                                skipped_steps=int(state["skipped_steps"]), history=json.loads(state["history"]))
+        set_rng_state(state["rng"])
+        log.info("resumed from %s (epoch %d of %d)", path, self.state.epoch, self.cfg.epochs)
+        return True
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.state.epoch, self.method.learned_state(), self._state_dict(),
+                               self.config_hash)
+
+    # -- training --
+    def _batches(self, n: int, gen: torch.Generator) -> list[torch.Tensor]:
+        order = torch.randperm(n, generator=gen)
+        bs = self.cfg.batch_size
+        drop_last = n >= bs  # as Dassl: drop the last partial batch when there is at least one full batch
+        stop = (n // bs) * bs if drop_last else n
+        return [order[i:i + bs] for i in range(0, stop, bs)]
+
+    def fit(self, source, labels: torch.Tensor, targets: Optional[torch.Tensor] = None,
+            evaluate: Optional[Callable[[], dict]] = None) -> TrainState:
+        """Train from ``self.state.epoch`` to ``cfg.epochs``. ``source.batch(idx, gen)`` gives Features."""
+        cfg = self.cfg
+        n = len(labels)
+        if n == 0:
+            raise VLPromptError("no training images")
+        method = self.method
+        for epoch in range(self.state.epoch, cfg.epochs):
+            lr = lr_at_epoch(epoch, base_lr=cfg.lr, epochs=cfg.epochs, scheduler=cfg.scheduler,
+                             warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+            torch.manual_seed(epoch_seed(cfg.seed, epoch, "augment"))
+            random.seed(epoch_seed(cfg.seed, epoch, "python"))
+            method.train()
+            t0 = time.perf_counter()
+            losses, correct, seen = [], 0, 0
+            batches = self._batches(n, gen)
+            bar = _progress(batches, f"epoch {epoch + 1}/{cfg.epochs}", self.progress)
+            for idx in bar:
+                feats = source.batch(idx, gen).to(self.device)
+                y = labels[idx].to(self.device)
+                t = None if targets is None else targets[idx].to(self.device)
+                with method.backbone.autocast():
+                    logits = method(feats)
+                    loss, parts = method.loss(logits.float(), y, t)
+                if not torch.isfinite(loss):
+                    if self.fp16 or cfg.nonfinite == "skip":
+                        self.state.skipped_steps += 1
+                        self.optimizer.zero_grad(set_to_none=True)
+                        continue
+                    raise NonFiniteError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step "
+                                         f"{self.state.step + 1} (lr {lr:g}); lower --lr, or pass "
+                                         f"--nonfinite skip to skip such steps and count them")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), cfg.grad_clip)
+                scale_before = self.scaler.get_scale() if self.fp16 else None
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if self.fp16 and self.scaler.get_scale() < scale_before:
+                    self.state.skipped_steps += 1  # inf/NaN gradients: the scaler skipped this step
+                self.state.step += 1
+                losses.append(loss.item())
+                correct += int((logits.argmax(-1) == y).sum())
+                seen += len(y)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if cfg.max_steps and self.state.step >= cfg.max_steps:
+                    break
+            record = {"epoch": epoch + 1, "lr": lr, "loss": float(np.mean(losses)) if losses else float("nan"),
+                      "train_accuracy": 100.0 * correct / max(seen, 1), "steps": len(losses),
+                      "skipped_steps": self.state.skipped_steps, "seconds": time.perf_counter() - t0}
+            if evaluate is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+                record.update({f"val_{k}": v for k, v in evaluate().items()})
+            self.state.history.append(record)
+            self.state.epoch = epoch + 1
+            log.info("epoch %d/%d  loss %.4f  train acc %.2f%%  lr %.2e  %.1fs", epoch + 1, cfg.epochs,
+                     record["loss"], record["train_accuracy"], lr, record["seconds"])
+            if self.on_epoch:
+                self.on_epoch(record)
+            done = self.state.epoch == cfg.epochs or (cfg.max_steps and self.state.step >= cfg.max_steps)
+            if cfg.checkpoint_every and (self.state.epoch % cfg.checkpoint_every == 0 or done):
+                self.save()
+            if done:
+                break
+        return self.state
+
+
+@torch.no_grad()
+def predict_logits(method: Method, source, n: int, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """Logits (N, K) of every image; class text features are computed once (``begin_eval``)."""
+    method.eval()
+    method.begin_eval()
+    out = []
+    try:
+        gen = torch.Generator().manual_seed(0)
+        idx_all = torch.arange(n)
+        for i in _progress(range(0, n, batch_size), "evaluate", progress):
+            feats = source.batch(idx_all[i:i + batch_size], gen).to(method.backbone.device)
+            with method.backbone.autocast():
+                out.append(method(feats).float().cpu())
+    finally:
+        method.end_eval()
+    return torch.cat(out) if out else torch.empty(0, method.num_classes)
+
+
+def _progress(it, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return it
+    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)

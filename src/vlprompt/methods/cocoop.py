@@ -1,0 +1,76 @@
+"""CoCoOp (Zhou et al., CVPR 2022): the context conditioned on each image through a small meta-network.
+
+The reference runs one image at a time (its text tower encodes K prompts per image). Here a whole batch runs
+at once: each image's ``<sot> + context`` prefix is computed once and the class tokens attend to it (the text
+encoder's grouped shared-prefix path), in chunks that bound memory.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Features, Method, MethodConfig
+from .prompts import PromptContext
+
+
+@dataclass
+class CoCoOpConfig(MethodConfig):
+    n_ctx: int = 4
+    init: Optional[str] = "a photo of a"
+    class_position: str = "end"
+    init_std: float = 0.02
+    text_mode: str = "auto"
+    chunk_size: int = 256
+    image_chunk: int = 8  # images whose K prompts are encoded together
+
+
+class CoCoOp(Method):
+    name = "cocoop"
+
+    def __init__(self, config: CoCoOpConfig, backbone, classnames: Sequence[str]):
+        super().__init__(config, backbone, classnames)
+        self.prompt = PromptContext(backbone.text, classnames, n_ctx=config.n_ctx, csc=False,
+                                    position=config.class_position, init_words=config.init,
+                                    init_std=config.init_std, text_mode=config.text_mode,
+                                    chunk_size=config.chunk_size)
+        e, d = backbone.embed_dim, backbone.text.width
+        self.meta_net = nn.Sequential(OrderedDict([
+            ("linear1", nn.Linear(e, max(e // 16, 1))),
+            ("relu", nn.ReLU(inplace=True)),
+            ("linear2", nn.Linear(max(e // 16, 1), d)),
+        ])).to(backbone.device)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        super().set_classnames(classnames)
+        self.prompt.set_classnames(classnames)
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        image = F.normalize(feats.global_.float(), dim=-1)  # (B, E)
+        shift = self.meta_net(image)  # (B, D)
+        logits = []
+        step = max(int(self.config.image_chunk), 1)
+        for i in range(0, image.shape[0], step):
+            text = F.normalize(self.prompt.encode(shift[i:i + step]), dim=-1)  # (b, K, E)
+            logits.append(self.logit_scale * torch.einsum("be,bke->bk", image[i:i + step], text))
+        return torch.cat(logits)
+
+    def forward_per_image(self, feats: Features) -> torch.Tensor:
+        """The reference's computation, one image at a time and full-length prompts (for tests)."""
+        image = F.normalize(feats.global_.float(), dim=-1)
+        shift = self.meta_net(image)
+        rows = []
+        for b in range(image.shape[0]):
+            prefix, suffix, eot = self.prompt.prompt_embeddings(shift[b:b + 1])
+            text = self.backbone.text.encode_prompts(prefix, suffix, eot, mode="plain")[0]
+            rows.append(self.logit_scale * F.normalize(text, dim=-1) @ image[b])
+        return torch.stack(rows)
+
+    def export_head(self):
+        """CoCoOp's text features depend on each image: the head keeps the learned context and meta-network,
+        and ``predict`` runs the text tower (there is no fixed class head to export)."""
+        return None
