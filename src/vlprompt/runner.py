@@ -27,7 +27,8 @@ from .cache import FeatureCache
 from .data import (DatasetSplits, ImageDataset, build_test_transform, build_train_transform, check_samples,
                    few_shot_split, load_dataset, load_split, save_split, subsample_classes, transform_id)
 from .engine.schedule import default_epochs
-from .engine.trainer import CachedViews, OnlineImages, Trainer, TrainConfig, predict_logits, seed_everything
+from .engine.trainer import (CachedViews, OnlineImages, Trainer, TrainConfig, TrainState, predict_logits,
+                             seed_everything)
 from .errors import CheckpointError, DataError, VLPromptError
 from .methods import Method, build_method, get_method
 
@@ -104,10 +105,10 @@ def prepare_data(data: DataConfig, run_dir: Optional[Path] = None) -> DatasetSpl
     if split_file is not None and split_file.exists():
         return load_split(split_file)
     splits = load_dataset(data.dataset, data.root, **data.options)
+    if data.shots and data.shots > 0:  # CoOp samples the shots first, then keeps the base or new classes
+        splits = few_shot_split(splits, data.shots, data.seed, allow_fewer=data.allow_fewer)
     if data.classes != "all":
         splits = subsample_classes(splits, data.classes)
-    if data.shots and data.shots > 0:
-        splits = few_shot_split(splits, data.shots, data.seed, allow_fewer=data.allow_fewer)
     for name in ("train", "val", "test"):
         samples = getattr(splits, name)
         if samples:
@@ -240,7 +241,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, resume: bool = False, fo
                  progress: bool = True) -> dict:
     run_dir = Path(output)
     get_method(cfg.method)  # unknown method: fail before anything else
-    if not cfg.train.epochs:
+    if cfg.train.epochs is None or cfg.train.epochs < 0:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, epochs=default_epochs(cfg.data.shots, cfg.data.dataset)))
     done = prepare_run_dir(run_dir, cfg, resume, force)
@@ -268,39 +269,85 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> dict:
     method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames)
     cache = FeatureCache(cfg.cache_dir, progress=progress)
     train_tf, test_tf = transforms_for(cfg, backbone)
+    learns = bool(method.trainable_parameters())  # zero-shot methods learn nothing: no training at all
     t0 = time.perf_counter()
-    source = train_source(cfg, method, backbone, splits, cache, train_tf)
+    source = train_source(cfg, method, backbone, splits, cache, train_tf) if learns else None
     t_features = time.perf_counter() - t0
     labels = torch.tensor([s.label for s in splits.train])
     targets = _targets(splits.train)
+    selection = _Selection(method, run_dir) if (splits.val and cfg.train.eval_every) else None
     trainer = Trainer(method, cfg.train, run_dir, config_hash=cfg.identity_hash(), progress=progress,
-                      on_epoch=lambda rec: _on_epoch(run_dir, rec))
-    if resume and trainer.resume():
+                      on_epoch=lambda rec: (_on_epoch(run_dir, rec),
+                                            selection and selection.update(trainer.state.history))) \
+        if learns else None
+    if trainer is not None and resume and trainer.resume():
         _rewrite_metrics(run_dir, trainer.state.history)
 
     def val_metrics():
         return evaluate(method, backbone, splits.val, test_tf, cache)[0] if splits.val else {}
 
     t0 = time.perf_counter()
-    trainer.fit(source, labels, targets, evaluate=val_metrics)
+    if trainer is not None:
+        trainer.fit(source, labels, targets, evaluate=val_metrics)
+    state = trainer.state if trainer is not None else TrainState()
     t_train = time.perf_counter() - t0
+    selected = selection.restore(state.history) if selection is not None else None
     save_method(run_dir, cfg, method, splits)
-    plot_curve(run_dir, trainer.state.history)
+    plot_curve(run_dir, state.history)
     t0 = time.perf_counter()
-    metrics, _ = evaluate(method, backbone, splits.test, test_tf, cache, progress=progress) if splits.test else ({}, None)
+    metrics, test_logits = evaluate(method, backbone, splits.test, test_tf, cache, progress=progress) \
+        if splits.test else ({}, None)
     results = {
         "method": cfg.method, "dataset": cfg.data.dataset, "classes": cfg.data.classes,
         "backbone": cfg.backbone, "pretrained": cfg.pretrained, "shots": cfg.data.shots, "seed": cfg.train.seed,
-        "epochs": cfg.train.epochs, "metrics": metrics,
-        "train": {"final_loss": trainer.state.history[-1]["loss"] if trainer.state.history else None,
-                  "final_train_accuracy": trainer.state.history[-1]["train_accuracy"] if trainer.state.history else None,
-                  "steps": trainer.state.step, "skipped_steps": trainer.state.skipped_steps},
+        "epochs": cfg.train.epochs if learns else 0, "metrics": metrics,
+        "train": {"final_loss": state.history[-1]["loss"] if state.history else None,
+                  "final_train_accuracy": state.history[-1]["train_accuracy"] if state.history else None,
+                  "steps": state.step, "skipped_steps": state.skipped_steps},
         "timings": {"features_s": t_features, "train_s": t_train, "eval_s": time.perf_counter() - t0,
                     "total_s": time.perf_counter() - t_start},
     }
+    if selected is not None:
+        results["selected_epoch"] = selected
+    if hasattr(method, "after_training"):  # method-specific outputs (plots, ordinality of prototypes)
+        results.update(method.after_training(run_dir, test_logits, splits.test) or {})
     atomic_write_json(run_dir / "results.json", results)
     log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
     return results
+
+
+class _Selection:
+    """Keep the learned tensors of the epoch with the best validation metric (methods with ``select_on =
+    (metric, "min" | "max")``, when ``eval_every`` evaluates on a validation split carved from the training
+    data); they replace the last epoch's at the end. The file survives interruptions, so resumed runs agree."""
+
+    def __init__(self, method: Method, run_dir: Path):
+        self.method = method
+        self.key, self.mode = getattr(method, "select_on", (None, None))
+        self.path = run_dir / "best.safetensors"
+
+    def _best(self, history: list) -> Optional[dict]:
+        recs = [r for r in history if f"val_{self.key}" in r]
+        if not recs:
+            return None
+        pick = min if self.mode == "min" else max
+        return pick(recs, key=lambda r: r[f"val_{self.key}"])  # the first of equals
+
+    def update(self, history: list) -> None:
+        """After each epoch (``history[-1]`` is its record): save the learned tensors when it is the best."""
+        if self.key is not None and history and self._best(history) is history[-1]:
+            atomic_save_safetensors(self.path, self.method.learned_state())
+
+    def restore(self, history: list) -> Optional[int]:
+        best = self._best(history) if self.key is not None else None
+        if best is None or not self.path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        device = self.method.backbone.device
+        self.method.load_learned_state({k: v.to(device) for k, v in load_file(str(self.path)).items()})
+        log.info("selected epoch %d (val %s %.4f)", best["epoch"], self.key, best[f"val_{self.key}"])
+        return int(best["epoch"])
 
 
 def _on_epoch(run_dir: Path, record: dict) -> None:
@@ -414,8 +461,14 @@ def predict_images(head_dir: str | Path, images: Sequence[str], topk: int = 5, d
         probs = logits.softmax(-1)
         k = min(topk, probs.shape[1])
         p, idx = probs.topk(k, dim=-1)
-        for path, pi, ii in zip(paths, p.tolist(), idx.tolist()):
+        values = None
+        if kind == "ordinal":  # ordinal heads also predict a value (expectation over rank values)
+            from .methods.ordinalclip import head_values
+            values = head_values(logits, tensors, info)["value"].tolist()
+        for n, (path, pi, ii) in enumerate(zip(paths, p.tolist(), idx.tolist())):
             out.append({"image": path, "top": [{"class": classnames[j], "probability": q} for j, q in zip(ii, pi)]})
+            if values is not None:
+                out[-1]["value"] = values[n]
     return out
 
 

@@ -8,6 +8,7 @@ pass for the wrong reason.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ TINY_CONFIGS = {
 
 def sharpen_(model: torch.nn.Module, seed: int = 0, scale: float = 16.0) -> torch.nn.Module:
     """Make a random model's features differ between inputs (in place): scale the ResNet attention pool's
-    query/key projections, widen the token embedding, and re-draw BatchNorm statistics."""
+    query/key projections, widen the token embedding, re-draw BatchNorm statistics, and set the logit scale
+    to trained CLIP's 100."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         visual = model.visual
@@ -37,6 +39,7 @@ def sharpen_(model: torch.nn.Module, seed: int = 0, scale: float = 16.0) -> torc
         if hasattr(visual, "conv1"):
             visual.conv1.weight.mul_(4.0)
         model.token_embedding.weight.mul_(8.0)
+        model.logit_scale.fill_(math.log(100.0))  # trained CLIP's temperature
     return model
 
 

@@ -1,0 +1,258 @@
+"""Readers of a user's own data: an image folder per class, or a CSV file.
+
+Both return :class:`~vlprompt.data.base.DatasetSplits`; without an explicit split, a deterministic one
+is generated per class as CoOp does (50% train / 20% val / 30% test, shuffled with ``split_seed``).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import DataError
+from ._util import (MAX_NAMED, check_exist, clean_classname, list_images, list_subdirs, split_per_class,
+                    split_trainval)
+from .base import DatasetSplits, Sample
+from .templates import DEFAULT_TEMPLATE, check_template
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+FOLDER_LAYOUT = ("<root>/<class>/*.jpg            (split generated: 50% train / 20% val / 30% test per class)\n"
+                 "or <root>/train|val|test/<class>/*.jpg   (val/ optional: then 20% of train per class)")
+
+CSV_LAYOUT = ("a CSV file with a header: path,label[,classname][,split][,<target>]\n"
+              "  path: relative to the CSV's folder or absolute; label: class index or class name;\n"
+              "  split: train/val/test (else generated 50/20/30 per class); target: a numeric column named "
+              "by target=<column> (ordinal tasks)")
+
+
+def _resolve_root(root: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+
+
+def read_folder(root: str | os.PathLike, *, split_seed: int = 1, template: str = DEFAULT_TEMPLATE,
+                name: str = "folder") -> DatasetSplits:
+    """``root/<class>/<images>`` (classes sorted, names from folder names with ``_`` -> space).
+
+    When ``root``'s sub-folders are only ``train``, ``val`` and/or ``test`` (also ``valid``,
+    ``validation``), each is read as ``<split>/<class>/<images>``, the class list being the union of
+    their class folders (sorted); a missing ``val/`` is carved out of ``train/`` (20% per class, CoOp's
+    ``split_trainval``), a missing ``train/`` or ``test/`` stays empty. Otherwise a split is generated
+    deterministically per class (50/20/30, ``split_seed``). Nothing is written into ``root``.
+    """
+    root = _resolve_root(root)
+    if not root.is_dir():
+        raise DataError(f"folder dataset: {root} is not a folder. Expected layout:\n{FOLDER_LAYOUT}")
+    check_template(template)
+    subdirs = list_subdirs(root)
+    if not subdirs:
+        raise DataError(f"folder dataset: {root} has no class sub-folders. Expected layout:\n{FOLDER_LAYOUT}")
+    split_dirs = {d: SPLIT_ALIASES[d.lower()] for d in subdirs if d.lower() in SPLIT_ALIASES}
+    extra: dict = {"root": str(root)}
+    if split_dirs and len(split_dirs) == len(subdirs):
+        if len(set(split_dirs.values())) != len(split_dirs):
+            raise DataError(f"folder dataset: {root} has several folders for the same split: {sorted(split_dirs)}")
+        by_split = {v: root / k for k, v in split_dirs.items()}
+        classes = sorted({c for d in by_split.values() for c in list_subdirs(d)})
+        if not classes:
+            raise DataError(f"folder dataset: no class folders in {', '.join(str(d) for d in by_split.values())}")
+        raw = {c: i for i, c in enumerate(classes)}
+        names = _clean_unique([clean_classname(c) for c in classes], root)
+        parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+        for split, d in by_split.items():
+            for c in list_subdirs(d):
+                parts[split] += [Sample(p, raw[c], names[raw[c]]) for p in list_images(d / c)]
+        if "val" not in by_split and parts["train"]:
+            parts["train"], parts["val"] = split_trainval(parts["train"], split_seed)
+            extra["val_from_train"] = True
+        unavailable = {s: f"folder dataset {root} has no {s}/ folder" for s in ("train", "test") if s not in by_split}
+        if unavailable:
+            extra["unavailable"] = unavailable
+        train, val, test = parts["train"], parts["val"], parts["test"]
+        extra["split_source"] = "folders"
+    else:
+        names = _clean_unique([clean_classname(c) for c in subdirs], root)
+        samples = []
+        for label, c in enumerate(subdirs):
+            samples += [Sample(p, label, names[label]) for p in list_images(root / c)]
+        if not samples:
+            raise DataError(f"folder dataset: no images in the class folders of {root}")
+        train, val, test = split_per_class(samples, split_seed)
+        extra.update(split_source="generated", split_seed=split_seed)
+    empty = [names[i] for i in range(len(names)) if not any(s.label == i for s in (*train, *val, *test))]
+    if empty:
+        raise DataError(f"folder dataset: class folder(s) without images in {root}: {empty[:MAX_NAMED]}")
+    return DatasetSplits(name=name, classnames=names, train=train, val=val, test=test, template=template, extra=extra)
+
+
+def _clean_unique(names: list[str], source: object) -> list[str]:
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+    dup = [n for n, k in seen.items() if k > 1]
+    if dup:
+        raise DataError(f"{source}: several classes have the same name after cleaning ('_' -> ' '): {dup[:MAX_NAMED]}")
+    return names
+
+
+def _parse_int(text: str) -> Optional[int]:
+    t = text.strip()
+    if t and (t.isdigit() or (t[0] in "+-" and t[1:].isdigit())):
+        return int(t)
+    return None
+
+
+def read_csv(root: str | os.PathLike, *, target: Optional[str] = None, classnames: Optional[Sequence[str] | str] = None,
+             split_seed: int = 1, template: str = DEFAULT_TEMPLATE, check_files: bool = True,
+             name: str = "csv") -> DatasetSplits:
+    """A CSV file ``root`` with a header row and columns ``path,label[,classname][,split][,<target>]``.
+
+    - ``path``: relative to the CSV's folder, or absolute.
+    - ``label``: an integer class index, or a class name (when not every label is an integer).
+      With names, the classes are the sorted distinct names unless ``classnames`` fixes the list
+      (a sequence, or the path of a text file with one name per line); a name outside it is an error.
+      With indices, names come from the ``classname`` column, else ``classnames``, else the index.
+    - ``split``: ``train``/``val``/``test`` per row; without the column a split is generated
+      deterministically per class (50/20/30, ``split_seed``).
+    - ``target``: the name of a numeric column copied to :attr:`Sample.target` (ordinal tasks: age,
+      score, year); a value that is not a finite number is a DataError naming the file, row and column.
+
+    Every listed image must exist (``check_files``). Class names are cleaned (``_`` -> space).
+    """
+    path = _resolve_root(root)
+    if not path.is_file():
+        raise DataError(f"csv dataset: {path} is not a file. Expected: {CSV_LAYOUT}")
+    check_template(template)
+    base = path.parent
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"csv dataset: cannot read {path}: {e}") from None
+    if not rows:
+        raise DataError(f"csv dataset: {path} is empty. Expected: {CSV_LAYOUT}")
+    header = [h.strip() for h in rows[0]]
+    col = {h.lower(): i for i, h in enumerate(header)}
+    for required in ("path", "label"):
+        if required not in col:
+            raise DataError(f"csv dataset: {path} has no {required!r} column (header: {header}). Expected: {CSV_LAYOUT}")
+    target_col = None
+    if target is not None:
+        exact = {h: i for i, h in enumerate(header)}
+        target_col = exact.get(target, col.get(str(target).lower()))
+        if target_col is None:
+            raise DataError(f"csv dataset: {path} has no target column {target!r} (header: {header})")
+    split_col = col.get("split")
+    name_col = col.get("classname")
+
+    records = []  # (rowno, abspath, label_text, classname_text, split, target)
+    for rowno, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < len(header):
+            raise DataError(f"csv dataset: {path} row {rowno} has {len(row)} fields, the header has {len(header)}")
+        rel = row[col["path"]].strip()
+        if not rel:
+            raise DataError(f"csv dataset: {path} row {rowno}: empty 'path'")
+        img = rel if os.path.isabs(os.path.expanduser(rel)) else str(base / rel)
+        img = os.path.abspath(os.path.expanduser(img))
+        label_text = row[col["label"]].strip()
+        if not label_text:
+            raise DataError(f"csv dataset: {path} row {rowno}: empty 'label'")
+        split = None
+        if split_col is not None:
+            value = row[split_col].strip().lower()
+            if value not in SPLIT_ALIASES:
+                raise DataError(f"csv dataset: {path} row {rowno}: split {row[split_col]!r} is not train, val or test")
+            split = SPLIT_ALIASES[value]
+        tval = None
+        if target_col is not None:
+            raw_t = row[target_col].strip()
+            try:
+                tval = float(raw_t)
+            except ValueError:
+                tval = None
+            if tval is None or not math.isfinite(tval):
+                raise DataError(f"csv dataset: {path} row {rowno}, column {header[target_col]!r}: target "
+                                f"{raw_t!r} is not a finite number")
+        cname = row[name_col].strip() if name_col is not None else None
+        records.append((rowno, img, label_text, cname, split, tval))
+    if not records:
+        raise DataError(f"csv dataset: {path} has a header but no rows")
+
+    fixed = _read_classnames_option(classnames, path)
+    ints = [_parse_int(r[2]) for r in records]
+    if all(i is not None for i in ints):
+        labels = [int(i) for i in ints]  # type: ignore[arg-type]
+        bad = [(r[0], lab) for r, lab in zip(records, labels) if lab < 0 or (fixed is not None and lab >= len(fixed))]
+        if bad:
+            limit = f"0..{len(fixed) - 1}" if fixed is not None else "non-negative"
+            raise DataError(f"csv dataset: {path} row {bad[0][0]}: label {bad[0][1]} is not a class index ({limit})")
+        n = len(fixed) if fixed is not None else max(labels) + 1
+        names: list[Optional[str]] = [clean_classname(c) for c in fixed] if fixed is not None else [None] * n
+        if name_col is not None:
+            for r, lab in zip(records, labels):
+                cname = clean_classname(r[3]) if r[3] else None
+                if cname is None:
+                    continue
+                if names[lab] is None:
+                    names[lab] = cname
+                elif names[lab] != cname:
+                    raise DataError(f"csv dataset: {path} row {r[0]}: label {lab} is named {r[3]!r} here but "
+                                    f"{names[lab]!r} elsewhere")
+        names = [nm if nm is not None else str(i) for i, nm in enumerate(names)]
+    else:
+        texts = [r[2] for r in records]
+        if fixed is not None:
+            index = {}
+            for i, nm in enumerate(fixed):
+                index.setdefault(nm, i)
+                index.setdefault(clean_classname(nm), i)
+            for r, t in zip(records, texts):
+                if t not in index and clean_classname(t) not in index:
+                    raise DataError(f"csv dataset: {path} row {r[0]}: unknown class {t!r} (not among the "
+                                    f"{len(fixed)} given class names)")
+            labels = [index[t] if t in index else index[clean_classname(t)] for t in texts]
+            names = list(fixed)
+        else:
+            classes = sorted({clean_classname(t) for t in texts})
+            index = {c: i for i, c in enumerate(classes)}
+            labels = [index[clean_classname(t)] for t in texts]
+            names = classes
+    names = [clean_classname(n) for n in names]
+
+    samples = [Sample(r[1], lab, names[lab], r[5]) for r, lab in zip(records, labels)]
+    if check_files:
+        check_exist(samples, f"csv dataset: {path}")
+    extra: dict = {"csv": str(path)}
+    if target is not None:
+        extra["target"] = header[target_col]  # type: ignore[index]
+    if split_col is not None:
+        parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+        for r, s in zip(records, samples):
+            parts[r[4]].append(s)
+        train, val, test = parts["train"], parts["val"], parts["test"]
+        extra["split_source"] = "column"
+    else:
+        train, val, test = split_per_class(samples, split_seed)
+        extra.update(split_source="generated", split_seed=split_seed)
+    return DatasetSplits(name=name, classnames=names, train=train, val=val, test=test, template=template, extra=extra)
+
+
+def _read_classnames_option(classnames: Optional[Sequence[str] | str | os.PathLike], source: Path) -> Optional[list[str]]:
+    if classnames is None:
+        return None
+    if isinstance(classnames, (str, os.PathLike)):
+        p = Path(os.path.expanduser(os.fspath(classnames)))
+        if not p.is_file():
+            raise DataError(f"csv dataset {source}: class-name file {p} not found")
+        with open(p, "r", encoding="utf-8") as f:
+            out = [ln.strip() for ln in f if ln.strip()]
+    else:
+        out = [str(c) for c in classnames]
+    if not out:
+        raise DataError(f"csv dataset {source}: the given class-name list is empty")
+    return out
