@@ -23,10 +23,18 @@ def register(sub) -> None:
                    help="initialise the context from words (e.g. 'a photo of a'); 'random' for N(0, 0.02)")
     m.add_argument("--text-mode", default=None, choices=["auto", "plain", "cut", "prefix"],
                    help="text path (all exact; auto picks the fastest)")
+    m.add_argument("--n-prompts", type=int, default=None, help="PLOT: prompts per class N (4)")
+    m.add_argument("--ot-eps", type=float, default=None, help="PLOT: entropic regularisation of the transport (0.1)")
+    m.add_argument("--ot-iters", type=int, default=None, help="PLOT: at most this many Sinkhorn iterations (100)")
+    m.add_argument("--ot-thresh", type=float, default=None, help="PLOT: Sinkhorn stopping threshold (0.01)")
+    m.add_argument("--ot-grad", action="store_true", help="PLOT: differentiate through the plan (paper: detached)")
+    m.add_argument("--plot-global-logits", action="store_true",
+                   help="PLOT: add the global feature's logits (the reference does for ImageNet)")
     m.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other field of the method's config (repeatable)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=0, help="0: the paper's preset by shots (50/100/100/200/200)")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="default: the paper's preset by shots (50/100/100/200/200; ImageNet 50); 0 trains nothing")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--optimizer", default=None, choices=["sgd", "adamw", "adam", "radam"])
@@ -81,7 +89,8 @@ def method_options(args) -> dict:
     fields = set(cfg_cls.__dataclass_fields__)
     opts = {}
     for name, key in (("n_ctx", "n_ctx"), ("class_position", "class_position"), ("init", "init"),
-                      ("text_mode", "text_mode")):
+                      ("text_mode", "text_mode"), ("n_prompts", "n_prompts"), ("ot_eps", "ot_eps"),
+                      ("ot_iters", "ot_iters"), ("ot_thresh", "ot_thresh")):
         value = getattr(args, name)
         if value is not None:
             if key not in fields:
@@ -91,6 +100,11 @@ def method_options(args) -> dict:
         if "csc" not in fields:
             raise VLPromptError(f"--csc does not apply to {args.method}")
         opts["csc"] = True
+    for name, key in (("ot_grad", "ot_grad"), ("plot_global_logits", "global_logits")):
+        if getattr(args, name):
+            if key not in fields:
+                raise VLPromptError(f"--{name.replace('_', '-')} does not apply to {args.method}")
+            opts[key] = True
     extra = parse_kv(args.method_option)
     unknown = set(extra) - fields
     if unknown:
@@ -106,9 +120,11 @@ def train_config(args):
     cls, _ = get_method(args.method)
     base = getattr(cls, "train_defaults", {})
     cfg = TrainConfig(**base)
-    updates = {"epochs": args.epochs, "views": args.views, "online": args.online, "augment": not args.no_augment,
+    updates = {"views": args.views, "online": args.online, "augment": not args.no_augment,
                "seed": args.seed, "checkpoint_every": args.checkpoint_every, "eval_every": args.eval_every,
                "batch_workers": args.workers, "nonfinite": args.nonfinite, "max_steps": args.max_steps}
+    if args.epochs is not None or "epochs" not in base:  # else the method's own preset (OrdinalCLIP: 100)
+        updates["epochs"] = args.epochs
     for name in ("batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs"):
         value = getattr(args, name)
         if value is not None:
@@ -155,7 +171,8 @@ def cmd_predict(args) -> int:
     else:
         for row in rows:
             top = ", ".join(f"{t['class']} ({100 * t['probability']:.1f}%)" for t in row["top"])
-            print(f"{row['image']}: {top}")
+            value = f"value {row['value']:.2f}; " if "value" in row else ""  # ordinal heads
+            print(f"{row['image']}: {value}{top}")
     return 0
 
 

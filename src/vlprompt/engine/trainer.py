@@ -37,7 +37,7 @@ log = logging.getLogger("vlprompt")
 
 @dataclass
 class TrainConfig:
-    epochs: int = 200
+    epochs: Optional[int] = 200  # None: the preset by shots
     batch_size: int = 32
     optimizer: str = "sgd"  # sgd | adamw | adam | radam
     lr: float = 0.002
