@@ -29,15 +29,18 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .baselines import run_zeroshot_cli_like
+    import dataclasses
+
+    from .baselines import BaselineConfig, run_zeroshot
     from .engine.trainer import TrainConfig
     from .runner import DataConfig, RunConfig, run_training
 
     out = Path(args.output)
     try:
         data = DataConfig(dataset=args.dataset, root=args.root, shots=args.shots, seed=args.seed)
-        zs = run_zeroshot_cli_like(backbone=args.backbone, pretrained=args.pretrained, data=data,
-                                   output=out / "zeroshot", device=args.device)
+        zs = run_zeroshot(BaselineConfig(method="zeroshot", backbone=args.backbone, pretrained=args.pretrained,
+                                         data=dataclasses.replace(data, shots=0), device=args.device),
+                          out / "zeroshot")
         coop = run_training(RunConfig(method="coop", backbone=args.backbone, pretrained=args.pretrained, data=data,
                                       train=TrainConfig(epochs=args.epochs, seed=args.seed), device=args.device),
                             out / f"coop-{args.shots}shots-seed{args.seed}")

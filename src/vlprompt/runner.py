@@ -88,7 +88,7 @@ def attach_log_file(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
-    if log.level == logging.NOTSET or log.level > logging.INFO:
+    if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
     return handler
 

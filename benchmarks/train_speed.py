@@ -1,0 +1,241 @@
+"""Epoch time of vlprompt's CoOp / CoCoOp against reference-style pipelines, side by side in one run.
+
+The reference pipelines are written here as the reference implementations work (KaiyangZhou/CoOp):
+
+* CoOp: the frozen image tower runs at every step on augmented images, every class prompt runs at the full
+  77 tokens, and evaluation re-encodes the class prompts for every test batch.
+* CoCoOp: batch size 1; per image the image tower runs and all K prompts (conditioned on that image) run at
+  77 tokens.
+
+vlprompt: cached views (features computed once per view through the feature cache, then only the text side
+runs), online (image tower every step, fast text path), and batched CoCoOp.
+
+Same model (RN50 for CoOp, ViT-B/16 for CoCoOp, random weights: the cost does not depend on the values), data
+(16-shot Flowers102 from ../shared when present: K = 102, 1632 training images), batch 32, SGD. Each pipeline
+runs a few steps (after a warm-up step) and the epoch time is the mean step time times the steps per epoch;
+the one-time feature extraction of the cached mode is reported separately. Writes docs/benchmarks/train_speed.md.
+
+    python benchmarks/train_speed.py [--steps 2] [--skip-cocoop]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.simplefilter("ignore")
+
+from vlprompt.backbone import load_backbone  # noqa: E402
+from vlprompt.data import build_test_transform, build_train_transform, few_shot_split, load_dataset, load_image  # noqa: E402
+from vlprompt.methods.base import Features  # noqa: E402
+from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig  # noqa: E402
+from vlprompt.methods.coop import CoOp, CoOpConfig  # noqa: E402
+
+
+def flowers(shots=16):
+    root = Path(os.environ.get("VLPROMPT_SHARED", ROOT.parent / "shared")) / "assets" / "data"
+    if not (root / "oxford_flowers").exists():
+        sys.exit(f"skipped: 16-shot Flowers102 not found under {root} (set VLPROMPT_SHARED)")
+    return few_shot_split(load_dataset("oxford_flowers", root), shots, 1)
+
+
+def timed(fn, steps):
+    fn()  # warm-up
+    t = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        t.append(time.perf_counter() - t0)
+    return sum(t) / len(t)
+
+
+def images(samples, tf, n, offset=0):
+    return torch.stack([tf(load_image(samples[(offset + i) % len(samples)].path)) for i in range(n)])
+
+
+def coop_rows(args, splits):
+    bb = load_backbone("RN50", None, device="cpu")
+    classes = splits.classnames
+    n_train, bs = len(splits.train), 32
+    steps_per_epoch = n_train // bs
+    train_tf, test_tf = build_train_transform(224), build_test_transform(224)
+    labels = torch.tensor([s.label for s in splits.train])
+    torch.manual_seed(0)
+    method = CoOp(CoOpConfig(n_ctx=16), bb, classes)
+    opt = torch.optim.SGD(method.trainable_parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
+    state = {"i": 0}
+
+    def batch_labels():
+        idx = torch.arange(state["i"] * bs, state["i"] * bs + bs) % n_train
+        state["i"] += 1
+        return idx
+
+    def ref_step():  # image tower every step, prompts at 77 tokens
+        idx = batch_labels()
+        x = images(splits.train, train_tf, bs, int(idx[0]))
+        with torch.no_grad():
+            img = bb.model.encode_image(x)
+        prefix, suffix, eot = method.prompt.prompt_embeddings()
+        text = bb.text.encode_prompts(prefix, suffix, eot, mode="plain")[0]
+        loss = F.cross_entropy(bb.logit_scale * F.normalize(img, dim=-1) @ F.normalize(text, dim=-1).t(), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def online_step():
+        idx = batch_labels()
+        x = images(splits.train, train_tf, bs, int(idx[0]))
+        loss = F.cross_entropy(method(Features(global_=bb.encode_image(x))), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    feats = torch.randn(n_train, bb.embed_dim)  # what the cache returns: a (N, E) tensor per view
+
+    def cached_step():
+        idx = batch_labels()
+        loss = F.cross_entropy(method(Features(global_=feats[idx])), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    t_ref = timed(ref_step, args.steps)
+    t_online = timed(online_step, args.steps)
+    t_cached = timed(cached_step, max(args.steps, 5))
+    t_encode = timed(lambda: bb.encode_image(images(splits.train, test_tf, bs)), 1) / bs  # per image, one view
+    # evaluation of 100 test images: reference re-encodes the prompts per batch (batch 100 -> once per batch)
+    x_test = images(splits.test, test_tf, 100)
+
+    def ref_eval():
+        with torch.no_grad():
+            img = bb.model.encode_image(x_test)
+            prefix, suffix, eot = method.prompt.prompt_embeddings()
+            text = bb.text.encode_prompts(prefix, suffix, eot, mode="plain")[0]
+            (F.normalize(img, dim=-1) @ F.normalize(text, dim=-1).t()).argmax(1)
+
+    def our_eval():  # text once per evaluation; image features from the cache (test view)
+        method.eval()
+        method.begin_eval()
+        with torch.no_grad():
+            method(Features(global_=torch.randn(100, bb.embed_dim))).argmax(1)
+        method.end_eval()
+        method.train()
+
+    t_ref_eval, t_our_eval = timed(ref_eval, 1), timed(our_eval, 1)
+    rows = [
+        ("CoOp, reference pipeline (image tower every step, 77-token prompts)", t_ref * steps_per_epoch, 1.0),
+        ("CoOp, vlprompt online (image tower every step, shared-prefix text)", t_online * steps_per_epoch,
+         t_ref / t_online),
+        ("CoOp, vlprompt cached views", t_cached * steps_per_epoch, t_ref / t_cached),
+    ]
+    extra = {"one-time feature extraction per view (s)": t_encode * n_train,
+             "eval of 100 test images, reference (s)": t_ref_eval,
+             "eval of 100 test images, vlprompt (text once, cached image features) (s)": t_our_eval,
+             "steps per epoch": steps_per_epoch}
+    return rows, extra
+
+
+def k1000_peak(bb_name="RN50"):
+    """Peak memory of a K=1000 CoOp forward+backward step (cached features), in a fresh process."""
+    import subprocess
+    code = ("import warnings,torch,resource,torch.nn.functional as F;warnings.simplefilter('ignore');"
+            "from vlprompt.backbone import load_backbone;from vlprompt.methods.coop import CoOp,CoOpConfig;"
+            "from vlprompt.methods.base import Features;"
+            f"bb=load_backbone('{bb_name}',None,'cpu');m=CoOp(CoOpConfig(),bb,[f'class {{i}}' for i in range(1000)]);"
+            "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "l=F.cross_entropy(m(Features(global_=torch.randn(32,bb.embed_dim))),torch.arange(32));l.backward();"
+            "print(base/1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    if out.returncode:
+        return None
+    base, peak = map(float, out.stdout.split()[-2:])
+    return base, peak
+
+
+def cocoop_rows(args, splits):
+    bb = load_backbone("ViT-B-16", None, device="cpu")
+    classes = splits.classnames
+    n_train = len(splits.train)
+    train_tf = build_train_transform(224)
+    labels = torch.tensor([s.label for s in splits.train])
+    torch.manual_seed(0)
+    method = CoCoOp(CoCoOpConfig(), bb, classes)
+    opt = torch.optim.SGD(method.trainable_parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
+
+    def ref_image():  # batch size 1, image tower every step, prompts at 77 tokens
+        x = images(splits.train, train_tf, 1)
+        with torch.no_grad():
+            img = bb.model.encode_image(x)
+        logits = method.forward_per_image(Features(global_=img))
+        loss = F.cross_entropy(logits, labels[:1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    feats = torch.randn(n_train, bb.embed_dim)
+    bs = args.cocoop_batch
+
+    def our_step():  # cached views, a batch of images at once through the grouped shared-prefix path
+        loss = F.cross_entropy(method(Features(global_=feats[:bs])), labels[:bs])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    t_ref = timed(ref_image, 1)  # per image
+    t_our = timed(our_step, 1) / bs  # per image
+    return [("CoCoOp, reference pipeline (batch 1, image tower every step, 77 tokens)", t_ref * n_train, 1.0),
+            (f"CoCoOp, vlprompt batched (batch {bs}, cached views, shared prefix)", t_our * n_train, t_ref / t_our)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--cocoop-batch", type=int, default=8)
+    ap.add_argument("--skip-cocoop", action="store_true")
+    ap.add_argument("--write-docs", default=str(ROOT / "docs/benchmarks/train_speed.md"))
+    args = ap.parse_args()
+    splits = flowers()
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    rows, extra = coop_rows(args, splits)
+    for r in rows:
+        print(f"{r[0]:75s} {r[1]:9.1f} s/epoch  {r[2]:6.1f}x", flush=True)
+    if not args.skip_cocoop:
+        more = cocoop_rows(args, splits)
+        for r in more:
+            print(f"{r[0]:75s} {r[1]:9.1f} s/epoch  {r[2]:6.1f}x", flush=True)
+        rows += more
+    mem = k1000_peak()
+    lines = ["# Training speed benchmark", "",
+             f"Machine: {machine}. Produced by `python benchmarks/train_speed.py`: 16-shot Flowers102 "
+             f"(K = {splits.num_classes}, {len(splits.train)} training images), batch 32 (CoCoOp reference: 1), "
+             f"SGD, random weights. Epoch time = mean time of {args.steps} measured steps (after one warm-up step) "
+             "x steps per epoch; ratios are over the reference pipeline of the same method, measured in the same run.",
+             "", "| pipeline | epoch time | speed-up |", "|---|---:|---:|"]
+    lines += [f"| {name} | {t:.1f} s | {ratio:.1f}x |" for name, t, ratio in rows]
+    lines += ["", *[f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in extra.items()]]
+    if mem:
+        lines.append(f"- K = 1000 CoOp step (RN50, forward + backward, chunked shared-prefix text): peak RSS "
+                     f"{mem[1]:.0f} MB (of which {mem[0]:.0f} MB is the loaded model)")
+    lines.append(f"- peak RSS of this benchmark: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write_docs:
+        sys.path.insert(0, str(ROOT / "src"))
+        from vlprompt._io import atomic_write_text
+        atomic_write_text(args.write_docs, text)
+
+
+if __name__ == "__main__":
+    main()
