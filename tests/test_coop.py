@@ -340,3 +340,23 @@ def test_learning_on_dtd_and_base_to_new(tmp_path, tiny_files):
                        cache_dir=str(tmp_path / "cache"), progress=False)
     assert new["metrics"]["num_samples"] == 180 and 0 <= new["metrics"]["accuracy"] <= 100
     assert (tmp_path / "unified" / "eval" / "dtd-new-test.json").exists()
+
+
+def test_tensorboard_logging(tmp_path, tiny_files):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlprompt.runner import DataConfig, RunConfig, run_training
+
+    data = make_folder_dataset(tmp_path / "data")
+    cfg_path, weights = tiny_files
+    cfg = RunConfig(method="coop", backbone=str(cfg_path), pretrained=str(weights),
+                    data=DataConfig(dataset="folder", root=str(data), shots=4), method_options={"n_ctx": 4},
+                    cache_dir=str(tmp_path / "cache"), tensorboard=True,
+                    train=TrainConfig(epochs=2, batch_size=8, views=1))
+    run_training(cfg, tmp_path / "run", progress=False)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("loss")]
+    hist = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(hist)

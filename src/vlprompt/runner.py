@@ -63,6 +63,7 @@ class RunConfig:
     precision: str = "amp"
     cache_dir: str = field(default_factory=default_cache_dir)
     preprocess: str = "coop"  # coop | model (the backbone's own eval transform)
+    tensorboard: bool = False  # also log the per-epoch records to RUN/tensorboard
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,7 +78,7 @@ class RunConfig:
     def identity_hash(self) -> str:
         """What decides the numbers (not where the cache lives, nor the device)."""
         d = self.to_dict()
-        for k in ("cache_dir", "device"):
+        for k in ("cache_dir", "device", "tensorboard"):
             d.pop(k)
         d["train"].pop("checkpoint_every", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -275,9 +276,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> dict:
     t_features = time.perf_counter() - t0
     labels = torch.tensor([s.label for s in splits.train])
     targets = _targets(splits.train)
+    writer = _tensorboard(run_dir) if (cfg.tensorboard and learns) else None
     selection = _Selection(method, run_dir) if (splits.val and cfg.train.eval_every) else None
     trainer = Trainer(method, cfg.train, run_dir, config_hash=cfg.identity_hash(), progress=progress,
-                      on_epoch=lambda rec: (_on_epoch(run_dir, rec),
+                      on_epoch=lambda rec: (_on_epoch(run_dir, rec, writer),
                                             selection and selection.update(trainer.state.history))) \
         if learns else None
     if trainer is not None and resume and trainer.resume():
@@ -290,6 +292,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool) -> dict:
     if trainer is not None:
         trainer.fit(source, labels, targets, evaluate=val_metrics)
     state = trainer.state if trainer is not None else TrainState()
+    if writer is not None:
+        writer.close()
     t_train = time.perf_counter() - t0
     selected = selection.restore(state.history) if selection is not None else None
     save_method(run_dir, cfg, method, splits)
@@ -350,9 +354,22 @@ class _Selection:
         return int(best["epoch"])
 
 
-def _on_epoch(run_dir: Path, record: dict) -> None:
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise VLPromptError("--tensorboard needs the tensorboard package: pip install 'vlprompt[tensorboard]'") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _on_epoch(run_dir: Path, record: dict, writer=None) -> None:
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, record["epoch"])
+        writer.flush()
 
 
 def _rewrite_metrics(run_dir: Path, history: list) -> None:

@@ -22,18 +22,22 @@ def add_backbone_options(p: argparse.ArgumentParser) -> None:
                    help="coop: CoOp's transforms (default); model: the backbone's own eval preprocessing")
 
 
-def add_data_options(p: argparse.ArgumentParser, shots_default=16) -> None:
+def add_data_options(p: argparse.ArgumentParser, shots_default=16, fewshot: bool = True) -> None:
+    """Data options; ``fewshot=False`` for commands that use whole splits (no --shots / --seed / --allow-fewer)."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True,
                    help="a standard name (see `vlprompt datasets`), folder, csv, or torchvision:<Name>")
     g.add_argument("--root", required=True, help="data root (folder / CSV file / download dir)")
-    g.add_argument("--shots", type=int, default=shots_default, help="images per class for training (0: all)")
-    g.add_argument("--seed", type=int, default=1, help="few-shot sampling and training seed")
+    if fewshot:
+        g.add_argument("--shots", type=int, default=shots_default, help="images per class for training (0: all)")
+        g.add_argument("--seed", type=int, default=1, help="few-shot sampling and training seed")
     g.add_argument("--classes", default="all", choices=["all", "base", "new"],
                    help="base-to-new protocol: the first ceil(n/2) sorted labels are base")
     g.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
                    help="reader option, e.g. split_file=..., target_column=age (repeatable)")
-    g.add_argument("--allow-fewer", action="store_true", help="take all images of classes with fewer than --shots")
+    if fewshot:
+        g.add_argument("--allow-fewer", action="store_true",
+                       help="take all images of classes with fewer than --shots")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted in the log) instead of stopping with an error")
 
@@ -55,7 +59,8 @@ def data_config(args):
     from ..runner import DataConfig
 
     return DataConfig(dataset=args.dataset, root=args.root, options=parse_kv(args.dataset_option),
-                      shots=args.shots, seed=args.seed, classes=args.classes, allow_fewer=args.allow_fewer,
+                      shots=getattr(args, "shots", 0), seed=getattr(args, "seed", 1) or 1, classes=args.classes,
+                      allow_fewer=getattr(args, "allow_fewer", False),
                       on_bad_image="skip" if args.skip_bad_images else "error")
 
 

@@ -48,13 +48,14 @@ def register(sub) -> None:
     t.add_argument("--workers", type=int, default=0, help="threads loading images in online mode")
     t.add_argument("--nonfinite", default="error", choices=["error", "skip"])
     t.add_argument("--max-steps", type=int, default=0, help="stop after N steps (smoke tests)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="retrain even if the run directory holds a run")
     p.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained run on any dataset or class split")
     e.add_argument("run", help="run directory")
-    add_data_options(e, shots_default=0)
+    add_data_options(e, fewshot=False)
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--device", default=None)
     e.add_argument("--cache-dir", default=None)
@@ -140,7 +141,7 @@ def cmd_train(args) -> int:
     cfg = RunConfig(method=args.method, backbone=args.backbone, pretrained=pretrained_arg(args.pretrained),
                     data=data_config(args), method_options=method_options(args), train=train_config(args),
                     device=args.device, precision=args.precision, cache_dir=args.cache_dir or default_cache_dir(),
-                    preprocess=args.preprocess)
+                    preprocess=args.preprocess, tensorboard=args.tensorboard)
     results = run_training(cfg, args.output, resume=args.resume, force=args.force, progress=not args.quiet)
     print_json(results)
     return 0
