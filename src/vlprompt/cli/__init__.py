@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 from ..errors import VLPromptError
 
-COMMAND_MODULES = ("vlprompt.cli.data", "vlprompt.cli.baselines", "vlprompt.cli.train")
+COMMAND_MODULES = ("vlprompt.cli.data", "vlprompt.cli.baselines", "vlprompt.cli.train", "vlprompt.cli.plot",
+                   "vlprompt.cli.ordinal")
 
 
 def build_parser() -> argparse.ArgumentParser:

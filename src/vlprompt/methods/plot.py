@@ -1,0 +1,219 @@
+"""PLOT (Chen et al., ICLR 2023): N prompts per class matched to the M local features of an image by optimal
+transport.
+
+Each class has N learned prompts (CoOp's layout, every CoOp variant: unified or class-specific context, class
+token at the end, middle or front, random or word init). An image is M local features (ResNet: the attention pool
+applied at every cell of the final grid; ViT: the projected patch tokens). For every (image, class) pair the
+M local features and the N prompt features are two discrete distributions; with ``sim = local . text`` (cosines of
+L2-normalised features) and cost ``1 - sim``, an entropic transport plan ``T`` (M, N) is found by Sinkhorn
+(:func:`vlprompt.ot.sinkhorn_plan`, one batched call, each problem stopping on its own) and
+
+    logits[b, k] = logit_scale * sum_{m, n} T[b, k, m, n] * sim[b, k, m, n].
+
+As in the paper the plan is a constant for the gradient by default (``ot_grad=False``); ``ot_grad=True``
+differentiates through the unrolled iterations (same forward values). Options that the reference hard-codes:
+
+* ``marginals="uniform"`` (the reference: 1/M over local features, 1/N over prompts), or
+  ``"global_similarity"``: the local features' mass follows their similarity to the image's global feature,
+  ``a_m = softmax_m(cos(local_m, global) / ot_eps)`` -- Gibbs weights with the transport's own temperature, i.e.
+  the kernel ``exp(-(1 - cos) / eps)`` the plan uses, applied to the distance to the global feature. Regions
+  that look like the whole image get more mass; prompts keep 1/N each.
+* ``global_logits=True``: add the global-feature logits (the normalised global feature against the normalised
+  mean of the N unnormalised prompt features of each class), as the reference does for ImageNet only.
+
+Shapes: B images, K classes, N prompts per class, M local features, E the joint embedding size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, VLPromptError
+from ..ot import sinkhorn_plan, transport_logits
+from .base import Features
+from .coop import CoOp, CoOpConfig
+
+MARGINALS = ("uniform", "global_similarity")
+
+# Transport problems per Sinkhorn call: the classes are processed in chunks of max(1, this // B) so that the
+# solver's working tensors stay bounded (about 20 floats per problem entry) whatever the number of classes.
+MAX_PROBLEMS = 32768
+
+
+@dataclass
+class PLOTConfig(CoOpConfig):
+    n_prompts: int = 4  # N prompts per class
+    ot_eps: float = 0.1  # entropic regularisation of the transport
+    ot_iters: int = 100  # at most this many Sinkhorn iterations
+    ot_thresh: float = 1e-2  # stop when the mean change of the row scaling is below this
+    ot_grad: bool = False  # differentiate through the plan (the paper: plan detached)
+    global_logits: bool = False  # add the global feature's logits (the reference does for ImageNet)
+    marginals: str = "uniform"  # uniform | global_similarity
+    # N x K prompts per text chunk (CoOp: 256 prompts): with N = 4 and up to 128 classes the prompts run in one
+    # chunk, without the checkpointing (a second forward) that chunks need; a chunk of 512 short suffixes keeps
+    # about 2 GB of activations for the backward pass.
+    chunk_size: int = 512
+
+
+def check_transport_options(eps, iters, thresh, marginals, where: str = "PLOT") -> None:
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise VLPromptError(f"{where}: ot_eps must be a positive number, got {eps!r}")
+    if not (isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1):
+        raise VLPromptError(f"{where}: ot_iters must be an integer >= 1, got {iters!r}")
+    if not (isinstance(thresh, (int, float)) and thresh >= 0):
+        raise VLPromptError(f"{where}: ot_thresh must be a number >= 0, got {thresh!r}")
+    if marginals not in MARGINALS:
+        raise VLPromptError(f"{where}: marginals must be one of {', '.join(MARGINALS)}, got {marginals!r}")
+
+
+def local_marginals(local_n: torch.Tensor, global_: torch.Tensor, eps: float) -> torch.Tensor:
+    """(B, M) mass of each local feature: ``softmax_m(cos(local_m, global) / eps)``; ``local_n`` normalised."""
+    g = F.normalize(global_.float(), dim=-1)
+    return torch.softmax(torch.einsum("bme,be->bm", local_n, g) / eps, dim=1)
+
+
+def transport_similarity(global_: Optional[torch.Tensor], local: torch.Tensor, text: torch.Tensor, *,
+                         eps: float = 0.1, iters: int = 100, thresh: float = 1e-2, grad: bool = False,
+                         marginals: str = "uniform", class_chunk: Optional[int] = None, context: str = "",
+                         return_plans: bool = False):
+    """Transport similarity ``sum(T * sim)`` of every (image, class) pair: (B, K) (no logit scale).
+
+    Args:
+        global_: (B, E) global image features (used by ``marginals="global_similarity"`` only).
+        local: (B, M, E) local image features, not necessarily normalised.
+        text: (N, K, E) prompt features, not necessarily normalised.
+        class_chunk: classes per Sinkhorn call (default: ``max(1, MAX_PROBLEMS // B)``); results do not depend
+            on it (problems are independent and stop on their own).
+        return_plans: also return the plans (B, K, M, N) (for pictures and tests).
+
+    The similarities and the plan are computed in float32 with autocast off, whatever the input dtypes.
+    """
+    if local is None:
+        raise VLPromptError("PLOT needs local image features (B, M, E); the feature source gave none")
+    if local.dim() != 3 or text.dim() != 3 or local.shape[-1] != text.shape[-1]:
+        raise VLPromptError(f"PLOT: local features must be (B, M, E) and text features (N, K, E) with the same E; "
+                            f"got {tuple(local.shape)} and {tuple(text.shape)}")
+    b, m, _ = local.shape
+    n, k, _ = text.shape
+    with torch.autocast(device_type=local.device.type, enabled=False):
+        local_n = F.normalize(local.float(), dim=-1)
+        text_n = F.normalize(text.float(), dim=-1)
+        a = None
+        if marginals == "global_similarity":
+            if global_ is None:
+                raise VLPromptError("PLOT: marginals='global_similarity' needs the global image features")
+            a_img = local_marginals(local_n, global_, eps)  # (B, M)
+        step = class_chunk or max(1, MAX_PROBLEMS // max(b, 1))
+        out, plans = [], []
+        for k0 in range(0, k, step):
+            t = text_n[:, k0:k0 + step]  # (N, kc, E)
+            kc = t.shape[1]
+            sim = torch.einsum("bme,nke->bkmn", local_n, t)  # (B, kc, M, N)
+            if marginals == "global_similarity":
+                a = a_img[:, None, :].expand(b, kc, m).reshape(b * kc, m)
+            plan = sinkhorn_plan((1.0 - sim).reshape(b * kc, m, n), a, None, eps=eps, max_iter=iters,
+                                 thresh=thresh, differentiable=grad, context=context).reshape(b, kc, m, n)
+            out.append(transport_logits(sim, plan))  # sum over (M, N) of T * sim
+            if return_plans:
+                plans.append(plan.detach())
+        result = torch.cat(out, dim=1)
+    if return_plans:
+        return result, torch.cat(plans, dim=1)
+    return result
+
+
+def global_feature_logits(global_: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, K): the normalised global feature against the normalised mean of the N unnormalised prompt features."""
+    with torch.autocast(device_type=global_.device.type, enabled=False):
+        g = F.normalize(global_.float(), dim=-1)
+        t = F.normalize(text.float().mean(dim=0), dim=-1)
+        return scale * g @ t.t()
+
+
+class PLOT(CoOp):
+    """N learned prompts per class, compared with the image's local features by optimal transport."""
+
+    name = "plot"
+    needs_local: ClassVar[bool] = True
+    # the reference's configs/trainers/PLOT/rn50.yaml: batch 128, 50 epochs (other settings as CoOp)
+    train_defaults: ClassVar[dict] = {"batch_size": 128, "epochs": 50}
+
+    def __init__(self, config: PLOTConfig, backbone, classnames: Sequence[str]):
+        check_transport_options(config.ot_eps, config.ot_iters, config.ot_thresh, config.marginals)
+        if not isinstance(config.n_prompts, int) or config.n_prompts < 1:
+            raise VLPromptError(f"PLOT: n_prompts must be an integer >= 1, got {config.n_prompts!r}")
+        super().__init__(config, backbone, classnames, n_prompts=config.n_prompts)
+        self._calls = 0  # forward passes in training mode, named in a non-finite-plan error
+        self._eval_batches = 0
+
+    def begin_eval(self) -> None:
+        super().begin_eval()
+        self._eval_batches = 0
+
+    def text_features(self) -> torch.Tensor:
+        """(N, K, E) prompt features, not normalised; computed once per evaluation."""
+        caching = not self.training and not torch.is_grad_enabled()
+        if caching and self._eval_cache is not None:
+            return self._eval_cache
+        feats = self.prompt.encode()
+        if caching:
+            self._eval_cache = feats
+        return feats
+
+    def _context(self) -> str:
+        if self.training:
+            self._calls += 1
+            return f"PLOT training step {self._calls} of this process"
+        self._eval_batches += 1
+        return f"PLOT evaluation batch {self._eval_batches}"
+
+    def transport(self, feats: Features, return_plans: bool = False, class_chunk: Optional[int] = None):
+        """Logits (B, K) and, with ``return_plans``, the plans (B, K, M, N)."""
+        cfg = self.config
+        text = self.text_features()
+        out = transport_similarity(feats.global_, feats.local, text, eps=cfg.ot_eps, iters=cfg.ot_iters,
+                                   thresh=cfg.ot_thresh, grad=cfg.ot_grad, marginals=cfg.marginals,
+                                   class_chunk=class_chunk, context=self._context(), return_plans=return_plans)
+        sim, plans = out if return_plans else (out, None)
+        logits = self.logit_scale * sim
+        if cfg.global_logits:
+            if feats.global_ is None:
+                raise VLPromptError("PLOT: global_logits=True needs the global image features")
+            logits = logits + global_feature_logits(feats.global_, text, self.logit_scale)
+        return (logits, plans) if return_plans else logits
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return self.transport(feats)
+
+    # -- export: N text features per class, prediction needs local features --
+    def export_head(self):
+        cfg = self.config
+        with torch.no_grad():
+            text = self.prompt.encode().float()  # (N, K, E), not normalised (global logits use their mean)
+        return {"text_features": text.contiguous()}, {
+            "kind": "plot", "method": "plot", "logit_scale": self.logit_scale, "n_prompts": int(text.shape[0]),
+            "ot_eps": cfg.ot_eps, "ot_iters": cfg.ot_iters, "ot_thresh": cfg.ot_thresh,
+            "global_logits": cfg.global_logits, "marginals": cfg.marginals, "needs_local": True}
+
+    @classmethod
+    def head_logits(cls, tensors: dict, info: dict, backbone, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K) of an exported PLOT head on preprocessed images (B, 3, H, W)."""
+        missing = [key for key in ("logit_scale", "ot_eps", "ot_iters", "ot_thresh", "global_logits", "marginals")
+                   if key not in info]
+        if missing or "text_features" not in tensors:
+            raise CheckpointError(f"PLOT head: missing {missing or ['text_features']} in head.json / head.safetensors")
+        text = tensors["text_features"].to(backbone.device)
+        if text.dim() != 3:
+            raise CheckpointError(f"PLOT head: text_features must be (N, K, E), got {tuple(text.shape)}")
+        check_transport_options(info["ot_eps"], info["ot_iters"], info["ot_thresh"], info["marginals"], "PLOT head")
+        global_, local = backbone.encode_image(x, local=True)
+        scale = float(info["logit_scale"])
+        logits = scale * transport_similarity(global_, local, text, eps=info["ot_eps"], iters=info["ot_iters"],
+                                              thresh=info["ot_thresh"], marginals=info["marginals"],
+                                              context="PLOT head prediction")
+        if info["global_logits"]:
+            logits = logits + global_feature_logits(global_, text, scale)
+        return logits
