@@ -149,13 +149,15 @@ def coop_rows(args, splits):
 def k1000_peak(bb_name="RN50"):
     """Peak memory of a K=1000 CoOp forward+backward step (cached features), in a fresh process."""
     import subprocess
-    code = ("import warnings,torch,resource,torch.nn.functional as F;warnings.simplefilter('ignore');"
+    # VmHWM of the child itself (ru_maxrss can carry the parent's peak across fork + exec)
+    code = ("import warnings,torch,torch.nn.functional as F;warnings.simplefilter('ignore');"
             "from vlprompt.backbone import load_backbone;from vlprompt.methods.coop import CoOp,CoOpConfig;"
             "from vlprompt.methods.base import Features;"
+            "hwm=lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]);"
             f"bb=load_backbone('{bb_name}',None,'cpu');m=CoOp(CoOpConfig(),bb,[f'class {{i}}' for i in range(1000)]);"
-            "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "base=hwm();"
             "l=F.cross_entropy(m(Features(global_=torch.randn(32,bb.embed_dim))),torch.arange(32));l.backward();"
-            "print(base/1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+            "print(base/1024, hwm()/1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     if out.returncode:

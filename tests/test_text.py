@@ -121,3 +121,24 @@ def test_bad_prompt_shapes_are_refused(tiny_vit):
         te.encode_prompts(torch.zeros(10, te.width), emb[:, 1:], eot)
     with pytest.raises(ValueError, match="EOT"):
         te.encode_prompts(emb[0, :20], emb[:, 20:], eot)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_length_buckets_equal_plain(tiny_rn, chunk):
+    """Rows sorted by EOT position and cut per bucket (one bucket per length here) equal the plain path."""
+    te = tiny_rn.text
+    classes = ["a", "golden retriever", "bird of paradise flower", "x", "sword lily", "cat", "king protea"]
+    emb, eot = prompt_parts(te, 4, classes)
+    prefix = torch.nn.Parameter(torch.cat([emb[0, :1], torch.randn(4, te.width) * 0.3])[None].repeat(2, 1, 1))
+    res = []
+    for fn in ("plain", "buckets"):
+        prefix.grad = None
+        if fn == "plain":
+            out = te.encode_prompts(prefix, emb[:, 5:], eot, mode="plain")
+        else:
+            out = te._run_prefixed(prefix, emb[None, :, 5:], eot[None].expand(2, -1), chunk, min_bucket=1)
+        out.square().sum().backward()
+        res.append((out.detach(), prefix.grad.clone()))
+    assert len(set(eot.tolist())) >= 4  # several lengths, so several buckets
+    assert rel(res[1][0], res[0][0]) < 1e-5
+    assert rel(res[1][1], res[0][1]) < 1e-5

@@ -171,8 +171,8 @@ class TextEncoder:
         if int(eot2.min()) < p or int(eot2.max()) >= p + s:
             raise ValueError("EOT positions must fall inside the suffix")
         mode = self._pick_mode(mode, prefix_len=p)
-        if mode == "prefix":
-            out = self._run_prefixed(prefix3, suffix4, eot2, chunk_size)
+        if mode == "prefix":  # the shared (K, S, D) suffix is indexed, never copied per group
+            out = self._run_prefixed(prefix3, suffix if suffix.dim() == 4 else suffix[None], eot2, chunk_size)
         else:
             full = torch.cat([prefix3[:, None].expand(g, k, p, prefix3.shape[-1]), suffix4], dim=2)
             out = self._run_rows(full.reshape(g * k, p + s, -1), eot2.reshape(-1), mode, chunk_size)
@@ -272,26 +272,42 @@ class TextEncoder:
         return kv
 
     def _run_prefixed(self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor,
-                      chunk_size: Optional[int]) -> torch.Tensor:
-        g, k, s, d = suffix.shape
+                      chunk_size: Optional[int], min_bucket: int = 8) -> torch.Tensor:
+        """Prefix once per group, then the suffix rows in buckets of similar length.
+
+        ``suffix`` is (1, K, S, D) when shared by the groups (rows index it without a per-group copy) or
+        (G, K, S, D). Rows are sorted by EOT position and each bucket is cut after its own longest EOT, so
+        short class names do not pay for the longest one (padding after the EOT is never needed: causal mask).
+        """
+        g, k = eot.shape
+        d = suffix.shape[-1]
         p = prefix.shape[1]
-        eot_local = eot - p
-        s_cut = int(eot_local.max()) + 1
-        rows = suffix[:, :, :s_cut].reshape(g * k, s_cut, d)
-        group = torch.arange(g, device=rows.device).repeat_interleave(k)
-        eot_rows = eot_local.reshape(-1)
+        n = g * k
+        eot_rows = (eot - p).reshape(-1)
+        order = torch.argsort(eot_rows, stable=True)
+        lengths = (eot_rows[order] + 1).tolist()
+        step = n if chunk_size is None else max(chunk_size, 1)
+        buckets, start = [], 0
+        for i in range(1, n + 1):  # a new bucket when the length grows and the bucket is big enough
+            if i == n or i - start >= step or (lengths[i] != lengths[i - 1] and i - start >= min_bucket):
+                buckets.append((start, i))
+                start = i
+        needs_grad = torch.is_grad_enabled() and (suffix.requires_grad or prefix.requires_grad)
         with self.autocast():
             kv = self._prefix_kv(prefix)
-            n = rows.shape[0]
-            step = n if chunk_size is None else max(chunk_size, 1)
             outs = []
-            for i in range(0, n, step):
-                args = (rows[i:i + step], eot_rows[i:i + step], group[i:i + step], p, *kv)
-                if n > step and torch.is_grad_enabled() and (rows.requires_grad or prefix.requires_grad):
+            for a, b in buckets:
+                idx = order[a:b]
+                grp, cls = idx // k, idx % k
+                length = lengths[b - 1]
+                x = suffix[0, cls, :length] if suffix.shape[0] == 1 else suffix[grp, cls, :length]
+                args = (x, eot_rows[idx], grp, p, *kv)
+                if needs_grad and n > step:  # bounded memory: each chunk is recomputed in backward
                     outs.append(checkpoint(self._suffix_forward, *args, use_reentrant=False))
                 else:
                     outs.append(self._suffix_forward(*args))
-        return torch.cat(outs).reshape(g, k, -1)
+        out = torch.cat(outs)[torch.argsort(order)]
+        return out.reshape(g, k, -1)
 
     def _suffix_forward(self, x: torch.Tensor, eot: torch.Tensor, group: torch.Tensor, p: int,
                         *kv: torch.Tensor) -> torch.Tensor:
