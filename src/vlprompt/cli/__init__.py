@@ -41,8 +41,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("vlprompt").setLevel(level)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setLevel(level)  # --quiet quiets the console; run logs (log.txt) still get INFO
+    console.addFilter(lambda r: r.name.startswith("vlprompt") or r.levelno >= logging.WARNING or args.debug)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[console])
+    logging.getLogger("vlprompt").setLevel(logging.DEBUG if args.debug else logging.INFO)
     if not args.debug:
         logging.getLogger("root").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", message=".*QuickGELU.*")

@@ -44,7 +44,9 @@ def register(sub) -> None:
     t.add_argument("--online", action="store_true", help="augment and encode images at every step (as the papers)")
     t.add_argument("--no-augment", action="store_true", help="train on the test transform (one view)")
     t.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
-    t.add_argument("--eval-every", type=int, default=0, help="evaluate on val every N epochs")
+    t.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate on val every N epochs (default 0: never; ordinal methods: 1, selecting the best "
+                        "epoch on val)")
     t.add_argument("--workers", type=int, default=0, help="threads loading images in online mode")
     t.add_argument("--nonfinite", default="error", choices=["error", "skip"])
     t.add_argument("--max-steps", type=int, default=0, help="stop after N steps (smoke tests)")
@@ -122,10 +124,11 @@ def train_config(args):
     base = getattr(cls, "train_defaults", {})
     cfg = TrainConfig(**base)
     updates = {"views": args.views, "online": args.online, "augment": not args.no_augment,
-               "seed": args.seed, "checkpoint_every": args.checkpoint_every, "eval_every": args.eval_every,
+               "seed": args.seed, "checkpoint_every": args.checkpoint_every,
                "batch_workers": args.workers, "nonfinite": args.nonfinite, "max_steps": args.max_steps}
-    if args.epochs is not None or "epochs" not in base:  # else the method's own preset (OrdinalCLIP: 100)
-        updates["epochs"] = args.epochs
+    for name, unset in (("epochs", None), ("eval_every", 0)):  # else the method's own preset (OrdinalCLIP)
+        if getattr(args, name) is not None or name not in base:
+            updates[name] = unset if getattr(args, name) is None else getattr(args, name)
     for name in ("batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs"):
         value = getattr(args, name)
         if value is not None:

@@ -111,7 +111,8 @@ def _default_range(values: Sequence[float], source: str) -> str:
     return f"{lo}:{hi}"
 
 
-def rank_samples(paths: Sequence[str], values: Sequence[float], ranks, source: str) -> tuple[list[Sample], list[str], str]:
+def rank_samples(paths: Sequence[str], values: Sequence[float], ranks,
+                 source: str) -> tuple[list[Sample], list[str], str]:
     """Samples (label = rank, target = value) of images with raw values, the rank names and the rank spec used
     (``ranks`` or, when None, ``"min:max"`` of integer values)."""
     if ranks is None:
@@ -191,8 +192,9 @@ def _splits(name, classnames, train, val, test, template, extra) -> DatasetSplit
 # folder / csv with a numeric target
 # --------------------------------------------------------------------------------------------------
 def read_target_folder(root, *, target_regex: str, ranks=None, recursive: bool = True, unmatched: str = "error",
-                       folds: Optional[int] = None, fold: Optional[int] = None, split_seed: int = 0,
-                       val_fraction: float = 0.1, template: str = DEFAULT_TEMPLATE, name: str = "folder") -> DatasetSplits:
+                       folds: Optional[int] = None, fold: Optional[int] = None, split_seed: int = 1,
+                       val_fraction: float = 0.1, template: str = DEFAULT_TEMPLATE,
+                       name: str = "folder") -> DatasetSplits:
     """Images under ``root`` whose target value is read from the file name by ``target_regex`` (``re.search``
     on the file name; the first capture group, else the whole match, must be a number).
 
@@ -253,7 +255,7 @@ def read_target_folder(root, *, target_regex: str, ranks=None, recursive: bool =
 
 
 def read_target_csv(root, *, target_column: str, ranks=None, folds: Optional[int] = None, fold: Optional[int] = None,
-                    split_seed: int = 0, val_fraction: float = 0.1, template: str = DEFAULT_TEMPLATE,
+                    split_seed: int = 1, val_fraction: float = 0.1, template: str = DEFAULT_TEMPLATE,
                     check_files: bool = True, name: str = "csv") -> DatasetSplits:
     """A CSV file with a header, a ``path`` column and the numeric column ``target_column``.
 
@@ -339,7 +341,7 @@ def read_target_csv(root, *, target_column: str, ranks=None, folds: Optional[int
 # --------------------------------------------------------------------------------------------------
 # named datasets
 # --------------------------------------------------------------------------------------------------
-def read_utkface(root, *, ranks="0:116", folds: int = DEFAULT_FOLDS, fold: int = 0, split_seed: int = 0,
+def read_utkface(root, *, ranks="0:116", folds: int = DEFAULT_FOLDS, fold: int = 0, split_seed: int = 1,
                  val_fraction: float = 0.1, unmatched: str = "error", template: str = AGE_TEMPLATE) -> DatasetSplits:
     """UTKFace: ages from the file names (``^(\\d+)_``), ranks 0..116; ``folds`` deterministic folds."""
     root = _root(root)
@@ -374,9 +376,10 @@ def _read_list(path: Path, image_root: Path, source: str) -> tuple[list[str], li
     return paths, values
 
 
-def read_morph2(root, *, train_list: str = "data_list/ET_proto_train.txt", test_list: str = "data_list/ET_proto_val.txt",
+def read_morph2(root, *, train_list: str = "data_list/ET_proto_train.txt",
+                test_list: str = "data_list/ET_proto_val.txt",
                 val_list: Optional[str] = None, image_root: Optional[str] = None, ranks="0:100",
-                val_fraction: float = 0.1, split_seed: int = 0, missing: str = "error",
+                val_fraction: float = 0.1, split_seed: int = 1, missing: str = "error",
                 template: str = AGE_TEMPLATE) -> DatasetSplits:
     """MORPH II through list files (OrdinalCLIP's layout; paths relative to ``root`` or ``image_root``).
 
@@ -432,7 +435,7 @@ def _adience_rank(age: str, unusual: str) -> Optional[int]:
 
 
 def read_adience(root, *, fold: int = 0, images: str = "aligned", unusual: str = "nearest", val_fraction: float = 0.1,
-                 split_seed: int = 0, missing: str = "error", template: str = AGE_TEMPLATE) -> DatasetSplits:
+                 split_seed: int = 1, missing: str = "error", template: str = AGE_TEMPLATE) -> DatasetSplits:
     """Adience age groups: fold ``fold`` (0..4) of the five ``fold_<k>_data.txt`` files is the test set.
 
     ``unusual``: ages that are not one of the 8 groups (a few entries are single ages or other ranges) go to the
@@ -491,7 +494,7 @@ def read_adience(root, *, fold: int = 0, images: str = "aligned", unusual: str =
 
 
 def read_aesthetics(root, *, tsv: str = "beauty-icwsm15-dataset.tsv", images: Optional[str] = None,
-                    category: Optional[str] = None, folds: int = DEFAULT_FOLDS, fold: int = 0, split_seed: int = 0,
+                    category: Optional[str] = None, folds: int = DEFAULT_FOLDS, fold: int = 0, split_seed: int = 1,
                     val_fraction: float = 0.0625, missing: str = "error",
                     template: str = "a photo of {} aesthetic quality.") -> DatasetSplits:
     """The image aesthetics dataset: 5 levels (``int(median(votes)) - 1``), ``folds`` folds, ``val_fraction``

@@ -25,6 +25,18 @@ METHODS: dict[str, MethodSpec] = {
                        "CoOp: learned context (unified or class-specific; class token end/middle/front)"),
     "cocoop": MethodSpec("vlprompt.methods.cocoop", "CoCoOp", "CoCoOpConfig",
                          "CoCoOp: context conditioned on each image by a meta-network"),
+    "plot": MethodSpec("vlprompt.methods.plot", "PLOT", "PLOTConfig",
+                       "PLOT: N prompts per class matched to local image features by optimal transport"),
+    "ordinalclip": MethodSpec("vlprompt.methods.ordinalclip", "OrdinalCLIP", "OrdinalCLIPConfig",
+                              "OrdinalCLIP: interpolated rank prompts as language prototypes, trained image encoder"),
+    "rank-linear": MethodSpec("vlprompt.methods.ordinal_baselines", "RankLinear", "RankLinearConfig",
+                              "ordinal baseline: image encoder + linear head over ranks (cross-entropy)"),
+    "rank-regression": MethodSpec("vlprompt.methods.ordinal_baselines", "RankRegression", "RankRegressionConfig",
+                                  "ordinal baseline: image encoder + direct regression of the value (L1 / L2)"),
+    "rank-zeroshot": MethodSpec("vlprompt.methods.ordinal_baselines", "RankZeroShot", "RankZeroShotConfig",
+                                "ordinal baseline: zero-shot CLIP over rank sentences (nothing trained)"),
+    "rank-coop": MethodSpec("vlprompt.methods.ordinal_baselines", "RankCoOp", "RankCoOpConfig",
+                            "ordinal baseline: CoOp context + fixed rank words, trained image encoder"),
 }
 
 
