@@ -77,16 +77,12 @@ class CacheError(VLPromptError):
 # ------------------------------------------------------------------------------------------------------------
 # small public helpers
 # ------------------------------------------------------------------------------------------------------------
-def default_loader(path: str) -> "Image.Image":  # noqa: F821 - PIL is imported lazily
-    """Open an image file as an RGB PIL image, applying its EXIF orientation."""
-    from PIL import Image, ImageOps
+def default_loader(path: str):
+    """The data layer's robust loader (RGB, EXIF orientation, alpha on white, clear errors), so cached
+    features see exactly the pixels that online training and evaluation see."""
+    from .data.images import load_image
 
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+    return load_image(path)
 
 
 def view_seed(seed: int, view: int, identity: str) -> int:

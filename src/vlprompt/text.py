@@ -280,7 +280,6 @@ class TextEncoder:
         short class names do not pay for the longest one (padding after the EOT is never needed: causal mask).
         """
         g, k = eot.shape
-        d = suffix.shape[-1]
         p = prefix.shape[1]
         n = g * k
         eot_rows = (eot - p).reshape(-1)

@@ -1,8 +1,6 @@
 """``vlprompt train | eval | export | predict | interpret``."""
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 from .common import add_backbone_options, add_data_options, data_config, pretrained_arg, print_json
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import VLPromptError
 from ..ordinal import ordinal_loss
 from .base import Features, MethodConfig
-from .ordinalclip import OrdinalConfig, OrdinalMethod, RankPrompts
+from .ordinalclip import OrdinalConfig, OrdinalMethod, PromptPrototypes, RankPrompts
 
 __all__ = ["RankLinear", "RankLinearConfig", "RankRegression", "RankRegressionConfig", "RankZeroShot",
            "RankZeroShotConfig", "RankCoOp", "RankCoOpConfig", "regression_values"]
@@ -227,7 +227,7 @@ class RankCoOpConfig(OrdinalConfig):
     chunk_size: int = 256
 
 
-class RankCoOp(OrdinalMethod):
+class RankCoOp(PromptPrototypes, OrdinalMethod):
     """CoOp on ranks: a learned context shared by all ranks, followed by each rank's words."""
 
     name = "rank-coop"
@@ -256,19 +256,6 @@ class RankCoOp(OrdinalMethod):
         if self.prompts.word_embeds is not None:
             groups.append(("ranks", [self.prompts.word_embeds], self.config.lr_ranks))
         return groups
-
-    def text_features(self) -> torch.Tensor:
-        caching = not self.training and not torch.is_grad_enabled()
-        if caching and self._eval_cache is not None:
-            return self._eval_cache
-        feats = F.normalize(self.prompts.encode().float(), dim=-1)
-        if caching:
-            self._eval_cache = feats
-        return feats
-
-    def forward(self, feats: Features) -> torch.Tensor:
-        image = F.normalize(self.image_features(feats), dim=-1)
-        return self.logit_scale * image @ self.text_features().t()
 
     def loss(self, logits, labels, targets=None):
         if self.config.loss == "ordinal":

@@ -486,6 +486,25 @@ def _word_embeddings(text_encoder, words: Sequence[str]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # OrdinalCLIP
 # --------------------------------------------------------------------------------------------------
+class PromptPrototypes:
+    """For ordinal methods whose rank prototypes come from prompts (``self.prompts.encode()`` -> (R, E)):
+    logits = logit_scale * cos(image feature, prototype)."""
+
+    def text_features(self) -> torch.Tensor:
+        """``(R, E)`` normalised prototypes; computed once per evaluation."""
+        caching = not self.training and not torch.is_grad_enabled()
+        if caching and self._eval_cache is not None:
+            return self._eval_cache
+        feats = F.normalize(self.prompts.encode().float(), dim=-1)
+        if caching:
+            self._eval_cache = feats
+        return feats
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        image = F.normalize(self.image_features(feats), dim=-1)
+        return self.logit_scale * image @ self.text_features().t()
+
+
 @dataclass
 class OrdinalCLIPConfig(OrdinalConfig):
     n_ctx: int = 10  # context length (the reference's default); words in `init` override it
@@ -504,7 +523,7 @@ class OrdinalCLIPConfig(OrdinalConfig):
     chunk_size: int = 256
 
 
-class OrdinalCLIP(OrdinalMethod):
+class OrdinalCLIP(PromptPrototypes, OrdinalMethod):
     """OrdinalCLIP: language prototypes from learned rank prompts, matched by a trained image encoder."""
 
     name = "ordinalclip"
@@ -538,20 +557,6 @@ class OrdinalCLIP(OrdinalMethod):
         return super().component_groups() + [
             ("context", [self.prompts.ctx], self.config.lr_context),
             ("ranks", list(self.prompts.rank_embeddings.parameters()), self.config.lr_ranks)]
-
-    def text_features(self) -> torch.Tensor:
-        """``(R, E)`` normalised prototypes; computed once per evaluation."""
-        caching = not self.training and not torch.is_grad_enabled()
-        if caching and self._eval_cache is not None:
-            return self._eval_cache
-        feats = F.normalize(self.prompts.encode().float(), dim=-1)
-        if caching:
-            self._eval_cache = feats
-        return feats
-
-    def forward(self, feats: Features) -> torch.Tensor:
-        image = F.normalize(self.image_features(feats), dim=-1)
-        return self.logit_scale * image @ self.text_features().t()
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor] = None):
         c = self.config
