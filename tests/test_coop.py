@@ -360,3 +360,57 @@ def test_tensorboard_logging(tmp_path, tiny_files):
     losses = [e.value for e in acc.Scalars("loss")]
     hist = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx(hist)
+
+
+def test_base_to_new_harmonic_mean_and_tables(tmp_path, tiny_files, capsys):
+    """Runs over two seeds, evaluated base-to-new; the table averages over seeds and computes H on averages."""
+    from vlprompt.cli import main
+    from vlprompt.runner import DataConfig, RunConfig, base_to_new, harmonic_mean, run_training
+
+    data = make_folder_dataset(tmp_path / "data")
+    cfg_path, weights = tiny_files
+    results, b2n = [], []
+    for seed in (1, 2):
+        d = DataConfig(dataset="folder", root=str(data), shots=4, seed=seed, classes="base")
+        cfg = RunConfig(method="coop", backbone=str(cfg_path), pretrained=str(weights), data=d,
+                        method_options={"n_ctx": 4}, cache_dir=str(tmp_path / "cache"),
+                        train=TrainConfig(epochs=1, batch_size=4, views=1, seed=seed))
+        results.append(run_training(cfg, tmp_path / "runs" / f"seed{seed}", progress=False))
+        b2n.append(base_to_new(tmp_path / "runs" / f"seed{seed}", DataConfig(dataset="folder", root=str(data)),
+                               cache_dir=str(tmp_path / "cache"), progress=False))
+    assert results[0]["metrics"]["num_samples"] == 2 * 3  # 2 base classes x 3 test images
+    for r in b2n:
+        assert r["harmonic_mean"] == pytest.approx(harmonic_mean(r["base"], r["new"]))
+    assert main(["table", str(tmp_path / "runs"), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    accs = [r["metrics"]["accuracy"] for r in results]
+    assert table["runs"][0]["runs"] == 2 and table["runs"][0]["mean"] == pytest.approx(np.mean(accs))
+    assert table["runs"][0]["std"] == pytest.approx(np.std(accs, ddof=1))
+    base, new = np.mean([r["base"] for r in b2n]), np.mean([r["new"] for r in b2n])
+    assert table["base_to_new"][0]["harmonic_mean"] == pytest.approx(2 * base * new / (base + new))
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(68.5714285714)
+
+
+def test_cocoop_export_predict_runs_the_prompt(tmp_path, tiny_files):
+    """CoCoOp's text depends on the image: its exported head keeps the learned tensors, and predict gives the
+    method's own top-1."""
+    from vlprompt.data import build_test_transform, load_dataset, load_image
+    from vlprompt.runner import (DataConfig, RunConfig, export_run, load_method, predict_images, run_training)
+
+    data = make_folder_dataset(tmp_path / "data")
+    cfg_path, weights = tiny_files
+    cfg = RunConfig(method="cocoop", backbone=str(cfg_path), pretrained=str(weights),
+                    data=DataConfig(dataset="folder", root=str(data), shots=4), cache_dir=str(tmp_path / "cache"),
+                    train=TrainConfig(epochs=1, batch_size=4, views=1))
+    run_training(cfg, tmp_path / "run", progress=False)
+    head = export_run(tmp_path / "run")
+    assert json.loads((head / "head.json").read_text())["kind"] == "prompt"
+    splits = load_dataset("folder", data)
+    rows = predict_images(head, [s.path for s in splits.test[:4]], topk=1, device="cpu")
+    method, _, bb = load_method(tmp_path / "run", device="cpu")
+    method.eval()
+    tf = build_test_transform(bb.image_size)
+    x = torch.stack([tf(load_image(s.path)) for s in splits.test[:4]])
+    with torch.no_grad():
+        expected = method(Features(global_=bb.encode_image(x))).argmax(1)
+    assert [r["top"][0]["class"] for r in rows] == [splits.classnames[i] for i in expected.tolist()]

@@ -406,11 +406,11 @@ def plot_curve(run_dir: Path, history: list) -> Optional[Path]:
 
 # -- after training ---------------------------------------------------------------------------------
 def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", device: Optional[str] = None,
-                 cache_dir: Optional[str] = None, progress: bool = True) -> dict:
+                 cache_dir: Optional[str] = None, progress: bool = True, backbone: Optional[Backbone] = None) -> dict:
     """Evaluate a trained run on any dataset / class split (its classes replace the trained ones)."""
     run_dir = Path(run_dir)
     splits = prepare_data(dataclasses.replace(data, shots=0))
-    method, meta, backbone = load_method(run_dir, classnames=splits.classnames, device=device)
+    method, meta, backbone = load_method(run_dir, backbone=backbone, classnames=splits.classnames, device=device)
     samples = getattr(splits, split)
     cfg_like = RunConfig(method=meta["method"], backbone=meta["backbone"], pretrained=meta["pretrained"],
                          data=data, preprocess=meta.get("preprocess", "coop"))
@@ -421,6 +421,28 @@ def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", 
               "dataset": data.dataset, "classes": data.classes, "split": split, "metrics": metrics}
     name = f"{data.dataset.replace(':', '_').replace('/', '_')}-{data.classes}-{split}.json"
     atomic_write_json(run_dir / "eval" / name, result)
+    return result
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """CoCoOp's H = 2 * base * new / (base + new) (0 when both are 0)."""
+    return 2.0 * base * new / (base + new) if (base + new) > 0 else 0.0
+
+
+def base_to_new(run_dir: str | Path, data: DataConfig, *, metric: str = "accuracy", device: Optional[str] = None,
+                cache_dir: Optional[str] = None, progress: bool = True) -> dict:
+    """The base-to-new protocol: test accuracy on the base classes and on the new classes (each half
+    relabelled from 0), and their harmonic mean. Writes ``RUN/eval/base2new-<dataset>.json``."""
+    run_dir = Path(run_dir)
+    _, meta, backbone = load_method(run_dir, device=device)
+    out = {}
+    for half in ("base", "new"):
+        res = evaluate_run(run_dir, dataclasses.replace(data, classes=half), device=device, cache_dir=cache_dir,
+                           progress=progress, backbone=backbone)
+        out[half] = res["metrics"][metric]
+    result = {"run": str(run_dir), "method": meta["method"], "dataset": data.dataset, "metric": metric,
+              "base": out["base"], "new": out["new"], "harmonic_mean": harmonic_mean(out["base"], out["new"])}
+    atomic_write_json(run_dir / "eval" / f"base2new-{data.dataset.replace(':', '_').replace('/', '_')}.json", result)
     return result
 
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from ..errors import VLPromptError
 
 COMMAND_MODULES = ("vlprompt.cli.data", "vlprompt.cli.baselines", "vlprompt.cli.train", "vlprompt.cli.plot",
-                   "vlprompt.cli.ordinal")
+                   "vlprompt.cli.ordinal", "vlprompt.cli.report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,8 @@ def register(sub) -> None:
     e.add_argument("run", help="run directory")
     add_data_options(e, fewshot=False)
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--base-to-new", action="store_true",
+                   help="evaluate the base and the new classes (test split) and report their harmonic mean")
     e.add_argument("--device", default=None)
     e.add_argument("--cache-dir", default=None)
     e.set_defaults(func=cmd_eval)
@@ -149,7 +151,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..runner import evaluate_run
+    from ..errors import VLPromptError
+    from ..runner import base_to_new, evaluate_run
+
+    if args.base_to_new:
+        if args.classes != "all" or args.split != "test":
+            raise VLPromptError("--base-to-new evaluates both halves of the test split: drop --classes / --split")
+        print_json(base_to_new(args.run, data_config(args), device=args.device, cache_dir=args.cache_dir,
+                               progress=not args.quiet))
+        return 0
 
     print_json(evaluate_run(args.run, data_config(args), split=args.split, device=args.device,
                             cache_dir=args.cache_dir, progress=not args.quiet))
