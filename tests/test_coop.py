@@ -414,3 +414,17 @@ def test_cocoop_export_predict_runs_the_prompt(tmp_path, tiny_files):
     with torch.no_grad():
         expected = method(Features(global_=bb.encode_image(x))).argmax(1)
     assert [r["top"][0]["class"] for r in rows] == [splits.classnames[i] for i in expected.tolist()]
+
+
+def test_online_loading_threads_are_deterministic(tmp_path, tiny_vit):
+    from vlprompt.data import ImageDataset, build_train_transform, load_dataset
+
+    splits = load_dataset("folder", make_folder_dataset(tmp_path / "data"))
+    ds = ImageDataset(splits.train, build_train_transform(tiny_vit.image_size))
+    idx = torch.arange(len(splits.train))
+    batches = []
+    for workers in (2, 2, 1):
+        torch.manual_seed(5)
+        batches.append(OnlineImages(ds, tiny_vit, local=False, encode=False, workers=workers)._images(idx))
+    assert torch.equal(batches[0], batches[1]) and torch.equal(batches[0], batches[2])
+    assert not torch.equal(batches[0][0], batches[0][1])

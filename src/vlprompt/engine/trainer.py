@@ -119,19 +119,22 @@ class OnlineImages:
         self.workers = workers
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.workers > 0:
+        if self.workers > 0 and hasattr(self.dataset, "loader") and hasattr(self.dataset, "samples"):
             from concurrent.futures import ThreadPoolExecutor
-            # per-image seeds keep augmentation independent of thread scheduling
-            seeds = torch.randint(0, 2 ** 62, (len(idx),)).tolist()
 
-            def load(pair):
-                i, s = pair
+            # decoding (the slow part) runs in threads; the random transforms run here, in order, each under
+            # its own seed drawn from the epoch's RNG, so results do not depend on thread scheduling
+            paths = [self.dataset.samples[int(i)].path for i in idx]
+            seeds = torch.randint(0, 2 ** 62, (len(idx),)).tolist()
+            with ThreadPoolExecutor(self.workers) as pool:
+                pil = list(pool.map(self.dataset.loader, paths))
+            out = []
+            for img, s in zip(pil, seeds):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(s)
                     random.seed(s)
-                    return self.dataset[int(i)][0]
-            with ThreadPoolExecutor(self.workers) as pool:
-                return torch.stack(list(pool.map(load, zip(idx.tolist(), seeds))))
+                    out.append(self.dataset.transform(img))
+            return torch.stack(out)
         return torch.stack([self.dataset[int(i)][0] for i in idx])
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Features:
