@@ -138,13 +138,25 @@ class Backbone(nn.Module):
         return self.tokenizer(list(texts)).to(self.device)
 
     @torch.no_grad()
-    def encode_text(self, texts: Sequence[str], normalize: bool = False, chunk_size: int = 256) -> torch.Tensor:
-        """Text features (K, E) of strings, exactly as open_clip's ``encode_text`` computes them."""
+    def encode_text(self, texts: Sequence[str], normalize: bool = False, chunk_size: int = 256,
+                    fast: bool = True) -> torch.Tensor:
+        """Text features (K, E) of strings.
+
+        ``fast`` (default) cuts each chunk after its last end-of-text token when the tower is causal: the same
+        numbers as open_clip's ``encode_text`` (tested to 1e-5) at a fraction of the work for short prompts;
+        ``fast=False`` calls open_clip's ``encode_text`` itself.
+        """
+        texts = list(texts)
         out = []
+        use_cut = fast and self.text.fast_ok
         for i in range(0, len(texts), chunk_size):
             tokens = self.tokenize(texts[i:i + chunk_size])
-            with self.autocast():
-                out.append(self.model.encode_text(tokens).float())
+            if use_cut:
+                out.append(self.text(self.text.embed(tokens), self.text.eot_positions(tokens), mode="cut",
+                                     chunk_size=None).float())
+            else:
+                with self.autocast():
+                    out.append(self.model.encode_text(tokens).float())
         feats = torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
         return F.normalize(feats, dim=-1) if normalize else feats
 
