@@ -63,8 +63,12 @@ def _load_error(name: str, root: Path, kwargs: dict, e: Exception) -> DataError:
     if isinstance(e, DataError):
         return e
     shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "root")
+    hint = ""
+    if "urlopen" in str(e) or "Name or service" in str(e) or isinstance(e, (ConnectionError, TimeoutError)):
+        hint = (f" -- offline: download it elsewhere into {str(root)!r} as torchvision lays it out, or use a "
+                f"copy in CoOp's layout with its standard reader (`vlprompt datasets` lists them)")
     return DataError(f"torchvision:{name}: could not load torchvision.datasets.{name}(root={str(root)!r}, "
-                     f"{shown}): {type(e).__name__}: {e}")
+                     f"{shown}): {type(e).__name__}: {e}{hint}")
 
 
 def _instantiate(cls, name: str, root: Path, kwargs: dict) -> Any:
