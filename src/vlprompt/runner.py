@@ -99,9 +99,11 @@ def open_backbone(cfg: RunConfig) -> Backbone:
     return load_backbone(cfg.backbone, cfg.pretrained, cfg.device, precision=cfg.precision)
 
 
-def prepare_data(data: DataConfig, run_dir: Optional[Path] = None) -> DatasetSplits:
-    """The dataset with the protocol applied (classes subset, few-shot sampling); saved to / reused from
-    ``run_dir/split.json`` so that a resumed or re-evaluated run sees exactly the same samples."""
+def prepare_data(data: DataConfig, run_dir: Optional[Path] = None,
+                 needs: Sequence[str] = ("train", "val", "test")) -> DatasetSplits:
+    """The dataset with the protocol applied (few-shot sampling, then the base / new classes); saved to / reused
+    from ``run_dir/split.json`` so that a resumed or re-evaluated run sees exactly the same samples. The images of
+    the splits in ``needs`` are checked up front (the others are dropped), so a bad file stops the run at once."""
     split_file = run_dir / "split.json" if run_dir is not None else None
     if split_file is not None and split_file.exists():
         return load_split(split_file)
@@ -110,7 +112,8 @@ def prepare_data(data: DataConfig, run_dir: Optional[Path] = None) -> DatasetSpl
         splits = few_shot_split(splits, data.shots, data.seed, allow_fewer=data.allow_fewer)
     if data.classes != "all":
         splits = subsample_classes(splits, data.classes)
-    for name in ("train", "val", "test"):
+    splits = splits.with_splits(**{name: [] for name in ("train", "val", "test") if name not in needs})
+    for name in needs:
         samples = getattr(splits, name)
         if samples:
             ok, problems = check_samples(samples, mode=data.on_bad_image)
@@ -409,7 +412,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", 
                  cache_dir: Optional[str] = None, progress: bool = True, backbone: Optional[Backbone] = None) -> dict:
     """Evaluate a trained run on any dataset / class split (its classes replace the trained ones)."""
     run_dir = Path(run_dir)
-    splits = prepare_data(dataclasses.replace(data, shots=0))
+    splits = prepare_data(dataclasses.replace(data, shots=0), needs=(split,))
     method, meta, backbone = load_method(run_dir, backbone=backbone, classnames=splits.classnames, device=device)
     samples = getattr(splits, split)
     cfg_like = RunConfig(method=meta["method"], backbone=meta["backbone"], pretrained=meta["pretrained"],
