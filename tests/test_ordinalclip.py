@@ -432,6 +432,10 @@ def test_cli_train_select_export_predict_folds(tmp_path, tiny_dir, tiny_vit, fac
     printed = _cli(capsys, "predict", tmp_path / "head", images[0], "--topk", "1")
     assert f"value {expect[0]:.2f}" in printed
 
+    # interpret: the context and every rank embedding decode to their nearest words
+    rows = json.loads(_cli(capsys, "interpret", run, "--json", "--topk", "1"))
+    assert sum("rank" in r for r in rows) == method.num_classes and sum("prompt" in r for r in rows) == 4
+
     # k folds: one run per fold and the mean +- std
     out = _cli(capsys, "ordinal-folds", "--output", tmp_path / "folds", "--folds", "2", "--", "--method",
                "rank-linear", *common, "--epochs", "1", "--max-steps", "1")

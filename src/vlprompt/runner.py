@@ -535,24 +535,35 @@ def head_logits(kind: str, tensors: dict, info: dict, backbone: Backbone, x: tor
 
 def interpret_run(run_dir: str | Path, topk: int = 5, device: Optional[str] = "cpu") -> list[dict]:
     """Nearest vocabulary words (Euclidean distance in the token-embedding space) to each learned context
-    vector, as in CoOp's paper."""
-    from .methods.prompts import PromptContext
-
+    vector, as in CoOp's paper; for rank prompts (OrdinalCLIP) also to each rank's embedding."""
     method, meta, backbone = load_method(Path(run_dir), device=device)
-    contexts = [m for m in method.modules() if isinstance(m, PromptContext)]
-    if not contexts:
-        raise VLPromptError(f"{meta['method']} has no learned context vectors to interpret")
     table = backbone.text._parts["token_embedding"].weight.detach().float()
     decode = backbone.tokenizer.decode
+
+    def nearest(vectors: torch.Tensor):
+        vals, ids = torch.cdist(vectors.float(), table).topk(topk, largest=False)
+        return [([decode([t]).strip() for t in iv], dv) for dv, iv in zip(vals.tolist(), ids.tolist())]
+
     rows = []
-    for ctx_module in contexts:
-        ctx = ctx_module.ctx.detach().float()  # (N, C, M, D)
-        n, c, m, d = ctx.shape
-        dist = torch.cdist(ctx.reshape(-1, d), table)  # (N*C*M, V)
-        vals, ids = dist.topk(topk, largest=False)
-        for flat, (dv, iv) in enumerate(zip(vals.tolist(), ids.tolist())):
-            pi, rest = divmod(flat, c * m)
-            ci, mi = divmod(rest, m)
-            rows.append({"prompt": pi, "class": (method.classnames[ci] if c > 1 else None), "position": mi,
-                         "words": [decode([t]).strip() for t in iv], "distances": dv})
+    for module in method.modules():
+        ctx = getattr(module, "ctx", None)
+        if isinstance(ctx, torch.nn.Parameter):
+            c4 = ctx.detach()
+            c4 = c4.reshape(1, 1, *c4.shape) if c4.dim() == 2 else c4  # (N prompt sets, C, M, D)
+            n, c, m, d = c4.shape
+            for flat, (words, dist) in enumerate(nearest(c4.reshape(-1, d))):
+                pi, rest = divmod(flat, c * m)
+                ci, mi = divmod(rest, m)
+                rows.append({"prompt": pi, "class": (method.classnames[ci] if c > 1 else None), "position": mi,
+                             "words": words, "distances": dist})
+        ranks = getattr(module, "rank_embeddings", None)
+        if isinstance(ranks, torch.nn.Module):
+            with torch.no_grad():
+                emb = ranks()  # (R, T, D)
+            r, t, d = emb.shape
+            for flat, (words, dist) in enumerate(nearest(emb.reshape(-1, d))):
+                ri, ti = divmod(flat, t)
+                rows.append({"rank": method.classnames[ri], "position": ti, "words": words, "distances": dist})
+    if not rows:
+        raise VLPromptError(f"{meta['method']} has no learned context vectors to interpret")
     return rows

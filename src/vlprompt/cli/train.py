@@ -196,6 +196,9 @@ def cmd_interpret(args) -> int:
         print_json(rows)
     else:
         for r in rows:
-            who = f"prompt {r['prompt']}" + (f", class {r['class']}" if r["class"] else "")
+            if "rank" in r:
+                who = f"rank {r['rank']}"
+            else:
+                who = f"prompt {r['prompt']}" + (f", class {r['class']}" if r["class"] else "")
             print(f"{who}, ctx {r['position'] + 1}: " + " ".join(r["words"]))
     return 0
