@@ -31,6 +31,9 @@ class CoCoOpConfig(MethodConfig):
 
 class CoCoOp(Method):
     name = "cocoop"
+    # the paper's schedule: 10 epochs (lr 0.002, SGD). The reference steps once per image (batch 1); vlprompt's
+    # batched path makes larger batches cheap, but `--batch-size 1` reproduces the reference's step count.
+    train_defaults = {"epochs": 10}
 
     def __init__(self, config: CoCoOpConfig, backbone, classnames: Sequence[str]):
         super().__init__(config, backbone, classnames)
