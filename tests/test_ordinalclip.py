@@ -528,3 +528,28 @@ def test_small_random_encoder_beats_the_median_on_utkface(tmp_path, tiny_rn, utk
     print(f"\n{method}: test MAE expectation {metrics['mae_expectation']:.2f}, argmax {metrics['mae_argmax']:.2f}; "
           f"training-median MAE {median_mae:.2f}")
     assert metrics["mae_expectation"] < median_mae - 1.0
+
+
+def test_torchvision_encoder_input_normalisation(tiny_vit):
+    """Images come CLIP-normalised; an encoder expecting ImageNet statistics sees exactly ImageNet-normalised
+    pixels, and the map travels with its state dict (checkpoints, exported heads)."""
+    from vlprompt.data.transforms import CLIP_MEAN, CLIP_STD
+    from vlprompt.methods.image_encoders import IMAGENET_MEAN, IMAGENET_STD, build_image_encoder
+
+    torch.manual_seed(0)
+    enc = build_image_encoder("resnet10", tiny_vit, None, input_norm="imagenet").eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    as_clip = (pixels - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    as_imagenet = (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(as_clip), enc.net(as_imagenet), rtol=1e-5, atol=1e-5)
+        plain = build_image_encoder("resnet10", tiny_vit, None).eval()  # auto without ImageNet weights: identity
+        plain.load_state_dict(enc.state_dict())
+        torch.testing.assert_close(plain(as_clip), enc(as_clip))
+        fresh = build_image_encoder("resnet10", tiny_vit, None).eval()
+        fresh.net.load_state_dict(enc.net.state_dict())
+        assert not torch.allclose(fresh(as_clip), enc(as_clip))
+    from vlprompt.methods import build_method
+    with pytest.raises(Exception, match="CLIP-normalised"):
+        build_method("ordinalclip", {"image_encoder": "clip", "image_encoder_input_norm": "imagenet"}, tiny_vit,
+                     [str(i) for i in range(5)])

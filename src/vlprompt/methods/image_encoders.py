@@ -30,7 +30,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..data.transforms import CLIP_MEAN, CLIP_STD
 from ..errors import BackboneError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = ["IMAGE_ENCODERS", "build_image_encoder", "TorchvisionEncoder", "ClipImageEncoder"]
 
@@ -78,7 +82,7 @@ class ClipImageEncoder(nn.Module):
 class TorchvisionEncoder(nn.Module):
     """A torchvision network whose classification layer is a projection to the joint space ``E``."""
 
-    def __init__(self, name: str, embed_dim: int, weights: Optional[str] = None):
+    def __init__(self, name: str, embed_dim: int, weights: Optional[str] = None, input_norm: str = "auto"):
         super().__init__()
         import torchvision
 
@@ -112,6 +116,17 @@ class TorchvisionEncoder(nn.Module):
         self.net = net.float()
         if weights not in _RANDOM and weights != "imagenet":
             self._load_file(str(weights))
+        # Images arrive normalised with CLIP's mean/std; networks trained on ImageNet expect ImageNet's. The exact
+        # affine map between the two is a persistent buffer, so exported / resumed encoders keep it.
+        if input_norm == "auto":
+            input_norm = "imagenet" if weights == "imagenet" else "clip"
+        if input_norm not in ("clip", "imagenet"):
+            raise BackboneError(f"image encoder input_norm must be auto, clip or imagenet, got {input_norm!r}")
+        clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+        mean, std = (torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)) if input_norm == "imagenet" \
+            else (clip_mean, clip_std)
+        self.register_buffer("input_scale", (clip_std / std).view(3, 1, 1))
+        self.register_buffer("input_shift", ((clip_mean - mean) / std).view(3, 1, 1))
 
     def _load_file(self, path: str) -> None:
         path = os.path.expanduser(path)
@@ -146,7 +161,7 @@ class TorchvisionEncoder(nn.Module):
         self.net.load_state_dict(body, strict=False)  # the projection keeps its fresh initialisation
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images.float())
+        return self.net(images.float() * self.input_scale + self.input_shift)
 
 
 def _parent_of(module: nn.Module, dotted: str):
@@ -157,7 +172,7 @@ def _parent_of(module: nn.Module, dotted: str):
     return parent, parts[-1]
 
 
-def build_image_encoder(name: str, backbone, weights: Optional[str] = None) -> nn.Module:
+def build_image_encoder(name: str, backbone, weights: Optional[str] = None, input_norm: str = "auto") -> nn.Module:
     """A trainable image encoder ``(B, 3, H, W) -> (B, E)`` on the backbone's device, float32 parameters.
 
     Args:
@@ -165,6 +180,8 @@ def build_image_encoder(name: str, backbone, weights: Optional[str] = None) -> n
         backbone: the frozen :class:`vlprompt.backbone.Backbone` (its image tower is copied for ``clip``; its
             ``embed_dim`` sets ``E``).
         weights: ``None``/``"none"``, ``"imagenet"`` or a state-dict file (torchvision encoders only).
+        input_norm: the normalisation the torchvision network expects (``auto``: ImageNet's with ImageNet
+            weights, else CLIP's, which the images already have).
     """
     if name == "clip":
         if weights not in _RANDOM:
@@ -172,7 +189,7 @@ def build_image_encoder(name: str, backbone, weights: Optional[str] = None) -> n
                                 "image encoder weights apply to torchvision encoders only")
         enc = ClipImageEncoder(backbone.model.visual)
     elif name in _TORCHVISION:
-        enc = TorchvisionEncoder(name, backbone.embed_dim, weights)
+        enc = TorchvisionEncoder(name, backbone.embed_dim, weights, input_norm)
     else:
         raise BackboneError(f"unknown image encoder {name!r}; known: {', '.join(IMAGE_ENCODERS)}")
     return enc.to(backbone.device)

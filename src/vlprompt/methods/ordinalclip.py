@@ -87,6 +87,7 @@ class OrdinalConfig(MethodConfig):
 
     image_encoder: str = "clip"  # clip (a trainable copy of the backbone's tower) | resnet18 | resnet50 | vgg16 ...
     image_encoder_weights: Optional[str] = None  # torchvision encoders: none | imagenet | a state-dict file
+    image_encoder_input_norm: str = "auto"  # auto (ImageNet's with imagenet weights, else CLIP's) | clip | imagenet
     lr_image_encoder: float = 1.0  # multiplier of the base learning rate; 0 freezes the image encoder
     rank_values: Optional[list] = None  # (R,) values of the ranks; default: numeric class names, else 0..R-1
 
@@ -111,6 +112,9 @@ class OrdinalMethod(Method):
         self.image_encoder = None
         if own_image_encoder and config.lr_image_encoder < 0:
             raise VLPromptError(f"lr_image_encoder must be >= 0, got {config.lr_image_encoder}")
+        if own_image_encoder and config.image_encoder == "clip" and config.image_encoder_input_norm == "imagenet":
+            raise VLPromptError("the 'clip' image encoder takes CLIP-normalised images; image_encoder_input_norm="
+                                "imagenet applies to torchvision encoders")
         if own_image_encoder and config.image_encoder == "clip" and config.image_encoder_weights not in (None, "none"):
             raise VLPromptError("the 'clip' image encoder starts from the backbone's weights; image_encoder_weights "
                                 "apply to torchvision encoders only")
@@ -118,7 +122,8 @@ class OrdinalMethod(Method):
             # a frozen CLIP tower is the backbone's: use its (cached) features, no copy, no per-step encoding
             self.trains_image_encoder = False
         elif own_image_encoder:
-            self.image_encoder = build_image_encoder(config.image_encoder, backbone, config.image_encoder_weights)
+            self.image_encoder = build_image_encoder(config.image_encoder, backbone, config.image_encoder_weights,
+                                                     config.image_encoder_input_norm)
             if config.lr_image_encoder == 0:
                 self.image_encoder.requires_grad_(False)
         else:
