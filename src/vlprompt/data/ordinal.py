@@ -55,6 +55,7 @@ from ..ordinal import RankValueError, k_fold_indices, rank_values_from_spec, ran
 from ._util import MAX_NAMED, is_image_file, list_images, list_subdirs, missing_files_error
 from .base import DatasetSplits, Sample
 from .templates import DEFAULT_TEMPLATE, check_template
+from .user import csv_column, csv_image_path, csv_split, csv_target, read_csv_table
 
 AGE_TEMPLATE = "a photo of a {} year old person."
 
@@ -268,51 +269,14 @@ def read_target_csv(root, *, target_column: str, ranks=None, folds: Optional[int
         raise DataError(f"csv dataset: {path} is not a file. Expected: {CSV_LAYOUT}")
     check_template(template)
     source = f"csv dataset {path}"
-    try:
-        with open(path, "r", encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{source}: cannot read: {e}") from None
-    if not rows:
-        raise DataError(f"{source}: empty file. Expected: {CSV_LAYOUT}")
-    header = [h.strip() for h in rows[0]]
-    col = {h.lower(): i for i, h in enumerate(header)}
-    if "path" not in col:
-        raise DataError(f"{source}: no 'path' column (header: {header}). Expected: {CSV_LAYOUT}")
-    tcol = {h: i for i, h in enumerate(header)}.get(target_column, col.get(str(target_column).lower()))
-    if tcol is None:
-        raise DataError(f"{source}: no target column {target_column!r} (header: {header})")
+    header, col, body = read_csv_table(path, ("path",))
+    tcol = csv_column(header, col, target_column, path)
     scol = col.get("split")
     if scol is not None and (folds is not None or fold is not None):
         raise DataError(f"{source}: the file has a 'split' column; folds/fold do not apply to it")
-    paths, values, split_of = [], [], []
-    aliases = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "test": "test", "testing": "test"}
-    for rowno, row in enumerate(rows[1:], start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) < len(header):
-            raise DataError(f"{source}: row {rowno} has {len(row)} fields, the header has {len(header)}")
-        rel = row[col["path"]].strip()
-        if not rel:
-            raise DataError(f"{source}: row {rowno}: empty 'path'")
-        raw = row[tcol].strip()
-        try:
-            v = float(raw)
-        except ValueError:
-            v = math.nan
-        if not math.isfinite(v):
-            raise DataError(f"{source}: row {rowno}, column {header[tcol]!r}: target {raw!r} is not a finite number")
-        img = rel if os.path.isabs(os.path.expanduser(rel)) else str(path.parent / rel)
-        paths.append(os.path.abspath(os.path.expanduser(img)))
-        values.append(v)
-        if scol is not None:
-            s = row[scol].strip().lower()
-            if s not in aliases:
-                raise DataError(f"{source}: row {rowno}: split {row[scol]!r} is not train, val or test")
-            split_of.append(aliases[s])
-    if not paths:
-        raise DataError(f"{source}: a header but no rows")
+    paths = [csv_image_path(row, col, rowno, path) for rowno, row in body]
+    values = [csv_target(row, tcol, header, rowno, path) for rowno, row in body]
+    split_of = [csv_split(row, scol, rowno, path) for rowno, row in body] if scol is not None else []
     if check_files:
         err = missing_files_error(paths, source)
         if err is not None:

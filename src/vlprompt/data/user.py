@@ -105,6 +105,71 @@ def _parse_int(text: str) -> Optional[int]:
     return None
 
 
+def read_csv_table(path: Path, required: Sequence[str]) -> tuple[list[str], dict[str, int], list[tuple[int, list[str]]]]:
+    """Open a CSV file with a header row: ``(header, lower-case column index, [(row number, fields)])`` with
+    blank rows dropped. A missing required column, a short row or a file with no rows is a DataError naming
+    the file (and row)."""
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"csv dataset: cannot read {path}: {e}") from None
+    if not rows:
+        raise DataError(f"csv dataset: {path} is empty. Expected: {CSV_LAYOUT}")
+    header = [h.strip() for h in rows[0]]
+    col = {h.lower(): i for i, h in enumerate(header)}
+    for required_col in required:
+        if required_col not in col:
+            raise DataError(f"csv dataset: {path} has no {required_col!r} column (header: {header}). "
+                            f"Expected: {CSV_LAYOUT}")
+    body = []
+    for rowno, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < len(header):
+            raise DataError(f"csv dataset: {path} row {rowno} has {len(row)} fields, the header has {len(header)}")
+        body.append((rowno, row))
+    if not body:
+        raise DataError(f"csv dataset: {path} has a header but no rows")
+    return header, col, body
+
+
+def csv_column(header: list[str], col: dict[str, int], name: str, path: Path) -> int:
+    """Index of the column ``name`` (exact, else case-insensitive)."""
+    index = {h: i for i, h in enumerate(header)}.get(name, col.get(str(name).lower()))
+    if index is None:
+        raise DataError(f"csv dataset: {path} has no target column {name!r} (header: {header})")
+    return index
+
+
+def csv_image_path(row: list[str], col: dict[str, int], rowno: int, path: Path) -> str:
+    """The row's image as an absolute path (relative paths are relative to the CSV's folder)."""
+    rel = row[col["path"]].strip()
+    if not rel:
+        raise DataError(f"csv dataset: {path} row {rowno}: empty 'path'")
+    img = rel if os.path.isabs(os.path.expanduser(rel)) else str(path.parent / rel)
+    return os.path.abspath(os.path.expanduser(img))
+
+
+def csv_split(row: list[str], split_col: int, rowno: int, path: Path) -> str:
+    value = row[split_col].strip().lower()
+    if value not in SPLIT_ALIASES:
+        raise DataError(f"csv dataset: {path} row {rowno}: split {row[split_col]!r} is not train, val or test")
+    return SPLIT_ALIASES[value]
+
+
+def csv_target(row: list[str], target_col: int, header: list[str], rowno: int, path: Path) -> float:
+    raw = row[target_col].strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise DataError(f"csv dataset: {path} row {rowno}, column {header[target_col]!r}: target {raw!r} is not a "
+                        f"finite number")
+    return value
+
+
 def read_csv(root: str | os.PathLike, *, target: Optional[str] = None, classnames: Optional[Sequence[str] | str] = None,
              split_seed: int = 1, template: str = DEFAULT_TEMPLATE, check_files: bool = True,
              name: str = "csv") -> DatasetSplits:
@@ -126,62 +191,21 @@ def read_csv(root: str | os.PathLike, *, target: Optional[str] = None, classname
     if not path.is_file():
         raise DataError(f"csv dataset: {path} is not a file. Expected: {CSV_LAYOUT}")
     check_template(template)
-    base = path.parent
-    try:
-        with open(path, "r", encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"csv dataset: cannot read {path}: {e}") from None
-    if not rows:
-        raise DataError(f"csv dataset: {path} is empty. Expected: {CSV_LAYOUT}")
-    header = [h.strip() for h in rows[0]]
-    col = {h.lower(): i for i, h in enumerate(header)}
-    for required in ("path", "label"):
-        if required not in col:
-            raise DataError(f"csv dataset: {path} has no {required!r} column (header: {header}). Expected: {CSV_LAYOUT}")
-    target_col = None
-    if target is not None:
-        exact = {h: i for i, h in enumerate(header)}
-        target_col = exact.get(target, col.get(str(target).lower()))
-        if target_col is None:
-            raise DataError(f"csv dataset: {path} has no target column {target!r} (header: {header})")
+    header, col, body = read_csv_table(path, ("path", "label"))
+    target_col = csv_column(header, col, target, path) if target is not None else None
     split_col = col.get("split")
     name_col = col.get("classname")
 
     records = []  # (rowno, abspath, label_text, classname_text, split, target)
-    for rowno, row in enumerate(rows[1:], start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) < len(header):
-            raise DataError(f"csv dataset: {path} row {rowno} has {len(row)} fields, the header has {len(header)}")
-        rel = row[col["path"]].strip()
-        if not rel:
-            raise DataError(f"csv dataset: {path} row {rowno}: empty 'path'")
-        img = rel if os.path.isabs(os.path.expanduser(rel)) else str(base / rel)
-        img = os.path.abspath(os.path.expanduser(img))
+    for rowno, row in body:
+        img = csv_image_path(row, col, rowno, path)
         label_text = row[col["label"]].strip()
         if not label_text:
             raise DataError(f"csv dataset: {path} row {rowno}: empty 'label'")
-        split = None
-        if split_col is not None:
-            value = row[split_col].strip().lower()
-            if value not in SPLIT_ALIASES:
-                raise DataError(f"csv dataset: {path} row {rowno}: split {row[split_col]!r} is not train, val or test")
-            split = SPLIT_ALIASES[value]
-        tval = None
-        if target_col is not None:
-            raw_t = row[target_col].strip()
-            try:
-                tval = float(raw_t)
-            except ValueError:
-                tval = None
-            if tval is None or not math.isfinite(tval):
-                raise DataError(f"csv dataset: {path} row {rowno}, column {header[target_col]!r}: target "
-                                f"{raw_t!r} is not a finite number")
+        split = csv_split(row, split_col, rowno, path) if split_col is not None else None
+        tval = csv_target(row, target_col, header, rowno, path) if target_col is not None else None
         cname = row[name_col].strip() if name_col is not None else None
         records.append((rowno, img, label_text, cname, split, tval))
-    if not records:
-        raise DataError(f"csv dataset: {path} has a header but no rows")
 
     fixed = _read_classnames_option(classnames, path)
     ints = [_parse_int(r[2]) for r in records]
