@@ -5,7 +5,6 @@ relative to the dataset's image folder.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Sequence
 
 from .._io import atomic_write_json
 from ..errors import DataError
-from ._util import check_exist, classnames_from_samples, clean_classname, path_digest, user_cache_dir
+from ._util import check_exist, classnames_from_samples, clean_classname, path_digest, read_json, user_cache_dir
 from .base import Sample
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -36,13 +35,7 @@ def read_coop_split(path: Path, image_dir: Path, dataset: str, check_files: bool
                     ) -> tuple[list[str], list[Sample], list[Sample], list[Sample]]:
     """Read a CoOp split file; class names are cleaned (``_`` -> space). Raises DataError on a bad
     file, inconsistent labels, or (with ``check_files``) listed images that do not exist."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{dataset}: split file {path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{dataset}: split file {path} cannot be read as JSON: {e}") from None
+    raw = read_json(path, f"{dataset}: split file")
     return parse_coop_split(raw, image_dir, f"{dataset}: split file {path}", check_files)
 
 

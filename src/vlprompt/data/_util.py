@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -182,3 +183,14 @@ def user_cache_dir() -> Path:
 
 def path_digest(path: str | os.PathLike, n: int = 12) -> str:
     return hashlib.sha256(os.path.abspath(path).encode("utf-8")).hexdigest()[:n]
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The JSON content of ``path``; a missing or unreadable file is a DataError starting with ``what``."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{what} {path} cannot be read as JSON: {e}") from None

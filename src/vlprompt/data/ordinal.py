@@ -381,6 +381,21 @@ def read_morph2(root, *, train_list: str = "data_list/ET_proto_train.txt",
     return _splits("morph2", names, train, val, test, template, extra)
 
 
+def _read_tsv(path: Path, need: Sequence[str], source: str) -> tuple[list[list[str]], dict[str, int]]:
+    """Rows of a tab-separated file (header included) and the index of each needed column."""
+    try:
+        with open(path, "r", encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{source}: cannot read {path}: {e}") from None
+    if not rows:
+        raise DataError(f"{source}: {path} is empty")
+    header = [h.strip() for h in rows[0]]
+    if not all(h in header for h in need):
+        raise DataError(f"{source}: {path} header {header[:8]} lacks one of {tuple(need)}")
+    return rows, {h: header.index(h) for h in need}
+
+
 def _adience_rank(age: str, unusual: str) -> Optional[int]:
     """Rank (0..7) of an Adience age field: an exact group ``(lo, hi)``; else (``unusual="nearest"``) the
     group containing the midpoint of a range or a single number, or the nearest group; None when it is
@@ -423,15 +438,7 @@ def read_adience(root, *, fold: int = 0, images: str = "aligned", unusual: str =
         path = root / f"fold_{k}_data.txt"
         if not path.is_file():
             raise DataError(f"{source}: {path.name} not found. Expected layout:\n{ADIENCE_LAYOUT}")
-        with open(path, "r", encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t"))
-        if not rows:
-            raise DataError(f"{source}: {path} is empty")
-        header = [h.strip() for h in rows[0]]
-        need = ("user_id", "original_image", "face_id", "age")
-        if not all(h in header for h in need):
-            raise DataError(f"{source}: {path} header {header[:6]} lacks one of {need}")
-        c = {h: header.index(h) for h in need}
+        rows, c = _read_tsv(path, ("user_id", "original_image", "face_id", "age"), source)
         samples = []
         for rowno, row in enumerate(rows[1:], start=2):
             if not row or all(not x.strip() for x in row):
@@ -481,15 +488,7 @@ def read_aesthetics(root, *, tsv: str = "beauty-icwsm15-dataset.tsv", images: Op
         image_dir = Path(images) if os.path.isabs(images) else root / images
         if not image_dir.is_dir():
             raise DataError(f"{source}: image folder {image_dir} not found")
-    with open(table, "r", encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t"))
-    if not rows:
-        raise DataError(f"{source}: {table} is empty")
-    header = [h.strip() for h in rows[0]]
-    need = ("#flickr_photo_id", "category", "beauty_scores")
-    if not all(h in header for h in need):
-        raise DataError(f"{source}: {table} header {header} lacks one of {need}")
-    c = {h: header.index(h) for h in need}
+    rows, c = _read_tsv(table, ("#flickr_photo_id", "category", "beauty_scores"), source)
     categories = sorted({r[c["category"]].strip() for r in rows[1:] if len(r) > c["category"]})
     if category is not None and category not in categories:
         raise DataError(f"{source}: unknown category {category!r}; the file has {categories}")

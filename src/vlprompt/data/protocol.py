@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from ..errors import DataError
-from ._util import MAX_NAMED, check_exist, group_by
+from ._util import MAX_NAMED, check_exist, group_by, read_json
 from .base import DatasetSplits, Sample
 
 SPLIT_FORMAT = "vlprompt-split"
@@ -175,13 +175,7 @@ def load_split(path: str | os.PathLike, *, check_files: bool = True) -> DatasetS
     """Read a split written by :func:`save_split`. Raises DataError naming the file and field when
     it is malformed or inconsistent, and (``check_files``) when listed images no longer exist."""
     path = Path(path)
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"split file {path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"split file {path} cannot be read as JSON: {e}") from None
+    obj = read_json(path, "split file")
     if not isinstance(obj, dict) or obj.get("format") != SPLIT_FORMAT:
         raise DataError(f"split file {path} is not a vlprompt split (no \"format\": \"{SPLIT_FORMAT}\")")
     if obj.get("version") != SPLIT_VERSION:
