@@ -92,6 +92,15 @@ class Method(nn.Module):
     def end_eval(self) -> None:
         self._eval_cache = None
 
+    def once_per_eval(self, compute) -> Any:
+        """``compute()`` during training; in evaluation (eval mode, no grad) computed once and reused until
+        ``end_eval`` -- the class text features do not change between test batches."""
+        if self.training or torch.is_grad_enabled():
+            return compute()
+        if self._eval_cache is None:
+            self._eval_cache = compute()
+        return self._eval_cache
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 

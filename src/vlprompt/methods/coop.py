@@ -38,12 +38,7 @@ class CoOp(Method):
 
     def text_features(self) -> torch.Tensor:
         """(K, E) class text features, not normalised; computed once per evaluation."""
-        if not self.training and not torch.is_grad_enabled() and self._eval_cache is not None:
-            return self._eval_cache
-        feats = self.prompt.encode()[0]
-        if not self.training and not torch.is_grad_enabled():
-            self._eval_cache = feats
-        return feats
+        return self.once_per_eval(lambda: self.prompt.encode()[0])
 
     def forward(self, feats: Features) -> torch.Tensor:
         return cosine_logits(feats.global_, self.text_features(), self.logit_scale)

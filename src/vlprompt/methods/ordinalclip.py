@@ -497,13 +497,7 @@ class PromptPrototypes:
 
     def text_features(self) -> torch.Tensor:
         """``(R, E)`` normalised prototypes; computed once per evaluation."""
-        caching = not self.training and not torch.is_grad_enabled()
-        if caching and self._eval_cache is not None:
-            return self._eval_cache
-        feats = F.normalize(self.prompts.encode().float(), dim=-1)
-        if caching:
-            self._eval_cache = feats
-        return feats
+        return self.once_per_eval(lambda: F.normalize(self.prompts.encode().float(), dim=-1))
 
     def forward(self, feats: Features) -> torch.Tensor:
         image = F.normalize(self.image_features(feats), dim=-1)

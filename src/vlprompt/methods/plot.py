@@ -155,13 +155,7 @@ class PLOT(CoOp):
 
     def text_features(self) -> torch.Tensor:
         """(N, K, E) prompt features, not normalised; computed once per evaluation."""
-        caching = not self.training and not torch.is_grad_enabled()
-        if caching and self._eval_cache is not None:
-            return self._eval_cache
-        feats = self.prompt.encode()
-        if caching:
-            self._eval_cache = feats
-        return feats
+        return self.once_per_eval(self.prompt.encode)
 
     def _context(self) -> str:
         if self.training:
