@@ -205,3 +205,9 @@ def test_cli_table_json_carries_the_full_group_identity(tmp_path, capsys):
     assert "method_options.csc" in out_md.read_text()  # --output is honoured with --json too
     assert main(["table", str(tmp_path / "runs"), "--metric", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_a_metric_that_is_not_a_number_is_an_error_naming_the_run(tmp_path):
+    run = _write_run(tmp_path / "a", _identity(1), None)
+    with pytest.raises(VLPromptError, match=f"{run}: accuracy is None"):
+        summarize(collect_results([tmp_path]))

@@ -165,6 +165,12 @@ def _cell(row: dict, key: str) -> str:
     return "?" if row["identity"] is None else _MISSING
 
 
+def _number(value: Any, path: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise VLPromptError(f"{path}: {name} is {value!r}, not a number")
+    return float(value)
+
+
 def _group_id(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -196,7 +202,7 @@ def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
             if diff:  # one identity, different results headers: a broken run, not something to average
                 raise VLPromptError(f"{g[0]['path']} and {it['path']} have one configuration but different "
                                     f"{', '.join(diff)} in results.json")
-        mean, std = mean_std([it["row"]["metrics"][metric] for it in g])
+        mean, std = mean_std([_number(it["row"]["metrics"][metric], it["path"], metric) for it in g])
         out.append({**{k: first.get(k) for k in GROUP_KEYS}, "metric": metric, "mean": mean, "std": std,
                     "runs": len(g), "seeds": [it["seed"] for it in g], "paths": [it["path"] for it in g],
                     "identity": g[0]["identity"], "group": _group_id(g[0]["key"]) if g[0]["identity"] is not None
@@ -228,9 +234,9 @@ def summarize_base_to_new(paths: Iterable[str | Path]) -> list[dict]:
     out, identities = [], []
     for g in _group(items, "base-to-new results"):
         first = g[0]["row"]
-        base, base_std = mean_std([it["row"]["base"] for it in g])
-        new, new_std = mean_std([it["row"]["new"] for it in g])
-        h = 2 * base * new / (base + new) if base + new > 0 else 0.0
+        base, base_std = mean_std([_number(it["row"].get("base"), it["path"], "base") for it in g])
+        new, new_std = mean_std([_number(it["row"].get("new"), it["path"], "new") for it in g])
+        h = 2 * base * new / (base + new) if base + new > 0 else 0.0  # CoCoOp's H, of the averages
         out.append({"method": first.get("method"), "dataset": first.get("dataset"), "metric": first.get("metric"),
                     "base": base, "base_std": base_std, "new": new, "new_std": new_std, "harmonic_mean": h,
                     "runs": len(g), "seeds": [it["seed"] for it in g], "paths": [it["path"] for it in g],
