@@ -177,7 +177,8 @@ def test_base_to_new_groups_by_identity_and_eval_data_with_h_on_averages(tmp_pat
         _write_b2n(tmp_path / f"coop{seed}-other", _identity(seed), 10.0, 20.0, eval_root="/other")
     rows = summarize_base_to_new([tmp_path])
     assert len(rows) == 3 and all(r["runs"] == 2 and r["seeds"] == [1, 2] for r in rows)
-    (coop,) = [r for r in rows if r["identity"]["method_options"] == {} and r["identity"]["eval_data"]["root"] == "/data/caltech-101"]
+    (coop,) = [r for r in rows if r["identity"]["method_options"] == {}
+               and r["identity"]["eval_data"]["root"] == "/data/caltech-101"]
     assert (coop["base"], coop["new"]) == (80.0, 60.0)
     assert coop["harmonic_mean"] == pytest.approx(2 * 80 * 60 / 140)  # on the averages, not the mean of Hs
     assert coop["harmonic_mean"] != pytest.approx(np.mean([2 * 90 * 50 / 140, 70.0]))
