@@ -169,14 +169,14 @@ def test_check_samples_error_and_skip_modes(tmp_path):
         check_samples(samples)
     assert "junk.jpg" in str(ei.value)
 
-    ok, problems = check_samples(samples, mode="skip")
+    ok, problems = check_samples(samples, mode="skip", decode=False)
     bad_paths = {Path(p).name: r for p, r in problems}
-    # header-level check: a truncated JPEG still has a valid header, the others do not
+    # header-level check only: a truncated JPEG still has a valid header, the others do not
     assert set(bad_paths) == {"missing.jpg", "junk.jpg", "cut.png"}
     assert bad_paths["missing.jpg"] == "file not found"
     assert [Path(s.path).name for s in ok] == ["good.jpg", "ok.png", "cut.jpg"]
 
-    ok, problems = check_samples(samples, mode="skip", decode=True, workers=4)
+    ok, problems = check_samples(samples, mode="skip", workers=4)  # decodes by default
     assert {Path(p).name for p, _ in problems} == {"missing.jpg", "junk.jpg", "cut.png", "cut.jpg"}
     assert [Path(s.path).name for s in ok] == ["good.jpg", "ok.png"]
     assert verify_image(good, decode=True) is None

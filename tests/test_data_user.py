@@ -124,8 +124,8 @@ def test_csv_int_labels_classnames_split_and_target(tmp_path):
     assert ds.train[-1].path == str(absolute) and ds.train[-1].target == 33.5 and ds.train[-1].label == 1
     assert [s.target for s in ds.test] == [60.0, 70.0]
     assert ds.extra["target"] == "age"
-    no_target = load_dataset("csv", path)
-    assert all(s.target is None for s in no_target.train)
+    with pytest.raises(DataError, match=r"unknown column\(s\) \['age'\].*target=<column>"):
+        load_dataset("csv", path)  # a column that would not be read is refused, not ignored
 
 
 def test_csv_class_name_labels_and_generated_split(tmp_path):
@@ -175,7 +175,7 @@ def test_csv_non_numeric_target(tmp_path):
     (["path", "label"], [["missing.jpg", 0]], r"1 image file\(s\) that do not exist: .*missing\.jpg"),
     (["file", "label"], [["a.jpg", 0]], "no 'path' column"),
     (["path", "label", "split"], [["a.jpg", 0, "holdout"]], r"row 2: split 'holdout'"),
-    (["path", "label", "classname"], [["a.jpg", 0, "x"], ["a.jpg", 0, "y"]], "row 3: label 0 is named 'y'"),
+    (["path", "label", "classname"], [["a.jpg", 0, "x"], ["a.jpg", 0, "y"]], "label 0 is named 'x' in row 2 but 'y' in row 3"),
     (["path", "label"], [["a.jpg", ""]], "row 2: empty 'label'"),
     (["path", "label"], [], "no rows"),
 ])

@@ -190,7 +190,7 @@ def read_json(path: str | os.PathLike, what: str):
     try:
         with open(path, "r", encoding="utf-8") as f:
             return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{what} {path} not found") from None
+    except FileNotFoundError as e:
+        raise DataError(f"{what} {path} not found") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{what} {path} cannot be read as JSON: {e}") from None
+        raise DataError(f"{what} {path} cannot be read as JSON: {e}") from e

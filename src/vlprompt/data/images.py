@@ -2,13 +2,12 @@
 
 Every image becomes 8-bit RGB whatever its mode (L, P with transparency, CMYK, 16-bit, alpha), with
 its EXIF orientation applied. A missing, unreadable or truncated file raises :class:`DataError` naming
-the file: PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False and pixels are decoded eagerly, so a
-cut-off JPEG fails here instead of silently coming out grey at the bottom.
+the file: pixels are decoded eagerly and PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False (True is
+refused), so a cut-off JPEG fails here instead of silently coming out grey at the bottom.
 """
 from __future__ import annotations
 
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal, Optional, Sequence
 
@@ -34,28 +33,47 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     naming the file when it is missing, not an image, truncated or otherwise undecodable.
     """
     path = os.fspath(path)
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        # Someone switched PIL to accept truncated files; we cannot detect them then, so say so once.
-        warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images will not be detected",
-                      stacklevel=2)
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = _exif_transpose(img)
-            rgb = to_rgb(img)
-            rgb.load()
-            return rgb
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"image path is a folder, not a file: {path}") from None
-    except UnidentifiedImageError:
-        raise DataError(f"not a readable image file (unknown or corrupted format): {path}") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"image too large to decode safely: {path} ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        # PIL reports truncation as OSError("image file is truncated ..."), bad data as OSError/SyntaxError.
-        raise DataError(f"cannot decode image {path}: {e}") from None
+        return _decode_rgb(path)
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot use image {path}: {_reason(e)}") from e
+
+
+# What PIL raises for a missing, foreign, cut-off or corrupted file (truncation is OSError("image file is
+# truncated ..."), bad data OSError/SyntaxError); anything else is a bug and propagates as itself.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+def _decode_rgb(path: str) -> Image.Image:
+    """``path`` decoded to RGB; raises PIL's own exceptions (see :data:`_DECODE_ERRORS`)."""
+    _refuse_truncated_loading()
+    with Image.open(path) as img:
+        img.load()
+        img = _exif_transpose(img)
+        rgb = to_rgb(img)
+        rgb.load()
+        return rgb
+
+
+def _refuse_truncated_loading() -> None:
+    # With this switch PIL pads a cut-off file with grey instead of failing: a wrong image that trains and
+    # evaluates without a sign. It is process-wide, so some other code set it; we refuse rather than warn.
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise DataError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code in this process): "
+                        "truncated images would be silently padded; set it back to False")
+
+
+def _reason(e: BaseException) -> str:
+    """One line saying why a file cannot be used (without its path)."""
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, IsADirectoryError):
+        return "is a folder, not a file"
+    if isinstance(e, UnidentifiedImageError):
+        return "not a readable image (unknown or corrupted format)"
+    if isinstance(e, Image.DecompressionBombError):
+        return f"too large to decode safely ({e})"
+    return f"cannot decode: {e}"
 
 
 def _exif_transpose(img: Image.Image) -> Image.Image:
@@ -119,45 +137,43 @@ def _rescale(a: np.ndarray) -> np.ndarray:
     return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def verify_image(path: str | os.PathLike, decode: bool = False) -> Optional[str]:
-    """None when ``path`` is a usable image, else the reason it is not.
+def verify_image(path: str | os.PathLike, decode: bool = True) -> Optional[str]:
+    """None when ``path`` is a usable image, else the reason it is not (one line, without the path).
 
-    ``decode=False`` checks the header (``Image.open(...).verify()``: cheap; catches missing files,
-    non-images and corrupted PNG chunks, not a truncated JPEG). ``decode=True`` also decodes the pixels
-    (JPEGs at 1/8 scale through PIL's draft mode, which still reads every byte), catching truncation.
+    ``decode=True`` decodes it exactly as :func:`load_image` does, so a file passes if and only if the loader
+    will accept it (a truncated JPEG has a valid header and fails only here). ``decode=False`` checks the
+    header only (``Image.open(...).verify()``: missing files, non-images, corrupted PNG chunks).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         return "file not found"
     if os.path.isdir(path):
-        return "is a folder"
+        return "is a folder, not a file"
     try:
-        with Image.open(path) as img:
-            img.verify()
         if decode:
+            _decode_rgb(path)
+        else:
             with Image.open(path) as img:
-                if img.format == "JPEG":
-                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()
-    except UnidentifiedImageError:
-        return "not a readable image (unknown or corrupted format)"
-    except Image.DecompressionBombError as e:
-        return f"too large to decode safely ({e})"
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        return f"cannot decode: {e}"
+                img.verify()
+    except _DECODE_ERRORS as e:
+        return _reason(e)
     return None
 
 
-def check_samples(samples: Sequence[Sample], mode: Literal["error", "skip"] = "error", *, decode: bool = False,
+def check_samples(samples: Sequence[Sample], mode: Literal["error", "skip"] = "error", *, decode: bool = True,
                   workers: Optional[int] = None, source: str = "dataset"
                   ) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """Check that every sample's image exists and opens, before a run starts rather than hours in.
+    """Check that every sample's image exists and decodes, before a run starts rather than hours in.
 
-    Returns ``(ok_samples, problems)`` with ``problems`` a list of ``(path, reason)``. In ``"error"``
-    mode any problem raises DataError naming the first bad files and how many there are; in ``"skip"``
-    mode the bad samples are left out of ``ok_samples`` and listed in ``problems``. Files are checked on
-    a thread pool (``workers``, default ``min(32, 4 * cpu count)``); see :func:`verify_image` for ``decode``.
+    Returns ``(ok_samples, problems)`` with ``problems`` a list of ``(path, reason)``, one per bad file. In
+    ``"error"`` mode any problem raises DataError naming the first bad files, the decoder's message and how
+    many there are; in ``"skip"`` mode the bad samples are left out of ``ok_samples`` and listed in
+    ``problems``. Each file is decoded fully (``decode=True``, as :func:`load_image` will): about 0.3-0.8 ms
+    per image here, far below the cost of encoding it, and the only way to catch a truncated JPEG up front.
+    ``decode=False`` checks headers only. Files are checked on a thread pool (``workers``, default
+    ``min(32, 4 * cpu count)``; PIL decodes without holding the GIL).
     """
+    _refuse_truncated_loading()
     if mode not in ("error", "skip"):
         raise DataError(f"check_samples: mode must be 'error' or 'skip', got {mode!r}")
     samples = list(samples)

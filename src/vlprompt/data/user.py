@@ -23,7 +23,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 FOLDER_LAYOUT = ("<root>/<class>/*.jpg            (split generated: 50% train / 20% val / 30% test per class)\n"
                  "or <root>/train|val|test/<class>/*.jpg   (val/ optional: then 20% of train per class)")
 
-CSV_LAYOUT = ("a CSV file with a header: path,label[,classname][,split][,<target>]\n"
+CSV_LAYOUT = ("a CSV file with a header: path,label[,classname][,split][,<target>] (no other columns)\n"
               "  path: relative to the CSV's folder or absolute; label: class index or class name;\n"
               "  split: train/val/test (else generated 50/20/30 per class); target: a numeric column named "
               "by target=<column> (ordinal tasks)")
@@ -107,17 +107,21 @@ def _parse_int(text: str) -> Optional[int]:
 
 def read_csv_table(path: Path, required: Sequence[str]) -> tuple[list[str], dict[str, int], list[tuple[int, list[str]]]]:
     """Open a CSV file with a header row: ``(header, lower-case column index, [(row number, fields)])`` with
-    blank rows dropped. A missing required column, a short row or a file with no rows is a DataError naming
-    the file (and row)."""
+    blank rows dropped. A missing required column, a repeated column, a row with too few or too many fields
+    or a file with no rows is a DataError naming the file (and row). See :func:`csv_refuse_unknown_columns`."""
     try:
         with open(path, "r", encoding="utf-8-sig", newline="") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"csv dataset: cannot read {path}: {e}") from None
+        raise DataError(f"csv dataset: cannot read {path}: {e}") from e
     if not rows:
         raise DataError(f"csv dataset: {path} is empty. Expected: {CSV_LAYOUT}")
     header = [h.strip() for h in rows[0]]
     col = {h.lower(): i for i, h in enumerate(header)}
+    if len(col) != len(header):
+        lower = [h.lower() for h in header]
+        repeated = sorted({h for h in header if lower.count(h.lower()) > 1})
+        raise DataError(f"csv dataset: {path} has repeated column(s) {repeated} (header: {header})")
     for required_col in required:
         if required_col not in col:
             raise DataError(f"csv dataset: {path} has no {required_col!r} column (header: {header}). "
@@ -128,10 +132,23 @@ def read_csv_table(path: Path, required: Sequence[str]) -> tuple[list[str], dict
             continue
         if len(row) < len(header):
             raise DataError(f"csv dataset: {path} row {rowno} has {len(row)} fields, the header has {len(header)}")
+        if any(c.strip() for c in row[len(header):]):  # values under no column (an unquoted comma in a path?)
+            raise DataError(f"csv dataset: {path} row {rowno} has {len(row)} fields, the header has {len(header)} "
+                            f"(quote values that contain commas)")
         body.append((rowno, row))
     if not body:
         raise DataError(f"csv dataset: {path} has a header but no rows")
     return header, col, body
+
+
+def csv_refuse_unknown_columns(header: list[str], known: Sequence[str], path: Path, hint: str = "") -> None:
+    """A DataError naming every column of ``header`` not in ``known`` (case-insensitive) and the known ones
+    (``hint`` appended): a column that would not be read is more likely a typo than a wish."""
+    known_lower = {k.lower() for k in known}
+    unknown = [h for h in header if h.lower() not in known_lower]
+    if unknown:
+        raise DataError(f"csv dataset: {path} has unknown column(s) {unknown}; the known columns are "
+                        f"{', '.join(known)}{hint}")
 
 
 def csv_column(header: list[str], col: dict[str, int], name: str, path: Path) -> int:
@@ -176,16 +193,22 @@ def read_csv(root: str | os.PathLike, *, target: Optional[str] = None, classname
     """A CSV file ``root`` with a header row and columns ``path,label[,classname][,split][,<target>]``.
 
     - ``path``: relative to the CSV's folder, or absolute.
-    - ``label``: an integer class index, or a class name (when not every label is an integer).
+    - ``label``: integers in every row, or class names in every row (a mix is an error).
       With names, the classes are the sorted distinct names unless ``classnames`` fixes the list
-      (a sequence, or the path of a text file with one name per line); a name outside it is an error.
-      With indices, names come from the ``classname`` column, else ``classnames``, else the index.
+      (a sequence, or the path of a text file with one name per line); a name outside it is an error;
+      a ``classname`` column may only repeat the label.
+      With integers and ``classnames``, a label indexes that list. Without it, the classes are exactly the
+      distinct labels present, sorted numerically and relabelled 0..K-1 (labels 0, 1, 7 are three classes),
+      named by the ``classname`` column, else by the label itself (``"7"``); a label named differently in
+      two rows is an error naming both rows.
     - ``split``: ``train``/``val``/``test`` per row; without the column a split is generated
       deterministically per class (50/20/30, ``split_seed``).
     - ``target``: the name of a numeric column copied to :attr:`Sample.target` (ordinal tasks: age,
       score, year); a value that is not a finite number is a DataError naming the file, row and column.
 
-    Every listed image must exist (``check_files``). Class names are cleaned (``_`` -> space).
+    Any other column is an error naming it (a column that would not be read is more likely a typo).
+    Every listed image must exist (``check_files``). Class names are cleaned (``_`` -> space) and must be
+    distinct.
     """
     path = _resolve_root(root)
     if not path.is_file():
@@ -193,6 +216,9 @@ def read_csv(root: str | os.PathLike, *, target: Optional[str] = None, classname
     check_template(template)
     header, col, body = read_csv_table(path, ("path", "label"))
     target_col = csv_column(header, col, target, path) if target is not None else None
+    known = ["path", "label", "classname", "split"] + ([header[target_col]] if target_col is not None else [])
+    csv_refuse_unknown_columns(header, known, path, "" if target_col is not None else
+                               " (a numeric column is read with the option target=<column>)")
     split_col = col.get("split")
     name_col = col.get("classname")
 
@@ -205,30 +231,23 @@ def read_csv(root: str | os.PathLike, *, target: Optional[str] = None, classname
         split = csv_split(row, split_col, rowno, path) if split_col is not None else None
         tval = csv_target(row, target_col, header, rowno, path) if target_col is not None else None
         cname = row[name_col].strip() if name_col is not None else None
-        records.append((rowno, img, label_text, cname, split, tval))
+        records.append((rowno, img, label_text, cname or None, split, tval))
 
     fixed = _read_classnames_option(classnames, path)
     ints = [_parse_int(r[2]) for r in records]
-    if all(i is not None for i in ints):
-        labels = [int(i) for i in ints]  # type: ignore[arg-type]
-        bad = [(r[0], lab) for r, lab in zip(records, labels) if lab < 0 or (fixed is not None and lab >= len(fixed))]
-        if bad:
-            limit = f"0..{len(fixed) - 1}" if fixed is not None else "non-negative"
-            raise DataError(f"csv dataset: {path} row {bad[0][0]}: label {bad[0][1]} is not a class index ({limit})")
-        n = len(fixed) if fixed is not None else max(labels) + 1
-        names: list[Optional[str]] = [clean_classname(c) for c in fixed] if fixed is not None else [None] * n
-        if name_col is not None:
-            for r, lab in zip(records, labels):
-                cname = clean_classname(r[3]) if r[3] else None
-                if cname is None:
-                    continue
-                if names[lab] is None:
-                    names[lab] = cname
-                elif names[lab] != cname:
-                    raise DataError(f"csv dataset: {path} row {r[0]}: label {lab} is named {r[3]!r} here but "
-                                    f"{names[lab]!r} elsewhere")
-        names = [nm if nm is not None else str(i) for i, nm in enumerate(names)]
+    is_int = [i is not None for i in ints]
+    if any(is_int) and not all(is_int):
+        r_int, r_txt = records[is_int.index(True)], records[is_int.index(False)]
+        raise DataError(f"csv dataset: {path}: 'label' holds a class index in row {r_int[0]} ({r_int[2]!r}) but "
+                        f"not in row {r_txt[0]} ({r_txt[2]!r}); use class indices or class names, not both")
+    if all(is_int):
+        labels, names = _index_labels(records, [int(i) for i in ints], fixed, name_col is not None, path)  # type: ignore[arg-type]
     else:
+        for r in records:  # the label is the class name: a classname column could only contradict it
+            if r[3] is not None and clean_classname(r[3]) != clean_classname(r[2]):
+                raise DataError(f"csv dataset: {path} row {r[0]}: label {r[2]!r} is a class name but the "
+                                f"classname column says {r[3]!r}; with class-name labels the classname column "
+                                f"must be empty or repeat the label")
         texts = [r[2] for r in records]
         if fixed is not None:
             index = {}
@@ -246,7 +265,7 @@ def read_csv(root: str | os.PathLike, *, target: Optional[str] = None, classname
             index = {c: i for i, c in enumerate(classes)}
             labels = [index[clean_classname(t)] for t in texts]
             names = classes
-    names = [clean_classname(n) for n in names]
+    names = _clean_unique([clean_classname(n) for n in names], f"csv dataset {path}")
 
     samples = [Sample(r[1], lab, names[lab], r[5]) for r, lab in zip(records, labels)]
     if check_files:
@@ -264,6 +283,44 @@ def read_csv(root: str | os.PathLike, *, target: Optional[str] = None, classname
         train, val, test = split_per_class(samples, split_seed)
         extra.update(split_source="generated", split_seed=split_seed)
     return DatasetSplits(name=name, classnames=names, train=train, val=val, test=test, template=template, extra=extra)
+
+
+def _index_labels(records: list, ints: list[int], fixed: Optional[list[str]], has_name_col: bool,
+                  path: Path) -> tuple[list[int], list[str]]:
+    """Labels 0..K-1 and the K class names for rows whose labels are integers.
+
+    With ``fixed`` class names the label is an index into them (absent classes allowed: the user listed them).
+    Otherwise the classes are exactly the distinct labels present, sorted numerically and relabelled
+    0..K-1 (labels 0, 1, 7 make three classes, never eight), named by the classname column or else by the
+    label itself. A label named differently in two rows is an error naming both rows."""
+    bad = [(r[0], lab) for r, lab in zip(records, ints) if lab < 0 or (fixed is not None and lab >= len(fixed))]
+    if bad:
+        limit = f"0..{len(fixed) - 1}" if fixed is not None else "non-negative"
+        raise DataError(f"csv dataset: {path} row {bad[0][0]}: label {bad[0][1]} is not a class index ({limit})")
+    named: dict[int, tuple[str, int]] = {}  # label -> (cleaned class name, first row naming it)
+    if fixed is not None:
+        named = {i: (clean_classname(c), 0) for i, c in enumerate(fixed)}
+    for r, lab in zip(records, ints):
+        if r[3] is None:
+            continue
+        cname = clean_classname(r[3])
+        prev = named.setdefault(lab, (cname, r[0]))
+        if prev[0] != cname:
+            where = f"in row {prev[1]}" if prev[1] else "in the given class names"
+            raise DataError(f"csv dataset: {path}: label {lab} is named {prev[0]!r} {where} but {cname!r} in row "
+                            f"{r[0]}")
+    if fixed is not None:
+        return ints, [named[i][0] for i in range(len(fixed))]
+    present = sorted(set(ints))
+    if has_name_col:
+        unnamed = [lab for lab in present if lab not in named]
+        if unnamed:
+            rows = [r[0] for r, lab in zip(records, ints) if lab == unnamed[0]]
+            raise DataError(f"csv dataset: {path}: label {unnamed[0]} has an empty classname in every row "
+                            f"(rows {rows[:MAX_NAMED]}); name it in at least one row")
+    relabel = {lab: i for i, lab in enumerate(present)}
+    names = [named[lab][0] if lab in named else str(lab) for lab in present]
+    return [relabel[lab] for lab in ints], names
 
 
 def _read_classnames_option(classnames: Optional[Sequence[str] | str | os.PathLike], source: Path) -> Optional[list[str]]:
