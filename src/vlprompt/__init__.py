@@ -5,14 +5,18 @@
     >>> backbone.encode_text(["a photo of a cat."]).shape
     torch.Size([1, 1024])
 
-Methods (CoOp, CoCoOp, PLOT, OrdinalCLIP...) are listed in :data:`vlprompt.methods.METHODS`; runs are driven by
-:mod:`vlprompt.runner` or the ``vlprompt`` command.
+    >>> results = vlprompt.train({"method": "coop", "data": {"dataset": "dtd", "root": "~/data", "shots": 16},
+    ...                           "seed": 1}, output="runs/coop")
+
+Methods (CoOp, CoCoOp, PLOT, OrdinalCLIP, the baselines...) are registered in :mod:`vlprompt.methods`
+(``method_names()``); runs go through :mod:`vlprompt.runs` (``resolve``, ``run``, ``train``), exactly as the
+``vlprompt`` command does.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load_backbone", "Backbone", "__version__"]
+__all__ = ["load_backbone", "Backbone", "train", "resolve", "run", "show_config", "__version__"]
 
 
 def __getattr__(name):  # keep `import vlprompt` light: torch and open_clip load on first use
@@ -20,4 +24,8 @@ def __getattr__(name):  # keep `import vlprompt` light: torch and open_clip load
         from . import backbone
 
         return getattr(backbone, name)
+    if name in ("train", "resolve", "run", "show_config"):
+        from . import runs
+
+        return getattr(runs, name)
     raise AttributeError(f"module 'vlprompt' has no attribute {name!r}")

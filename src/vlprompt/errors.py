@@ -19,3 +19,8 @@ class CheckpointError(VLPromptError):
 
 class NonFiniteError(VLPromptError):
     """A loss, gradient or transport plan became NaN or infinite."""
+
+
+class ConfigError(VLPromptError):
+    """A configuration field is out of range, of the wrong type, unknown, or combined with one that makes it
+    meaningless; the message names the field (or flag) and the value."""

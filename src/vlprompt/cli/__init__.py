@@ -14,11 +14,15 @@ COMMAND_MODULES = ("vlprompt.cli.data", "vlprompt.cli.baselines", "vlprompt.cli.
                    "vlprompt.cli.ordinal", "vlprompt.cli.report")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The parser; ``argv`` lets ``train`` add the options of the method it names before parsing."""
     import importlib
 
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="vlprompt", description="Prompt learning for CLIP-style models.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"vlprompt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (with their causes) and debug logs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -29,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == name:
                 continue
             raise
-        module.register(sub)
+        if name == "vlprompt.cli.train":
+            from .train import prescan_method
+
+            module.register(sub, method=prescan_method(argv))
+        else:
+            module.register(sub)
     for sp in sub.choices.values():  # --debug / --quiet also after the command name
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sp.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -37,7 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser(argv)
+    except VLPromptError as e:  # e.g. a method whose option names collide
+        if debug:
+            raise
+        print(f"vlprompt: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
     console = logging.StreamHandler(sys.stderr)
@@ -50,20 +67,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger("root").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", message=".*QuickGELU.*")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
     except VLPromptError as e:
         if args.debug:
-            raise
+            raise  # the whole chained traceback: the cause of every error is kept (`raise ... from e`)
         print(f"vlprompt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vlprompt: interrupted", file=sys.stderr)
         return 130
-    except FileNotFoundError as e:
-        if args.debug:
-            raise
-        print(f"vlprompt: error: file not found: {e.filename or e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        # the reader went away (`vlprompt interpret RUN | head`): stop quietly, as Unix tools do; stdout is
+        # pointed at devnull so that the interpreter's final flush does not raise again
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 def run() -> None:  # console entry point

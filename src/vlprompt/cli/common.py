@@ -1,52 +1,60 @@
-"""Options shared by the commands (backbone, data, output, device)."""
+"""Options shared by the commands; they only turn arguments into a request (the keys of config.yaml).
+
+Every option defaults to "not given" (``argparse.SUPPRESS``): a request holds only what the user typed, so a
+``--config`` file's values and the method's preset are never overridden by a parser default.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from ..errors import VLPromptError
+from ..errors import ConfigError
+
+S = argparse.SUPPRESS
 
 
-def add_backbone_options(p: argparse.ArgumentParser) -> None:
+def add_backbone_options(p: argparse.ArgumentParser, device_only: bool = False) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="RN50", help="open_clip model name or a model-config JSON (default RN50)")
-    g.add_argument("--pretrained", default="openai",
-                   help="open_clip pretrained tag, a checkpoint file, or 'none' for random weights (default openai)")
-    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    g.add_argument("--precision", default="amp", choices=["amp", "fp32"],
-                   help="amp: autocast on GPU (fp32 on CPU); fp32: no autocast")
-    g.add_argument("--cache-dir", default=None, help="feature cache directory (default ~/.cache/vlprompt/features "
+    if not device_only:
+        g.add_argument("--backbone", default=S, help="open_clip model name, hf-hub:org/name, local-dir:/path, or a "
+                       "model-config JSON (default RN50)")
+        g.add_argument("--pretrained", default=S,
+                       help="open_clip pretrained tag, a checkpoint file, or 'none' for random weights (default openai)")
+        g.add_argument("--precision", default=S, choices=["amp", "fp32"],
+                       help="amp: autocast on GPU (fp32 on CPU); fp32: no autocast (default amp)")
+        g.add_argument("--preprocess", default=S, choices=["coop", "model"],
+                       help="coop: CoOp's crop/flip policy with the weights' own pixel statistics (default); model: "
+                            "open_clip's own pipeline for these weights, train and test")
+    g.add_argument("--device", default=S, help="cpu | cuda | cuda:N | mps (default: cuda when available)")
+    g.add_argument("--cache-dir", default=S, help="feature cache directory (default ~/.cache/vlprompt/features "
                    "or $VLPROMPT_CACHE)")
-    g.add_argument("--preprocess", default="coop", choices=["coop", "model"],
-                   help="coop: CoOp's transforms (default); model: the backbone's own eval preprocessing")
 
 
-def add_data_options(p: argparse.ArgumentParser, shots_default=16, fewshot: bool = True) -> None:
+def add_data_options(p: argparse.ArgumentParser, fewshot: bool = True, required: bool = False) -> None:
     """Data options; ``fewshot=False`` for commands that use whole splits (no --shots / --seed / --allow-fewer)."""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True,
+    g.add_argument("--dataset", default=S, required=required,
                    help="a standard name (see `vlprompt datasets`), folder, csv, or torchvision:<Name>")
-    g.add_argument("--root", required=True, help="data root (folder / CSV file / download dir)")
+    g.add_argument("--root", default=S, required=required, help="data root (folder / CSV file / download dir)")
     if fewshot:
-        g.add_argument("--shots", type=int, default=shots_default, help="images per class for training (0: all)")
-        g.add_argument("--seed", type=int, default=1, help="few-shot sampling and training seed")
-    g.add_argument("--classes", default="all", choices=["all", "base", "new"],
-                   help="base-to-new protocol: the first ceil(n/2) sorted labels are base")
-    g.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="reader option, e.g. split_file=..., target_column=age (repeatable)")
-    if fewshot:
-        g.add_argument("--allow-fewer", action="store_true",
+        g.add_argument("--shots", type=int, default=S, help="training images per class (0: all; default 16)")
+        g.add_argument("--seed", type=int, default=S, help="few-shot sampling and training seed (default 1)")
+        g.add_argument("--allow-fewer", action="store_true", default=S,
                        help="take all images of classes with fewer than --shots")
-    g.add_argument("--skip-bad-images", action="store_true",
-                   help="skip unreadable images (counted in the log) instead of stopping with an error")
+    g.add_argument("--classes", default=S, choices=["all", "base", "new"],
+                   help="base-to-new protocol: the first ceil(n/2) sorted labels are base (default all)")
+    g.add_argument("--dataset-option", action="append", default=S, metavar="KEY=VALUE",
+                   help="reader option, e.g. split_file=..., target_column=age (repeatable)")
+    g.add_argument("--skip-bad-images", action="store_true", default=S,
+                   help="skip unreadable images (counted in log.txt and results.json) instead of stopping")
 
 
-def parse_kv(items) -> dict:
+def parse_kv(items, flag: str = "--dataset-option") -> dict:
     out = {}
-    for item in items:
+    for item in items or []:
         if "=" not in item:
-            raise VLPromptError(f"--dataset-option expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)
@@ -55,17 +63,23 @@ def parse_kv(items) -> dict:
     return out
 
 
-def data_config(args):
-    from ..runner import DataConfig
+def data_request(args) -> dict:
+    """The ``data`` section of a request from the options given."""
+    a = vars(args)
+    out = {k: a[k] for k in ("dataset", "root", "shots", "classes", "allow_fewer") if k in a}
+    if "dataset_option" in a:
+        out["options"] = parse_kv(a["dataset_option"])
+    if a.get("skip_bad_images"):
+        out["on_bad_image"] = "skip"
+    return out
 
-    return DataConfig(dataset=args.dataset, root=args.root, options=parse_kv(args.dataset_option),
-                      shots=getattr(args, "shots", 0), seed=getattr(args, "seed", 1) or 1, classes=args.classes,
-                      allow_fewer=getattr(args, "allow_fewer", False),
-                      on_bad_image="skip" if args.skip_bad_images else "error")
 
-
-def pretrained_arg(value):
-    return None if value in (None, "none", "None", "random", "") else value
+def top_request(args) -> dict:
+    """Top-level keys of a request (backbone, weights, seed, device...) from the options given."""
+    a = vars(args)
+    out = {k: a[k] for k in ("backbone", "pretrained", "seed", "device", "precision", "preprocess", "cache_dir",
+                             "tensorboard") if k in a}
+    return out
 
 
 def print_json(obj) -> None:

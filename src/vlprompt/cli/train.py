@@ -1,66 +1,106 @@
-"""``vlprompt train | eval | export | predict | interpret``."""
+"""``vlprompt train | zeroshot | linear-probe | eval | export | predict | interpret``.
+
+``train`` runs any registered method; ``zeroshot`` and ``linear-probe`` are ``train --method zeroshot`` and
+``train --method linear-probe`` (the same parser, the same resolution, the same run directory). The method's own
+options are generated from its config class, so ``vlprompt train --method plot --help`` lists PLOT's options.
+"""
 from __future__ import annotations
 
+import argparse
+from typing import Optional
 
-from .common import add_backbone_options, add_data_options, data_config, pretrained_arg, print_json
+from ..errors import ConfigError
+from .common import (add_backbone_options, add_data_options, data_request, parse_kv, print_json, top_request)
+from .options import add_config_options, given_sections
+
+#: the flags the run layer defines itself (a method option may not reuse one)
+_COMMON_FLAGS = {"--method", "--config", "--output", "--resume", "--force", "--show-config", "--tensorboard",
+                 "--method-option", "--backbone", "--pretrained", "--precision", "--preprocess", "--device",
+                 "--cache-dir", "--dataset", "--root", "--shots", "--seed", "--allow-fewer", "--classes",
+                 "--dataset-option", "--skip-bad-images", "--help", "--debug", "--quiet"}
 
 
-def register(sub) -> None:
-    from ..methods import method_names
+def prescan_method(argv) -> Optional[str]:
+    """The method a ``train`` command line names (``--method M`` or the ``method`` of its ``--config`` file), so
+    that its options can be added to the parser before parsing."""
+    argv = list(argv or [])
+    method = config = None
+    for i, a in enumerate(argv):
+        if a == "--method" and i + 1 < len(argv):
+            method = argv[i + 1]
+        elif a.startswith("--method="):
+            method = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif a.startswith("--config="):
+            config = a.split("=", 1)[1]
+    if method is None and config is not None:
+        try:
+            from ..runs.config import load_request
 
-    p = sub.add_parser("train", help="train a prompt-learning method (CoOp, CoCoOp, ...)")
-    p.add_argument("--method", required=True, choices=method_names())
+            method = load_request(config).get("method")
+        except ConfigError:  # the file is read again, and its error reported, when the command runs
+            method = None
+    return method
+
+
+def _add_run_parser(sub, name: str, help_text: str, method: Optional[str], fixed: bool) -> None:
+    from ..engine.trainer import TrainConfig
+    from ..methods import method_class, method_names
+
+    p = sub.add_parser(name, help=help_text, description=help_text,
+                       epilog=None if (method or fixed) else
+                       f"Methods: {', '.join(method_names())}. `vlprompt train --method M --help` lists the "
+                       f"options of method M.")
+    if not fixed:
+        p.add_argument("--method", default=argparse.SUPPRESS, choices=method_names(),
+                       help="the method to train (or the `method` of --config)")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="a run configuration (the keys of a run's config.yaml); the flags given override it")
+    p.add_argument("--output", default=None, help="run directory (required unless --show-config)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved configuration (the method's preset + your settings) and exit")
     add_backbone_options(p)
     add_data_options(p)
-    p.add_argument("--output", required=True, help="run directory")
-    m = p.add_argument_group("method (CoOp family)")
-    m.add_argument("--n-ctx", type=int, default=None, help="context length M (CoOp 16, CoCoOp 4)")
-    m.add_argument("--csc", action="store_true", help="class-specific context")
-    m.add_argument("--class-position", default=None, choices=["end", "middle", "front"])
-    m.add_argument("--init", default=None,
-                   help="initialise the context from words (e.g. 'a photo of a'); 'random' for N(0, 0.02)")
-    m.add_argument("--text-mode", default=None, choices=["auto", "plain", "cut", "prefix"],
-                   help="text path (all exact; auto picks the fastest)")
-    m.add_argument("--n-prompts", type=int, default=None, help="PLOT: prompts per class N (4)")
-    m.add_argument("--ot-eps", type=float, default=None, help="PLOT: entropic regularisation of the transport (0.1)")
-    m.add_argument("--ot-iters", type=int, default=None, help="PLOT: at most this many Sinkhorn iterations (100)")
-    m.add_argument("--ot-thresh", type=float, default=None, help="PLOT: Sinkhorn stopping threshold (0.01)")
-    m.add_argument("--ot-grad", action="store_true", help="PLOT: differentiate through the plan (paper: detached)")
-    m.add_argument("--plot-global-logits", action="store_true",
-                   help="PLOT: add the global feature's logits (the reference does for ImageNet)")
-    m.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other field of the method's config (repeatable)")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=None,
-                   help="default: the paper's preset by shots (50/100/100/200/200; ImageNet 50); 0 trains nothing")
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--optimizer", default=None, choices=["sgd", "adamw", "adam", "radam"])
-    t.add_argument("--weight-decay", type=float, default=None)
-    t.add_argument("--warmup-epochs", type=int, default=None)
-    t.add_argument("--views", type=int, default=10, help="cached augmented views per training image")
-    t.add_argument("--online", action="store_true", help="augment and encode images at every step (as the papers)")
-    t.add_argument("--no-augment", action="store_true", help="train on the test transform (one view)")
-    t.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
-    t.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate on val every N epochs (default 0: never; ordinal methods: 1, selecting the best "
-                        "epoch on val)")
-    t.add_argument("--workers", type=int, default=0, help="threads loading images in online mode")
-    t.add_argument("--nonfinite", default="error", choices=["error", "skip"])
-    t.add_argument("--max-steps", type=int, default=0, help="stop after N steps (smoke tests)")
-    p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--force", action="store_true", help="retrain even if the run directory holds a run")
-    p.set_defaults(func=cmd_train)
+    cls = None
+    if method is not None:
+        try:
+            cls = method_class(method)
+        except ConfigError:  # an unknown method is reported by resolve(), with the known names
+            cls = None
+    taken = set(_COMMON_FLAGS)
+    if cls is None or cls.learns == "gradient":
+        add_config_options(p, TrainConfig, "training (defaults: the method's paper recipe)", "train", taken=taken)
+        p.add_argument("--tensorboard", action="store_true", default=argparse.SUPPRESS,
+                       help="also log the per-epoch records to RUN/tensorboard (needs tensorboard)")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    if cls is not None:
+        add_config_options(p, cls.config_class, f"{method} options ({cls.summary})" if cls.summary
+                           else f"{method} options", "method_options", taken=taken)
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field of the method's config as KEY=VALUE (JSON values; repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="run again even if the run directory holds this run or another (only a vlprompt run "
+                        "directory is ever cleared)")
+    p.set_defaults(func=cmd_train, fixed_method=method if fixed else None)
+
+
+def register(sub, method: Optional[str] = None) -> None:
+    _add_run_parser(sub, "train", "train (or fit) a method: CoOp, CoCoOp, PLOT, OrdinalCLIP, the baselines...",
+                    method, fixed=False)
+    _add_run_parser(sub, "zeroshot", "zero-shot CLIP: hand-crafted prompts or a prompt ensemble, no training "
+                                     "(= train --method zeroshot)", "zeroshot", fixed=True)
+    _add_run_parser(sub, "linear-probe", "CoOp's linear probe: logistic regression on frozen image features, C "
+                                         "searched on the few-shot val split (= train --method linear-probe)",
+                    "linear-probe", fixed=True)
 
     e = sub.add_parser("eval", help="evaluate a trained run on any dataset or class split")
     e.add_argument("run", help="run directory")
-    add_data_options(e, fewshot=False)
+    add_data_options(e, fewshot=False, required=True)
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--base-to-new", action="store_true",
                    help="evaluate the base and the new classes (test split) and report their harmonic mean")
-    e.add_argument("--device", default=None)
-    e.add_argument("--cache-dir", default=None)
+    add_backbone_options(e, device_only=True)
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="export a deployable head (safetensors + JSON)")
@@ -83,91 +123,75 @@ def register(sub) -> None:
     i.set_defaults(func=cmd_interpret)
 
 
-def method_options(args) -> dict:
-    from ..errors import VLPromptError
-    from ..methods import get_method
-    from .common import parse_kv
+def request_from_args(args) -> dict:
+    """The run request of a ``train`` command line: its --config file, then the flags given over it."""
+    from ..errors import ConfigError
+    from ..runs import load_request, merge_requests
 
-    _, cfg_cls = get_method(args.method)
-    fields = set(cfg_cls.__dataclass_fields__)
-    opts = {}
-    for name, key in (("n_ctx", "n_ctx"), ("class_position", "class_position"), ("init", "init"),
-                      ("text_mode", "text_mode"), ("n_prompts", "n_prompts"), ("ot_eps", "ot_eps"),
-                      ("ot_iters", "ot_iters"), ("ot_thresh", "ot_thresh")):
-        value = getattr(args, name)
-        if value is not None:
-            if key not in fields:
-                raise VLPromptError(f"--{name.replace('_', '-')} does not apply to {args.method}")
-            opts[key] = None if (key == "init" and value.lower() in ("random", "none")) else value
-    if args.csc:
-        if "csc" not in fields:
-            raise VLPromptError(f"--csc does not apply to {args.method}")
-        opts["csc"] = True
-    for name, key in (("ot_grad", "ot_grad"), ("plot_global_logits", "global_logits")):
-        if getattr(args, name):
-            if key not in fields:
-                raise VLPromptError(f"--{name.replace('_', '-')} does not apply to {args.method}")
-            opts[key] = True
-    extra = parse_kv(args.method_option)
-    unknown = set(extra) - fields
-    if unknown:
-        raise VLPromptError(f"{args.method} has no option(s) {sorted(unknown)}; it has {sorted(fields)}")
-    opts.update(extra)
-    return opts
-
-
-def train_config(args):
-    from ..engine.trainer import TrainConfig
-    from ..methods import get_method
-
-    cls, _ = get_method(args.method)
-    base = getattr(cls, "train_defaults", {})
-    cfg = TrainConfig(**base)
-    updates = {"views": args.views, "online": args.online, "augment": not args.no_augment,
-               "seed": args.seed, "checkpoint_every": args.checkpoint_every,
-               "batch_workers": args.workers, "nonfinite": args.nonfinite, "max_steps": args.max_steps}
-    for name, unset in (("epochs", None), ("eval_every", 0)):  # else the method's own preset (OrdinalCLIP)
-        if getattr(args, name) is not None or name not in base:
-            updates[name] = unset if getattr(args, name) is None else getattr(args, name)
-    for name in ("batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs"):
-        value = getattr(args, name)
-        if value is not None:
-            updates[name] = value
-    for k, v in updates.items():
-        setattr(cfg, k, v)
-    return cfg
+    req = load_request(args.config) if args.config else {}
+    flags: dict = dict(top_request(args))
+    method = args.fixed_method or getattr(args, "method", None)
+    if args.fixed_method and req.get("method") not in (None, args.fixed_method):
+        raise ConfigError(f"--config names method {req['method']!r}; this command runs {args.fixed_method}")
+    if method is not None:
+        flags["method"] = method
+    data = data_request(args)
+    if data:
+        flags["data"] = data
+    sections = given_sections(args, ("train", "method_options"))
+    extra = parse_kv(args.method_option, "--method-option")
+    both = sorted(set(extra) & set(sections["method_options"]))
+    if both:
+        raise ConfigError(f"{', '.join(both)} given both as a flag and as --method-option")
+    sections["method_options"].update(extra)
+    for key, value in sections.items():
+        if value:
+            flags[key] = value
+    return merge_requests(req, flags)
 
 
 def cmd_train(args) -> int:
-    from ..runner import RunConfig, default_cache_dir, run_training
+    from ..errors import ConfigError
+    from ..runs import dump_config, resolve, run
 
-    cfg = RunConfig(method=args.method, backbone=args.backbone, pretrained=pretrained_arg(args.pretrained),
-                    data=data_config(args), method_options=method_options(args), train=train_config(args),
-                    device=args.device, precision=args.precision, cache_dir=args.cache_dir or default_cache_dir(),
-                    preprocess=args.preprocess, tensorboard=args.tensorboard)
-    results = run_training(cfg, args.output, resume=args.resume, force=args.force, progress=not args.quiet)
+    cfg = resolve(request_from_args(args))
+    if args.show_config:
+        print(dump_config(cfg), end="")
+        return 0
+    if not args.output:
+        raise ConfigError("--output is required (the run directory)")
+    results = run(cfg, args.output, resume=getattr(args, "resume", False), force=args.force,
+                  progress=not args.quiet)
     print_json(results)
     return 0
 
 
-def cmd_eval(args) -> int:
-    from ..errors import VLPromptError
-    from ..runner import base_to_new, evaluate_run
+def _eval_data(args):
+    from ..runs import DataConfig
 
+    d = data_request(args)
+    return DataConfig(**d)
+
+
+def cmd_eval(args) -> int:
+    from ..errors import ConfigError
+    from ..runs import base_to_new, evaluate_run
+
+    device = getattr(args, "device", None)
+    cache_dir = getattr(args, "cache_dir", None)
     if args.base_to_new:
-        if args.classes != "all" or args.split != "test":
-            raise VLPromptError("--base-to-new evaluates both halves of the test split: drop --classes / --split")
-        print_json(base_to_new(args.run, data_config(args), device=args.device, cache_dir=args.cache_dir,
+        if getattr(args, "classes", "all") != "all" or args.split != "test":
+            raise ConfigError("--base-to-new evaluates both halves of the test split: drop --classes / --split")
+        print_json(base_to_new(args.run, _eval_data(args), device=device, cache_dir=cache_dir,
                                progress=not args.quiet))
         return 0
-
-    print_json(evaluate_run(args.run, data_config(args), split=args.split, device=args.device,
-                            cache_dir=args.cache_dir, progress=not args.quiet))
+    print_json(evaluate_run(args.run, _eval_data(args), split=args.split, device=device, cache_dir=cache_dir,
+                            progress=not args.quiet))
     return 0
 
 
 def cmd_export(args) -> int:
-    from ..runner import export_run
+    from ..runs import export_run
 
     out = export_run(args.run, args.output)
     print(f"exported head to {out}")
@@ -175,30 +199,29 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from ..runner import predict_images
+    from ..runs import predict_images
+    from ..runs.config import check_device
 
-    rows = predict_images(args.head, args.images, topk=args.topk, device=args.device)
+    rows = predict_images(args.head, args.images, topk=args.topk, device=check_device(args.device))
     if args.json:
         print_json(rows)
     else:
         for row in rows:
             top = ", ".join(f"{t['class']} ({100 * t['probability']:.1f}%)" for t in row["top"])
-            value = f"value {row['value']:.2f}; " if "value" in row else ""  # ordinal heads
+            value = f"value {row['value']:.2f}; " if "value" in row else ""  # heads that predict a value
             print(f"{row['image']}: {value}{top}")
     return 0
 
 
 def cmd_interpret(args) -> int:
-    from ..runner import interpret_run
+    from ..runs import interpret_run
 
     rows = interpret_run(args.run, topk=args.topk)
     if args.json:
         print_json(rows)
     else:
         for r in rows:
-            if "rank" in r:
-                who = f"rank {r['rank']}"
-            else:
-                who = f"prompt {r['prompt']}" + (f", class {r['class']}" if r["class"] else "")
-            print(f"{who}, ctx {r['position'] + 1}: " + " ".join(r["words"]))
+            who = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("position", "words", "distances")
+                            and v is not None)
+            print(f"{who}, vector {r['position'] + 1}: " + " ".join(r["words"]))
     return 0

@@ -21,13 +21,13 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import numpy as np
 import torch
 
-from ..errors import NonFiniteError, VLPromptError
-from ..methods.base import Features, Method
+from ..errors import ConfigError, NonFiniteError, VLPromptError
+from ..methods.base import Features, Method, check_fields, opt
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .schedule import lr_at_epoch
 
@@ -36,29 +36,44 @@ log = logging.getLogger("vlprompt")
 
 @dataclass
 class TrainConfig:
-    epochs: Optional[int] = 200  # None: the preset by shots
-    batch_size: int = 32
-    optimizer: str = "sgd"  # sgd | adamw | adam | radam
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    scheduler: str = "cosine"  # cosine | constant
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    views: int = 10  # cached augmented views per training image
-    online: bool = False  # augment + encode at every step instead
-    augment: bool = True  # CoOp's train augmentation; False: the test transform
-    seed: int = 1
-    checkpoint_every: int = 1
-    eval_every: int = 0  # evaluate on the val split every N epochs (0: never during training)
-    batch_workers: int = 0
-    feature_batch_size: int = 64
-    nonfinite: str = "error"  # error | skip (skip-and-count; always skip under fp16 gradient scaling)
-    grad_clip: float = 0.0
-    max_steps: int = 0  # stop after this many optimisation steps (0: no limit); for smoke runs
+    """The training recipe of a gradient-trained method (the method's :meth:`preset` fills it with the paper's
+    values; the user's settings override them). Every field is an option of ``vlprompt train``."""
+
+    epochs: Optional[int] = opt(None, "training epochs (default: the method's paper recipe, e.g. CoOp's "
+                                "50/100/100/200/200 by shots, ImageNet 50); 0 trains nothing", min=0)
+    batch_size: int = opt(32, "images per optimisation step", min=1)
+    optimizer: str = opt("sgd", "optimiser", choices=("sgd", "adamw", "adam", "radam"))
+    lr: float = opt(0.002, "base learning rate", gt=0)
+    momentum: float = opt(0.9, "SGD momentum", min=0, max=1)
+    weight_decay: float = opt(5e-4, "weight decay", min=0)
+    scheduler: str = opt("cosine", "learning-rate schedule per epoch", choices=("cosine", "constant"))
+    warmup_epochs: int = opt(1, "epochs at the constant warm-up rate, counted inside --epochs", min=0)
+    warmup_lr: float = opt(1e-5, "learning rate of the warm-up epochs", gt=0)
+    views: Optional[int] = opt(10, "cached augmented views per training image (cached-views mode; null where it "
+                               "does not apply)", min=1)
+    online: bool = opt(False, "augment and encode images at every step, exactly as the papers (no cached views)")
+    augment: bool = opt(True, "CoOp's train augmentation; --no-augment trains on the test transform (one view)")
+    checkpoint_every: int = opt(1, "epochs between checkpoints (0: none; a killed run then starts over)", min=0)
+    eval_every: int = opt(0, "evaluate on the val split every N epochs (0: never); methods that select their "
+                          "best epoch on val set it in their preset", min=0)
+    batch_workers: int = opt(0, "threads decoding images in online mode", min=0, flag="workers")
+    feature_batch_size: int = opt(64, "images per forward pass of the frozen image tower", min=1)
+    nonfinite: str = opt("error", "a non-finite loss stops the run (error) or its step is skipped and counted "
+                         "(skip)", choices=("error", "skip"))
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0: no clipping)", min=0)
+    max_steps: int = opt(0, "stop after this many optimisation steps (0: no limit; smoke runs)", min=0)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        check_fields(self, "train")
+        if self.epochs is not None and self.warmup_epochs > self.epochs:
+            raise ConfigError(f"train: warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        return self
+
+    #: fields that do not change the numbers (not part of a run's identity)
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("checkpoint_every", "batch_workers", "feature_batch_size")
 
 
 @dataclass
@@ -149,11 +164,12 @@ class OnlineImages:
 
 # -- the loop ---------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, method: Method, train_cfg: TrainConfig, run_dir: Path, *, config_hash: str = "",
+    def __init__(self, method: Method, train_cfg: TrainConfig, run_dir: Path, *, seed: int, config_hash: str = "",
                  device: Optional[torch.device] = None, progress: bool = True,
                  on_epoch: Optional[Callable[[dict], None]] = None):
         self.method = method
         self.cfg = train_cfg
+        self.seed = int(seed)
         self.run_dir = Path(run_dir)
         self.config_hash = config_hash
         self.device = device or method.backbone.device
@@ -212,9 +228,9 @@ class Trainer:
                              warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-            torch.manual_seed(epoch_seed(cfg.seed, epoch, "augment"))
-            random.seed(epoch_seed(cfg.seed, epoch, "python"))
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            torch.manual_seed(epoch_seed(self.seed, epoch, "augment"))
+            random.seed(epoch_seed(self.seed, epoch, "python"))
             method.train()
             t0 = time.perf_counter()
             losses, correct, seen = [], 0, 0

@@ -1,63 +1,91 @@
-"""Methods: each one is a config dataclass + an ``nn.Module`` in its own file, and one line below.
+"""Methods: each one is a config dataclass + a :class:`Method` subclass in its own file, and one line below.
 
-The registry names modules, not imported classes, so it does not depend on import side effects and importing
-``vlprompt.methods`` stays cheap.
+The registry maps a name to ``"module:Class"`` (imported on first use, so it does not depend on import side
+effects and importing ``vlprompt.methods`` stays cheap) or to a class itself (:func:`register_method`, e.g. a
+method defined in a user's own module or a test). Everything a name needs -- its config class and options, its
+preset, its head kind, its hooks -- is on the class (:class:`vlprompt.methods.base.Method`).
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from typing import Union
 
-from ..errors import VLPromptError
-from .base import Features, Method, MethodConfig
+from ..errors import ConfigError, VLPromptError
+from .base import Features, Method, MethodConfig, opt
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    module: str
-    cls: str
-    config: str
-    summary: str
+_REGISTRY: dict[str, Union[str, type]] = {}
 
 
-METHODS: dict[str, MethodSpec] = {
-    "coop": MethodSpec("vlprompt.methods.coop", "CoOp", "CoOpConfig",
-                       "CoOp: learned context (unified or class-specific; class token end/middle/front)"),
-    "cocoop": MethodSpec("vlprompt.methods.cocoop", "CoCoOp", "CoCoOpConfig",
-                         "CoCoOp: context conditioned on each image by a meta-network"),
-    "plot": MethodSpec("vlprompt.methods.plot", "PLOT", "PLOTConfig",
-                       "PLOT: N prompts per class matched to local image features by optimal transport"),
-    "ordinalclip": MethodSpec("vlprompt.methods.ordinalclip", "OrdinalCLIP", "OrdinalCLIPConfig",
-                              "OrdinalCLIP: interpolated rank prompts as language prototypes, trained image encoder"),
-    "rank-linear": MethodSpec("vlprompt.methods.ordinal_baselines", "RankLinear", "RankLinearConfig",
-                              "ordinal baseline: image encoder + linear head over ranks (cross-entropy)"),
-    "rank-regression": MethodSpec("vlprompt.methods.ordinal_baselines", "RankRegression", "RankRegressionConfig",
-                                  "ordinal baseline: image encoder + direct regression of the value (L1 / L2)"),
-    "rank-zeroshot": MethodSpec("vlprompt.methods.ordinal_baselines", "RankZeroShot", "RankZeroShotConfig",
-                                "ordinal baseline: zero-shot CLIP over rank sentences (nothing trained)"),
-    "rank-coop": MethodSpec("vlprompt.methods.ordinal_baselines", "RankCoOp", "RankCoOpConfig",
-                            "ordinal baseline: CoOp context + fixed rank words, trained image encoder"),
-}
+def register_method(name: str, target: Union[str, type], *, replace: bool = False) -> None:
+    """Register a method under ``name``: ``"package.module:Class"`` or a :class:`Method` subclass. A name
+    registered twice is an error unless ``replace``."""
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise VLPromptError(f"a method name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise VLPromptError(f"method {name!r} is already registered ({_REGISTRY[name]!r})")
+    if isinstance(target, type) and not issubclass(target, Method):
+        raise VLPromptError(f"{target!r} is not a vlprompt Method subclass")
+    _REGISTRY[name] = target
+
+
+def unregister_method(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+register_method("zeroshot", "vlprompt.methods.zeroshot:ZeroShot")
+register_method("linear-probe", "vlprompt.methods.linear_probe:LinearProbe")
+register_method("coop", "vlprompt.methods.coop:CoOp")
+register_method("cocoop", "vlprompt.methods.cocoop:CoCoOp")
+register_method("plot", "vlprompt.methods.plot:PLOT")
+register_method("ordinalclip", "vlprompt.methods.ordinalclip:OrdinalCLIP")
+register_method("rank-linear", "vlprompt.methods.ordinal_baselines:RankLinear")
+register_method("rank-regression", "vlprompt.methods.ordinal_baselines:RankRegression")
+register_method("rank-zeroshot", "vlprompt.methods.ordinal_baselines:RankZeroShot")
+register_method("rank-coop", "vlprompt.methods.ordinal_baselines:RankCoOp")
+
+#: names results written by earlier versions used
+ALIASES = {"linear_probe": "linear-probe"}
 
 
 def method_names() -> list[str]:
-    return list(METHODS)
+    return list(_REGISTRY)
+
+
+def method_class(name: str) -> type:
+    """The :class:`Method` subclass registered as ``name``."""
+    name = ALIASES.get(name, name)
+    target = _REGISTRY.get(name)
+    if target is None:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(_REGISTRY)}")
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module), attr)
+        if not (isinstance(target, type) and issubclass(target, Method)):
+            raise VLPromptError(f"registry entry {name!r} -> {_REGISTRY[name]!r} is not a Method subclass")
+        _REGISTRY[name] = target
+    return target
 
 
 def get_method(name: str):
     """(Method class, config class) of a registered method."""
-    spec = METHODS.get(name)
-    if spec is None:
-        raise VLPromptError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    module = importlib.import_module(spec.module)
-    return getattr(module, spec.cls), getattr(module, spec.config)
+    cls = method_class(name)
+    return cls, cls.config_class
 
 
-def build_method(name: str, config: dict | MethodConfig, backbone, classnames) -> Method:
-    cls, cfg_cls = get_method(name)
-    cfg = config if isinstance(config, MethodConfig) else cfg_cls.from_dict(dict(config or {}))
-    return cls(cfg, backbone, classnames)
+def build_config(name: str, options: dict | MethodConfig | None) -> MethodConfig:
+    """The method's validated config from a dict of options (unknown ones are an error)."""
+    cls = method_class(name)
+    if isinstance(options, MethodConfig):
+        return options.validate()
+    return cls.config_class.from_dict(dict(options or {}))
 
 
-__all__ = ["METHODS", "MethodSpec", "Method", "MethodConfig", "Features", "get_method", "build_method",
-           "method_names"]
+def build_method(name: str, config: dict | MethodConfig, backbone, classnames, *, template=None) -> Method:
+    cls = method_class(name)
+    if cls.uses_template:
+        return cls(build_config(name, config), backbone, classnames, template=template)
+    return cls(build_config(name, config), backbone, classnames)
+
+
+__all__ = ["Method", "MethodConfig", "Features", "opt", "register_method", "unregister_method", "method_names",
+           "method_class", "get_method", "build_config", "build_method"]

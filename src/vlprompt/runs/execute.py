@@ -1,0 +1,605 @@
+"""Running a resolved configuration: data + backbone + method + engine, wired together, in a run directory.
+
+One path for every method and baseline (:func:`run`). Everything that can be refused -- the configuration,
+the data (missing files, too few images for the shots), the weights, the method on these classes (a context
+too long for a class name, a word init of another length) -- is checked BEFORE the run directory is touched;
+then ``run.json`` + ``config.yaml`` + ``split.json`` are written, the method learns (by gradient, by a
+closed-form fit, or not at all), and ``results.json`` closes the run. A run directory holds ``config.yaml``
+(the resolved configuration), ``split.json`` (the exact samples used), ``log.txt``, ``prompt.safetensors`` +
+``method.json`` (the learned tensors and what rebuilds the method on any class list), ``results.json`` (the
+configuration, its identity and hash, the metrics), and for trained methods ``metrics.jsonl``,
+``training_curve.png`` and ``checkpoints/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .._io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from ..backbone import Backbone, load_backbone
+from ..cache import FeatureCache
+from ..data import (DatasetSplits, ImageDataset, check_samples, few_shot_split, load_dataset, load_split,
+                    save_split, subsample_classes, transform_id)
+from ..data.transforms import build_transforms
+from ..engine.trainer import CachedViews, OnlineImages, Trainer, TrainState, predict_logits, seed_everything
+from ..errors import CheckpointError, ConfigError, DataError, VLPromptError
+from ..methods import Method, build_method, method_class
+from ..methods.base import Features, cosine_logits
+from . import directory
+from .config import DataConfig, RunConfig, config_hash, default_cache_dir, dump_config, request_of, resolve
+
+log = logging.getLogger("vlprompt")
+
+
+# -- logging ----------------------------------------------------------------------------------------
+def attach_log_file(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    return handler
+
+
+# -- data -------------------------------------------------------------------------------------------
+def needed_splits(cls: type) -> tuple[str, ...]:
+    """The splits a method's run reads: a method that learns nothing only evaluates on test."""
+    return ("test",) if cls.learns == "none" else ("train", "val", "test")
+
+
+def prepare_data(data: DataConfig, seed: Optional[int], needs: Sequence[str] = ("train", "val", "test"),
+                 split_file: Optional[Path] = None) -> tuple[DatasetSplits, dict]:
+    """The dataset with the protocol applied, as CoOp's code does it: few-shot sampling of the train and val
+    splits first (``seed``), then the base / new classes (``subsample_classes``, relabelled from 0); the same
+    images for every method -- CoOp, CoCoOp, PLOT, the linear probe -- of the same data, shots and seed. The
+    splits not in ``needs`` are emptied (their images are never opened); the images of the others are checked
+    up front (a bad file stops the run at once, or is skipped and counted with ``on_bad_image="skip"``).
+    ``split_file`` (a resumed run's ``split.json``) is read instead when given. Returns (splits, skipped images
+    per split)."""
+    if split_file is not None:
+        return load_split(split_file), {}
+    if not data.dataset.startswith("torchvision:") and not os.path.exists(data.root):
+        raise DataError(f"data root {data.root} does not exist (`vlprompt datasets` shows the layout each dataset "
+                        f"expects)")
+    splits = load_dataset(data.dataset, data.root, **data.options)
+    if data.shots > 0:
+        splits = few_shot_split(splits, data.shots, seed, allow_fewer=data.allow_fewer)
+    if data.classes != "all":
+        splits = subsample_classes(splits, data.classes)
+    splits = splits.with_splits(**{name: [] for name in ("train", "val", "test") if name not in needs})
+    skipped = {}
+    for name in needs:
+        samples = getattr(splits, name)
+        if samples:
+            ok, problems = check_samples(samples, mode=data.on_bad_image, source=f"{splits.name} {name} split")
+            if problems:
+                skipped[name] = len(problems)
+                log.warning("%s split: skipped %d unreadable image(s), e.g. %s: %s", name, len(problems),
+                            problems[0][0], problems[0][1])
+                splits = splits.with_splits(**{name: ok})
+    return splits, skipped
+
+
+def transforms_for(preprocess: str, backbone: Backbone):
+    """(train, test) image transforms: the weights' own pixel statistics with CoOp's crop/flip policy
+    (``coop``) or open_clip's own pipeline for these weights (``model``)."""
+    return build_transforms(backbone.preprocess_cfg, preprocess)
+
+
+# -- features -----------------------------------------------------------------------------------------
+def eval_features(backbone: Backbone, samples, transform, cache: FeatureCache, local: bool, batch_size: int = 64):
+    feats = cache.get(backbone, [s.path for s in samples], transform, transform_id=transform_id(transform),
+                      view=0, seed=0, local=local, batch_size=batch_size)
+    return CachedViews(feats.global_[None], None if feats.local is None else feats.local[None])
+
+
+def _targets(samples) -> Optional[torch.Tensor]:
+    if samples and all(s.target is not None for s in samples):
+        return torch.tensor([float(s.target) for s in samples])
+    return None
+
+
+def evaluate(method: Method, backbone: Backbone, samples, transform, cache: FeatureCache,
+             batch_size: int = 256, progress: bool = False) -> tuple[dict, torch.Tensor]:
+    """Metrics and logits of ``method`` on ``samples`` (the frozen tower's features come from the cache)."""
+    if not samples:
+        raise DataError("nothing to evaluate: the split is empty")
+    labels = torch.tensor([s.label for s in samples])
+    if method.trains_image_encoder:
+        source = OnlineImages(ImageDataset(samples, transform), backbone, local=False, encode=False)
+    else:
+        source = eval_features(backbone, samples, transform, cache, method.needs_local)
+    logits = predict_logits(method, source, len(samples), batch_size, progress)
+    return method.metrics(logits, labels, _targets(samples)), logits
+
+
+def train_source(cfg: RunConfig, method: Method, backbone: Backbone, splits: DatasetSplits, cache: FeatureCache,
+                 train_tf):
+    samples = splits.train
+    tc = cfg.train
+    if method.trains_image_encoder:
+        return OnlineImages(ImageDataset(samples, train_tf), backbone, local=False, encode=False,
+                            workers=tc.batch_workers)
+    if tc.online:
+        return OnlineImages(ImageDataset(samples, train_tf), backbone, local=method.needs_local, encode=True,
+                            workers=tc.batch_workers)
+    paths = [s.path for s in samples]
+    tid = transform_id(train_tf)
+    g, loc = [], []
+    for v in range(tc.views):
+        log.info("train features: view %d/%d", v + 1, tc.views)
+        feats = cache.get(backbone, paths, train_tf, transform_id=tid, view=v, seed=0, local=method.needs_local,
+                          batch_size=tc.feature_batch_size)
+        g.append(feats.global_)
+        if feats.local is not None:
+            loc.append(feats.local)
+    return CachedViews(torch.stack(g), torch.stack(loc) if loc else None)
+
+
+# -- method files -------------------------------------------------------------------------------------
+def save_method(run_dir: Path, cfg: RunConfig, method: Method, splits: DatasetSplits) -> None:
+    atomic_save_safetensors(run_dir / "prompt.safetensors", method.learned_state())
+    atomic_write_json(run_dir / "method.json", {
+        "method": cfg.method, "config": method.config.to_dict(), "classnames": list(method.classnames),
+        "backbone": cfg.backbone, "pretrained": cfg.pretrained, "dataset": cfg.data.dataset,
+        "template": splits.template, "preprocess": cfg.preprocess, "image_size": method.backbone.image_size})
+
+
+def load_method(run_dir: Path, backbone: Optional[Backbone] = None, classnames: Optional[Sequence[str]] = None,
+                device: Optional[str] = None) -> tuple[Method, dict, Backbone]:
+    """Rebuild a run's method from its directory, optionally on another class list (a class-specific context or
+    a linear probe refuses class lists other than its own)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "method.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"{run_dir}: no method.json (not a finished vlprompt run)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        state = load_file(str(run_dir / "prompt.safetensors"))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{run_dir}: cannot read the trained method ({e})") from e
+    if backbone is None:
+        backbone = load_backbone(meta["backbone"], meta["pretrained"], device)
+    method = build_method(meta["method"], meta["config"], backbone, meta["classnames"], template=meta.get("template"))
+    method.load_learned_state({k: v.to(backbone.device) for k, v in state.items()})
+    if classnames is not None and list(classnames) != list(meta["classnames"]):
+        method.set_classnames(classnames)
+    return method, meta, backbone
+
+
+# -- a run ------------------------------------------------------------------------------------------
+def run(cfg: RunConfig | dict, output: str | Path, *, resume: bool = False, force: bool = False,
+        progress: bool = True) -> dict:
+    """Run a configuration (resolved, or a request that :func:`resolve` resolves) into ``output``; returns its
+    results (also ``results.json``). See :mod:`vlprompt.runs.directory` for what happens to an existing
+    directory."""
+    if not isinstance(cfg, RunConfig):
+        cfg = resolve(cfg)
+    run_dir = Path(output)
+    request_hash = cfg.identity_hash()
+    marker = directory.read_marker(run_dir) if run_dir.is_dir() else None
+    if (not force and marker and marker.get("request_hash") == request_hash
+            and (run_dir / "results.json").is_file()):  # this very run, finished: nothing to load
+        log.info("%s is already finished (pass --force to run it again)", run_dir)
+        return json.loads((run_dir / "results.json").read_text())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--output {run_dir} is a file, not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not directory.is_run_dir(run_dir):
+        directory.inspect(run_dir, "", resume=resume, force=force)  # raises: not a vlprompt run
+
+    # everything that can be refused, before anything is written
+    t_start = time.perf_counter()
+    cls = method_class(cfg.method)
+    needs = needed_splits(cls)
+    same_request = bool(marker and marker.get("request_hash") == request_hash and not force)
+    split_file = run_dir / "split.json"
+    splits, skipped = prepare_data(cfg.data, cfg.seed, needs,
+                                   split_file if (same_request and split_file.is_file()) else None)
+    if cls.learns != "none" and not splits.train:
+        raise DataError(f"{cfg.data.dataset}: no training images")
+    if not splits.test:
+        raise DataError(f"{cfg.data.dataset}: no test images to evaluate on")
+    backbone = load_backbone(cfg.backbone, cfg.pretrained, cfg.device, precision=cfg.precision)
+    train_tf, test_tf = transforms_for(cfg.preprocess, backbone)
+    seed_everything(cfg.seed or 0)  # the method's initial values (random contexts) follow the seed
+    method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template)
+    # record what is actually used (e.g. the number of context vectors a word init gives)
+    cfg = dataclasses.replace(cfg, method_options=method.config.to_dict())
+    if cfg.train is not None and method.trains_image_encoder != cls.trains_own_image_encoder(method.config):
+        raise VLPromptError(f"{cfg.method}: trains_own_image_encoder() disagrees with the built method")
+    identity = cfg.identity()
+    state = directory.inspect(run_dir, config_hash(identity), resume=resume, force=force)
+    if state.action == "done":
+        log.info("%s is already finished (pass --force to run it again)", run_dir)
+        return json.loads((run_dir / "results.json").read_text())
+    if state.action == "replace":
+        log.info("%s: replacing the run it held", run_dir)
+        directory.clear(run_dir)
+    elif state.action == "restart":
+        for name in ("metrics.jsonl", "results.json", "best.safetensors"):
+            (run_dir / name).unlink(missing_ok=True)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    directory.write_marker(run_dir, status="running", request_hash=request_hash, config_hash=config_hash(identity),
+                           method=cfg.method)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    if not split_file.is_file() or state.action != "resume":
+        save_split(splits, split_file)
+    handler = attach_log_file(run_dir)
+    try:
+        for name, n in skipped.items():
+            log.warning("%s split: %d unreadable image(s) skipped (--skip-bad-images)", name, n)
+        results = _execute(cfg, run_dir, method, backbone, splits, train_tf, test_tf, state.action == "resume",
+                           progress, t_start)
+        results["skipped_images"] = skipped
+        results["config"] = cfg.to_dict()
+        results["identity"] = identity
+        results["config_hash"] = config_hash(identity)
+        atomic_write_json(run_dir / "results.json", results)
+        directory.write_marker(run_dir, status="done")
+        metrics = results["metrics"]
+        log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
+        return results
+    except BaseException as e:
+        directory.write_marker(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, splits: DatasetSplits, train_tf,
+             test_tf, resume: bool, progress: bool, t_start: float) -> dict:
+    log.info("%s on %s: %d classes, %d train / %d val / %d test images", cfg.method, splits.name,
+             splits.num_classes, len(splits.train), len(splits.val), len(splits.test))
+    described = method.describe()
+    for k, v in described.items():
+        log.info("%s: %s = %s", cfg.method, k, v)
+    cache = FeatureCache(cfg.cache_dir, progress=progress)
+    timings: dict = {}
+    results: dict = {}
+    state = TrainState()
+    t0 = time.perf_counter()
+    if method.learns == "gradient":
+        state, selected = _train(cfg, run_dir, method, backbone, splits, cache, train_tf, test_tf, resume, progress,
+                                 timings)
+        results["train"] = {"final_loss": state.history[-1]["loss"] if state.history else None,
+                            "final_train_accuracy": state.history[-1]["train_accuracy"] if state.history else None,
+                            "steps": state.step, "skipped_steps": state.skipped_steps}
+        results["epochs"] = cfg.train.epochs
+        if selected is not None:
+            results["selected_epoch"] = selected
+    elif method.learns == "fit":
+        t0 = time.perf_counter()
+        train = eval_features(backbone, splits.train, test_tf, cache, method.needs_local)
+        val = eval_features(backbone, splits.val, test_tf, cache, method.needs_local) if splits.val else None
+        timings["features_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fit = method.fit(Features(global_=train.global_[0], local=None if train.local is None else train.local[0]),
+                         torch.tensor([s.label for s in splits.train]),
+                         None if val is None else Features(global_=val.global_[0],
+                                                           local=None if val.local is None else val.local[0]),
+                         None if val is None else torch.tensor([s.label for s in splits.val]), progress=progress)
+        timings["fit_s"] = time.perf_counter() - t0
+        results["fit"] = fit
+    save_method(run_dir, cfg, method, splits)
+    t0 = time.perf_counter()
+    metrics, test_logits = evaluate(method, backbone, splits.test, test_tf, cache, progress=progress)
+    timings["eval_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    out = {"method": cfg.method, "dataset": cfg.data.dataset, "classes": cfg.data.classes,
+           "num_classes": splits.num_classes, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
+           "shots": cfg.data.shots, "seed": cfg.seed, "metrics": metrics, **results, "method_info": described,
+           "timings": timings}
+    out.update(method.after_training(run_dir, test_logits, splits.test) or {})
+    return out
+
+
+def _train(cfg, run_dir, method, backbone, splits, cache, train_tf, test_tf, resume, progress, timings):
+    tc = cfg.train
+    t0 = time.perf_counter()
+    source = train_source(cfg, method, backbone, splits, cache, train_tf)
+    timings["features_s"] = time.perf_counter() - t0
+    labels = torch.tensor([s.label for s in splits.train])
+    targets = _targets(splits.train)
+    writer = _tensorboard(run_dir) if cfg.tensorboard else None
+    selection = _Selection(method, run_dir) if (splits.val and tc.eval_every and method.selection()) else None
+    if tc.eval_every and not splits.val:
+        log.warning("--eval-every %d: %s has no val split; nothing is evaluated during training", tc.eval_every,
+                    splits.name)
+    trainer = Trainer(method, tc, run_dir, seed=cfg.seed, config_hash=cfg.identity_hash(), progress=progress,
+                      on_epoch=lambda rec: (_on_epoch(run_dir, rec, writer),
+                                            selection and selection.update(trainer.state.history)))
+    if resume and trainer.resume():
+        _rewrite_metrics(run_dir, trainer.state.history)
+    else:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    def val_metrics():
+        return evaluate(method, backbone, splits.val, test_tf, cache)[0] if splits.val else {}
+
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(source, labels, targets, evaluate=val_metrics)
+    finally:
+        if writer is not None:
+            writer.close()
+    timings["train_s"] = time.perf_counter() - t0
+    selected = selection.restore(trainer.state.history) if selection is not None else None
+    plot_curve(run_dir, trainer.state.history)
+    return trainer.state, selected
+
+
+class _Selection:
+    """Keep the learned tensors of the epoch with the best validation metric (``method.selection()``, when
+    ``eval_every`` evaluates on a validation split carved from the training data); they replace the last
+    epoch's at the end. The file survives interruptions, so resumed runs agree."""
+
+    def __init__(self, method: Method, run_dir: Path):
+        self.method = method
+        self.key, self.mode = method.selection()
+        self.path = run_dir / "best.safetensors"
+
+    def _best(self, history: list) -> Optional[dict]:
+        recs = [r for r in history if f"val_{self.key}" in r]
+        if not recs:
+            return None
+        pick = min if self.mode == "min" else max
+        return pick(recs, key=lambda r: r[f"val_{self.key}"])  # the first of equals
+
+    def update(self, history: list) -> None:
+        if history and self._best(history) is history[-1]:
+            atomic_save_safetensors(self.path, self.method.learned_state())
+
+    def restore(self, history: list) -> Optional[int]:
+        best = self._best(history)
+        if best is None or not self.path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        device = self.method.backbone.device
+        self.method.load_learned_state({k: v.to(device) for k, v in load_file(str(self.path)).items()})
+        log.info("selected epoch %d (val %s %.4f)", best["epoch"], self.key, best[f"val_{self.key}"])
+        return int(best["epoch"])
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'vlprompt[tensorboard]'") from e
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _on_epoch(run_dir: Path, record: dict, writer=None) -> None:
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, record["epoch"])
+        writer.flush()
+
+
+def _rewrite_metrics(run_dir: Path, history: list) -> None:
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def plot_curve(run_dir: Path, history: list) -> Optional[Path]:
+    if not history:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    ax1.plot(epochs, [r["loss"] for r in history], color="tab:blue", label="loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(epochs, [r["train_accuracy"] for r in history], color="tab:orange", label="train accuracy")
+    if any("val_accuracy" in r for r in history):
+        pts = [(r["epoch"], r["val_accuracy"]) for r in history if "val_accuracy" in r]
+        ax2.plot(*zip(*pts), "o-", color="tab:green", label="val accuracy")
+    ax2.set_ylabel("accuracy (%)")
+    fig.legend(loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    out = run_dir / "training_curve.png"
+    tmp = run_dir / ".training_curve.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+# -- after a run ------------------------------------------------------------------------------------
+def _run_identity(run_dir: Path) -> Optional[dict]:
+    p = Path(run_dir) / "results.json"
+    try:
+        return json.loads(p.read_text()).get("identity")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", device: Optional[str] = None,
+                 cache_dir: Optional[str] = None, progress: bool = True, backbone: Optional[Backbone] = None) -> dict:
+    """Evaluate a finished run on any dataset / class split (its classes replace the trained ones); writes
+    ``RUN/eval/<dataset>-<classes>-<split>.json``."""
+    run_dir = Path(run_dir)
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"--split must be train, val or test, got {split!r}")
+    data = dataclasses.replace(data, shots=0, allow_fewer=False)
+    data.root = os.path.abspath(os.path.expanduser(data.root))
+    splits, skipped = prepare_data(data, None, needs=(split,))
+    method, meta, backbone = load_method(run_dir, backbone=backbone, classnames=splits.classnames, device=device)
+    samples = getattr(splits, split)
+    if not samples:
+        raise DataError(f"{data.dataset}: no {split} images")
+    _, test_tf = transforms_for(meta.get("preprocess", "coop"), backbone)
+    cache = FeatureCache(cache_dir or default_cache_dir(), progress=progress)
+    metrics, _ = evaluate(method, backbone, samples, test_tf, cache, progress=progress)
+    result = {"run": str(run_dir), "method": meta["method"], "trained_on": meta["dataset"],
+              "dataset": data.dataset, "classes": data.classes, "split": split, "metrics": metrics,
+              "skipped_images": skipped, "identity": _run_identity(run_dir), "eval_data": data.to_dict()}
+    name = f"{data.dataset.replace(':', '_').replace('/', '_')}-{data.classes}-{split}.json"
+    atomic_write_json(run_dir / "eval" / name, result)
+    return result
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """CoCoOp's H = 2 * base * new / (base + new) (0 when both are 0)."""
+    return 2.0 * base * new / (base + new) if (base + new) > 0 else 0.0
+
+
+def base_to_new(run_dir: str | Path, data: DataConfig, *, metric: str = "accuracy", device: Optional[str] = None,
+                cache_dir: Optional[str] = None, progress: bool = True) -> dict:
+    """The base-to-new protocol: test accuracy on the base classes and on the new classes (each half
+    relabelled from 0), and their harmonic mean. Writes ``RUN/eval/base2new-<dataset>.json``."""
+    run_dir = Path(run_dir)
+    _, meta, backbone = load_method(run_dir, device=device)
+    out = {}
+    for half in ("base", "new"):
+        res = evaluate_run(run_dir, dataclasses.replace(data, classes=half), device=device, cache_dir=cache_dir,
+                           progress=progress, backbone=backbone)
+        out[half] = res["metrics"][metric]
+    data = dataclasses.replace(data, shots=0, classes="all")
+    data.root = os.path.abspath(os.path.expanduser(data.root))
+    result = {"run": str(run_dir), "method": meta["method"], "dataset": data.dataset, "metric": metric,
+              "base": out["base"], "new": out["new"], "harmonic_mean": harmonic_mean(out["base"], out["new"]),
+              "identity": _run_identity(run_dir), "eval_data": data.to_dict()}
+    atomic_write_json(run_dir / "eval" / f"base2new-{data.dataset.replace(':', '_').replace('/', '_')}.json", result)
+    return result
+
+
+# -- heads ------------------------------------------------------------------------------------------
+def export_run(run_dir: str | Path, output: Optional[str | Path] = None, device: Optional[str] = "cpu") -> Path:
+    """Write a deployable head: ``head.safetensors`` + ``head.json`` (``kind`` from the method: ``linear``
+    class text features, ``affine`` weight and bias, ``prompt`` the learned tensors, or the method's own)."""
+    run_dir = Path(run_dir)
+    out = Path(output) if output else run_dir / "export"
+    method, meta, backbone = load_method(run_dir, device=device)
+    head = method.export_head()
+    if head is None:
+        tensors, info = method.learned_state(), {"kind": "prompt"}
+    else:
+        tensors, info = head
+    info = {**info, "method": meta["method"], "config": meta["config"], "classnames": list(method.classnames),
+            "template": meta.get("template"), "backbone": meta["backbone"], "pretrained": meta["pretrained"],
+            "preprocess": meta.get("preprocess", "coop"), "image_size": backbone.image_size,
+            "source_run": str(run_dir), "vlprompt_head": 1}
+    atomic_save_safetensors(out / "head.safetensors", {k: v.detach().cpu() for k, v in tensors.items()})
+    atomic_write_json(out / "head.json", info)
+    return out
+
+
+def read_head(head_dir: str | Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    head_dir = Path(head_dir)
+    try:
+        info = json.loads((head_dir / "head.json").read_text())
+        tensors = load_file(str(head_dir / "head.safetensors"))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{head_dir}: not an exported head ({e}); create one with `vlprompt export RUN`") from e
+    return info, tensors
+
+
+def head_logits(info: dict, tensors: dict, backbone: Backbone, x: torch.Tensor, method: Optional[Method] = None):
+    """Logits (B, K) of an exported head on preprocessed images (B, 3, H, W)."""
+    kind = info["kind"]
+    if kind == "linear":
+        return cosine_logits(backbone.encode_image(x), tensors["text_features"].to(backbone.device),
+                             float(info["logit_scale"])).cpu()
+    if kind == "affine":
+        feats = backbone.encode_image(x).float()
+        return (feats @ tensors["weight"].to(feats.device).t() + tensors["bias"].to(feats.device)).cpu()
+    if kind == "prompt":
+        feats = backbone.encode_image(x, local=method.needs_local)
+        f = Features(global_=feats[0], local=feats[1]) if method.needs_local else Features(global_=feats)
+        return method(f).float().cpu()
+    return method_class(info["method"]).head_logits(tensors, info, backbone, x).cpu()
+
+
+def predict_images(head_dir: str | Path, images: Sequence[str], topk: int = 5, device: Optional[str] = None,
+                   batch_size: int = 32) -> list[dict]:
+    """Top-k classes of image files with an exported head (and a value, for heads that predict one)."""
+    from ..data import load_image
+
+    if topk < 1:
+        raise ConfigError(f"--topk must be >= 1, got {topk}")
+    info, tensors = read_head(head_dir)
+    backbone = load_backbone(info["backbone"], info["pretrained"], device)
+    _, tf = transforms_for(info.get("preprocess", "coop"), backbone)
+    method = None
+    if info["kind"] == "prompt":
+        method = build_method(info["method"], info["config"], backbone, info["classnames"],
+                              template=info.get("template"))
+        method.load_learned_state({k: v.to(backbone.device) for k, v in tensors.items()})
+        method.eval()
+    cls = method_class(info["method"])
+    classnames = info["classnames"]
+    out = []
+    for i in range(0, len(images), batch_size):
+        paths = list(images[i:i + batch_size])
+        x = torch.stack([tf(load_image(p)) for p in paths])
+        with torch.no_grad():
+            logits = head_logits(info, tensors, backbone, x, method)
+        probs = logits.softmax(-1)
+        k = min(topk, probs.shape[1])
+        p, idx = probs.topk(k, dim=-1)
+        values = cls.head_values(logits, tensors, info)
+        for n, (path, pi, ii) in enumerate(zip(paths, p.tolist(), idx.tolist())):
+            out.append({"image": path, "top": [{"class": classnames[j], "probability": q} for j, q in zip(ii, pi)]})
+            if values is not None:
+                out[-1]["value"] = float(values[n])
+    return out
+
+
+def interpret_run(run_dir: str | Path, topk: int = 5, device: Optional[str] = "cpu") -> list[dict]:
+    """Nearest vocabulary words (Euclidean distance in the token-embedding space) to each learned vector the
+    method declares (:meth:`Method.interpretable_vectors`), as in CoOp's paper."""
+    method, meta, backbone = load_method(Path(run_dir), device=device)
+    vectors = method.interpretable_vectors()
+    if not vectors:
+        raise VLPromptError(f"{meta['method']} has no learned vectors in the token-embedding space to interpret")
+    table = backbone.text._parts["token_embedding"].weight.detach().float()
+    decode = backbone.tokenizer.decode
+    rows = []
+    for label, vecs in vectors:
+        vals, ids = torch.cdist(vecs.detach().float().reshape(-1, vecs.shape[-1]), table).topk(topk, largest=False)
+        for pos, (dv, iv) in enumerate(zip(vals.tolist(), ids.tolist())):
+            rows.append({**label, "position": pos, "words": [decode([t]).strip() for t in iv], "distances": dv})
+    return rows
+
+
+# -- the Python API ------------------------------------------------------------------------------------
+def train(request: Optional[dict] = None, *, output: str | Path, resume: bool = False, force: bool = False,
+          progress: bool = True, **fields) -> dict:
+    """Run a method from a request: ``train({"method": "coop", "data": {"dataset": "dtd", "root": "~/data"}},
+    output="runs/coop")``; keyword ``fields`` are top-level keys of the request (``method="coop"``,
+    ``data={...}``, ``train={"epochs": 5}``...). The very same resolution as ``vlprompt train`` and
+    ``--config``: the same request gives the same config.yaml."""
+    from .config import merge_requests
+
+    req = merge_requests(request or {}, fields)
+    return run(resolve(req), output, resume=resume, force=force, progress=progress)
+
+
+def show_config(request: dict) -> str:
+    """The resolved configuration of a request, as config.yaml will hold it (before the method is built)."""
+    return dump_config(resolve(request))
+
+
+__all__ = ["run", "train", "resolve", "prepare_data", "evaluate", "evaluate_run", "base_to_new", "harmonic_mean",
+           "export_run", "predict_images", "interpret_run", "load_method", "transforms_for", "request_of",
+           "show_config"]
