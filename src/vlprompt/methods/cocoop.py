@@ -6,6 +6,7 @@ encoder's grouped shared-prefix path), in chunks that bound memory.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -20,7 +21,7 @@ from .prompts import PromptContext
 
 @dataclass
 class CoCoOpConfig(MethodConfig):
-    n_ctx: int = 4
+    n_ctx: Optional[int] = None  # None: the init words' token count (4 for the paper's "a photo of a"), 16 random
     init: Optional[str] = "a photo of a"
     class_position: str = "end"
     init_std: float = 0.02
@@ -31,6 +32,7 @@ class CoCoOpConfig(MethodConfig):
 
 class CoCoOp(Method):
     name = "cocoop"
+    config_class = CoCoOpConfig
     # the paper's schedule: 10 epochs (lr 0.002, SGD). The reference steps once per image (batch 1); vlprompt's
     # batched path makes larger batches cheap, but `--batch-size 1` reproduces the reference's step count.
     train_defaults = {"epochs": 10}
@@ -41,6 +43,7 @@ class CoCoOp(Method):
                                     position=config.class_position, init_words=config.init,
                                     init_std=config.init_std, text_mode=config.text_mode,
                                     chunk_size=config.chunk_size)
+        self.config = dataclasses.replace(config, n_ctx=self.prompt.n_ctx)  # what was learned (method.json)
         e, d = backbone.embed_dim, backbone.text.width
         self.meta_net = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(e, max(e // 16, 1))),
@@ -49,8 +52,12 @@ class CoCoOp(Method):
         ])).to(backbone.device)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
-        super().set_classnames(classnames)
         self.prompt.set_classnames(classnames)
+        super().set_classnames(classnames)
+
+    def interpretable_vectors(self) -> list[tuple[dict, torch.Tensor]]:
+        """({"prompt": 0, "class": None}, (M, D)): the learned context before the image-conditioned shift."""
+        return self.prompt.interpretable_vectors()
 
     def forward(self, feats: Features) -> torch.Tensor:
         image = F.normalize(feats.global_.float(), dim=-1)  # (B, E)

@@ -4,7 +4,14 @@ A prompt is ``<sot> ctx_1 .. ctx_M <class name> . <eot> <pad>..`` (class token a
 name in the middle (context split at M // 2) or at the front. The learned context is stored without the class
 list: the class-dependent token embeddings (class names, ".", end token, padding) are non-persistent buffers
 rebuilt from class names, so a context trained on one class list loads onto another (base-to-new,
-cross-dataset, ImageNet to its variants) -- except class-specific contexts (CSC), which belong to their classes.
+cross-dataset, ImageNet to its variants) -- except class-specific contexts (CSC), which belong to their classes
+and refuse any other class list.
+
+The token layout is the reference's (KaiyangZhou/CoOp ``PromptLearner``): the sentence
+``"<ctx words> {name}."`` is tokenized whole, and for the middle / front positions the class block is the first
+``len(encode(name))`` tokens after the context (the name encoded alone). CLIP's BPE merges a trailing
+punctuation run with the full stop (``"cup (drinking)."`` ends in the token ``")."``), so the block is not
+"the sentence's tokens minus the full stop": it is cut exactly where the reference cuts it.
 """
 from __future__ import annotations
 
@@ -14,7 +21,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import VLPromptError
+from ..errors import ConfigError, VLPromptError
+
+DEFAULT_N_CTX = 16  # context vectors of a random init when n_ctx is not given (CoOp's and PLOT's papers)
 
 
 class ClassTokenPosition(str, Enum):
@@ -32,6 +41,50 @@ def clean_init_words(words: Optional[str]) -> Optional[str]:
     return words
 
 
+def clean_classname(name) -> str:
+    """The form a class name takes in a prompt (the reference: ``name.replace("_", " ")``)."""
+    return str(name).replace("_", " ").strip()
+
+
+def _tokenize_flagging_overflow(tokenizer, texts: Sequence[str], context_length: int):
+    """Token ids (K, context_length) and a (K,) bool tensor: which texts need more than ``context_length``
+    tokens (start + BPE + end). open_clip's tokenizers truncate silently, so each text is tokenized one slot
+    longer: a text fits exactly when that extra slot holds padding (the padding of an empty text)."""
+    rows = tokenizer(list(texts) + [""], context_length=context_length + 1)
+    pad = rows[-1, -1]
+    return rows[:-1, :context_length], rows[:-1, -1] != pad
+
+
+def _token_count(tokenizer, text: str) -> Optional[int]:
+    encode = getattr(tokenizer, "encode", None)  # open_clip's SimpleTokenizer: BPE ids without start / end
+    return len(encode(text)) + 2 if callable(encode) else None
+
+
+def check_prompts_fit(tokenizer, texts: Sequence[str], context_length: int, what: str = "prompt") -> None:
+    """Raise VLPromptError naming the first text whose tokens (start + BPE + end) exceed ``context_length``.
+
+    open_clip's tokenizers cut such a text silently (the class name loses its end, the features change)."""
+    texts = list(texts)
+    if not texts:
+        return
+    _, overflow = _tokenize_flagging_overflow(tokenizer, texts, context_length)
+    if bool(overflow.any()):
+        i = int(overflow.nonzero()[0, 0])
+        n = _token_count(tokenizer, texts[i])
+        count = f"{n} tokens" if n is not None else "more tokens"
+        raise VLPromptError(f"{what} {texts[i]!r} does not fit the text tower's context length: {count} with the "
+                            f"start and end tokens, at most {context_length}")
+
+
+def _first_difference(trained: Sequence[str], given: Sequence[str]) -> str:
+    for i, (a, b) in enumerate(zip(trained, given)):
+        if a != b:
+            return f"class {i} is {b!r} here but {a!r} in the trained list"
+    if len(given) > len(trained):
+        return f"class {len(trained)} {given[len(trained)]!r} is not in the trained list"
+    return f"the trained class {len(given)} {trained[len(given)]!r} is missing"
+
+
 class PromptContext(nn.Module):
     """Learned context and the class-dependent prompt layout.
 
@@ -42,7 +95,7 @@ class PromptContext(nn.Module):
     ``shift`` (B, D) is added to every context vector (CoCoOp; N must be 1).
     """
 
-    def __init__(self, text_encoder, classnames: Sequence[str], *, n_ctx: int = 16, csc: bool = False,
+    def __init__(self, text_encoder, classnames: Sequence[str], *, n_ctx: Optional[int] = None, csc: bool = False,
                  position: str | ClassTokenPosition = ClassTokenPosition.END, init_words: Optional[str] = None,
                  n_prompts: int = 1, init_std: float = 0.02, text_mode: str = "auto",
                  chunk_size: Optional[int] = 256):
@@ -57,13 +110,27 @@ class PromptContext(nn.Module):
         dim = text_encoder.width
         if self.n_prompts < 1:
             raise VLPromptError(f"n_prompts must be >= 1, got {n_prompts}")
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int)):
+            raise ConfigError(f"n_ctx (--n-ctx) must be an integer, got {n_ctx!r}")
         if self.init_words is not None:
+            check_prompts_fit(text_encoder.tokenizer, [self.init_words], text_encoder.context_length,
+                              what="init (--init) words")
             tokens = text_encoder.tokenize([self.init_words])
-            n_ctx = int(text_encoder.eot_positions(tokens)[0]) - 1
+            # their BPE tokens, one vector each (the reference counts words, wrong for multi-token words)
+            n_words = int(text_encoder.eot_positions(tokens)[0]) - 1
+            if n_ctx is not None and n_ctx != n_words:
+                raise ConfigError(f"n_ctx (--n-ctx) = {n_ctx} but init (--init) {self.init_words!r} is {n_words} "
+                                  f"tokens: word init learns one vector per token; drop n_ctx or set it to {n_words}")
+            n_ctx = n_words
             words = text_encoder.embed(tokens)[0, 1:1 + n_ctx]  # (M, D)
+        elif n_ctx is None:
+            n_ctx = DEFAULT_N_CTX
         if n_ctx < 1:
-            raise VLPromptError(f"the context needs at least one vector (n_ctx={n_ctx})")
+            raise ConfigError(f"the context needs at least one vector (n_ctx={n_ctx})")
         self.n_ctx = int(n_ctx)
+        # a class-specific context belongs to the class list it was built for (kept by the caller's class list:
+        # the runner rebuilds a saved method on its training classes, then moves it with set_classnames)
+        self.csc_classnames = [clean_classname(c) for c in classnames] if self.csc else None
         n_cls_ctx = len(classnames) if self.csc else 1
         ctx = torch.empty(self.n_prompts, n_cls_ctx, self.n_ctx, dim)
         g = torch.Generator().manual_seed(0)
@@ -78,24 +145,40 @@ class PromptContext(nn.Module):
 
     # -- class-dependent buffers ------------------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Rebuild the class-dependent token embeddings for a (possibly new) class list."""
-        classnames = [str(c).replace("_", " ").strip() for c in classnames]
+        """Rebuild the class-dependent token embeddings for a (possibly new) class list.
+
+        A class-specific context accepts only the class list it was built for (same names, same order)."""
+        classnames = [clean_classname(c) for c in classnames]
         if not classnames:
             raise VLPromptError("the class list is empty")
-        if self.csc and self.ctx.shape[1] != len(classnames):
-            raise VLPromptError(f"this context is class-specific for {self.ctx.shape[1]} classes; it cannot be "
-                                f"used with a list of {len(classnames)} classes")
+        if "" in classnames:
+            raise VLPromptError(f"class {classnames.index('')} has an empty name")
+        if self.csc and classnames != self.csc_classnames:
+            diff = _first_difference(self.csc_classnames, classnames)
+            raise VLPromptError(f"this context is class-specific: it belongs to the {len(self.csc_classnames)} "
+                                f"classes it was trained on and cannot be used for another class list ({diff}); "
+                                f"train a unified context (no --csc) to move prompts between class lists")
         te = self.text
         m = self.n_ctx
-        placeholder = " ".join(["X"] * m)
-        tokens = te.tokenize([f"{placeholder} {name}." for name in classnames])
+        length = te.context_length
+        placeholder = " ".join(["X"] * m)  # "X" is one token; the reference writes the init words there instead,
+        # which gives the same tokens after the context (the name follows a space)
+        tokens, overflow = _tokenize_flagging_overflow(te.tokenizer, [f"{placeholder} {n}." for n in classnames],
+                                                       length)
+        if bool(overflow.any()):
+            name = classnames[int(overflow.nonzero()[0, 0])]
+            n = _token_count(te.tokenizer, f"{placeholder} {name}.")
+            raise VLPromptError(f"class name {name!r} is too long for the context length {length} with {m} "
+                                f"context vectors" + (f" ({n} tokens with the start, end and '.' tokens)" if n else ""))
+        tokens = tokens.to(te.device)
         eot = te.eot_positions(tokens)
-        if int(eot.max()) >= te.context_length - 1 and (tokens[:, -1] != 0).any():
-            too_long = [c for c, e in zip(classnames, eot.tolist()) if e >= te.context_length - 1]
-            raise VLPromptError(f"class name too long for the context length {te.context_length} with {m} "
-                                f"context vectors: {too_long[0]!r}")
         emb = te.embed(tokens)  # (K, L, D)
-        name_lens = (eot - 1 - m - 1).clamp(min=0)  # tokens of the name: between the context and "."
+        # the reference's name_lens: the name encoded alone (no start / end token), cut off the sentence's tokens
+        # after the context. It can exceed the tokens before <eot> when the merge with "." shortens the name's
+        # last BPE run (e.g. "x(.." is 3 tokens, "x(..." 2): the reference would then move <eot> into the
+        # class block and pool another token; here the block stops before <eot>.
+        names = te.tokenizer(classnames, context_length=length).to(te.device)
+        name_lens = torch.minimum(te.eot_positions(names) - 1, eot - 1 - m)
         self.classnames = list(classnames)
         self.register_buffer("sot", emb[0, :1].clone(), persistent=False)  # (1, D)
         self.register_buffer("tail", emb[:, 1 + m:].clone(), persistent=False)  # (K, L-1-M, D)
@@ -154,6 +237,12 @@ class PromptContext(nn.Module):
         prefix, suffix, eot = self.prompt_embeddings(shift)
         return self.text.encode_prompts(prefix, suffix, eot, mode=self.text_mode,
                                         chunk_size=chunk_size or self.chunk_size)
+
+    def interpretable_vectors(self) -> list[tuple[dict, torch.Tensor]]:
+        """Each learned context block: ({"prompt": n, "class": class name or None}, its (M, D) vectors)."""
+        ctx = self.ctx.detach()
+        return [({"prompt": n, "class": self.csc_classnames[c] if self.csc else None}, ctx[n, c])
+                for n in range(ctx.shape[0]) for c in range(ctx.shape[1])]
 
     def full_embeddings(self, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The whole token sequences (G, K, L, D) as the reference builds them (for tests and interpretation)."""
