@@ -3,17 +3,77 @@
     python -m vlprompt.demo --backbone RN50 --pretrained openai --dataset torchvision:EuroSAT --root ~/data
 
 It needs the pretrained weights (downloaded by open_clip on first use) and the dataset (torchvision downloads
-EuroSAT); offline without them it stops with one clear error saying what could not be fetched.
+EuroSAT). Both are checked before any long work (:func:`check_weights`, :func:`check_dataset`); when one cannot be
+had it stops with one line saying which ``make demo`` variable to set (``PRETRAINED=/path/to/RN50.pt``,
+``DATA=/path/to/data DATASET=...``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
-from .errors import VLPromptError
+from .errors import DataError, VLPromptError
+
+log = logging.getLogger("vlprompt")
+
+_RANDOM = ("none", "None", "")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.removesuffix(" Expected layout:").rstrip(".")  # the layout follows on the next lines
+
+
+def check_weights(backbone: str, pretrained: str, cache_dir: Optional[str] = None) -> Optional[str]:
+    """None when the ``pretrained`` weights of ``backbone`` can be had (a local file, open_clip's cache, or a
+    download done now, which the run would need anyway), else one line saying what failed and which make
+    variable to set. A backbone given as a model-config file is left to the loader."""
+    hint = f"make demo PRETRAINED=/path/to/{Path(backbone).stem}.pt (or --pretrained FILE)"
+    if pretrained in _RANDOM:
+        return None  # random weights: the loader warns that accuracy is meaningless
+    path = os.path.expanduser(pretrained)
+    if os.path.isfile(path):
+        return None
+    if os.sep in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES):
+        return f"weights file {path} not found: {hint}"
+    if backbone.endswith(".json") or os.path.isfile(backbone):
+        return None
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(backbone, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(backbone)
+        return (f"{pretrained!r} is not a pretrained tag of {backbone} (tags: {', '.join(tags) or 'none'}): "
+                f"make demo PRETRAINED=<tag> or {hint}")
+    log.info("checking the %s weights of %s (downloaded once, then cached)...", pretrained, backbone)
+    try:
+        open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+    except (OSError, RuntimeError) as e:  # not cached and not downloadable (offline, hub unreachable)
+        return (f"cannot get the {pretrained!r} weights of {backbone} (not cached, download failed: "
+                f"{_first_line(e)}); download them elsewhere and run {hint}")
+    return None
+
+
+def check_dataset(dataset: str, root: str) -> Optional[str]:
+    """None when ``dataset`` can be read from ``root`` (a torchvision dataset is downloaded now if it is not
+    there), else one line saying what failed and which make variables to set."""
+    from .data import load_dataset
+
+    log.info("checking the dataset %s under %s (torchvision datasets download once)...", dataset, root)
+    try:
+        load_dataset(dataset, root)
+    except DataError as e:
+        how = " and could not be downloaded" if dataset.startswith("torchvision:") else ""
+        return (f"dataset {dataset} cannot be read from {root}{how} ({_first_line(e)}): "
+                f"make demo DATA=/path/to/data DATASET={dataset} (or another dataset name)")
+    return None
 
 
 def main(argv=None) -> int:
@@ -29,21 +89,27 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import dataclasses
-
-    from .baselines import BaselineConfig, run_zeroshot
-    from .engine.trainer import TrainConfig
-    from .runner import DataConfig, RunConfig, run_training
+    from .runs import resolve, run
 
     out = Path(args.output)
+    common = {"backbone": args.backbone, "pretrained": args.pretrained, "device": args.device}
+    data = {"dataset": args.dataset, "root": args.root}
+    try:  # resolving reads nothing: a bad option fails before any download
+        zs_cfg = resolve({"method": "zeroshot", **common, "data": data})
+        coop_cfg = resolve({"method": "coop", **common, "seed": args.seed, "data": {**data, "shots": args.shots},
+                            **({"train": {"epochs": args.epochs}} if args.epochs is not None else {})})
+    except VLPromptError as e:
+        print(f"vlprompt demo: error: {e}", file=sys.stderr)
+        return 2
+    # before any long work: the two things an offline machine lacks, each with the variable that fixes it
+    for check in (lambda: check_weights(args.backbone, args.pretrained), lambda: check_dataset(args.dataset, args.root)):
+        problem = check()  # in turn: no dataset download when the weights cannot be had
+        if problem is not None:
+            print(f"vlprompt demo: error: {problem}", file=sys.stderr)
+            return 2
     try:
-        data = DataConfig(dataset=args.dataset, root=args.root, shots=args.shots, seed=args.seed)
-        zs = run_zeroshot(BaselineConfig(method="zeroshot", backbone=args.backbone, pretrained=args.pretrained,
-                                         data=dataclasses.replace(data, shots=0), device=args.device),
-                          out / "zeroshot")
-        coop = run_training(RunConfig(method="coop", backbone=args.backbone, pretrained=args.pretrained, data=data,
-                                      train=TrainConfig(epochs=args.epochs, seed=args.seed), device=args.device),
-                            out / f"coop-{args.shots}shots-seed{args.seed}")
+        zs = run(zs_cfg, out / "zeroshot")
+        coop = run(coop_cfg, out / f"coop-{args.shots}shots-seed{args.seed}")
     except VLPromptError as e:
         print(f"vlprompt demo: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,174 @@
+"""Packaging: every imported third-party module is declared, the tested stack is pinned in constraints.txt
+(inside pyproject's ranges), and `make demo` checks up front what an offline machine lacks."""
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from packaging.requirements import Requirement
+
+from vlprompt import demo
+
+REPO = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib")  # stdlib from Python 3.11
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def _declared(extras: tuple[str, ...] = ()) -> dict[str, Requirement]:
+    project = _project()
+    reqs = list(project["dependencies"])
+    for extra in extras:
+        reqs += project["optional-dependencies"][extra]
+    return {_norm(r.name): r for r in map(Requirement, reqs)}
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[_norm(name)] = version.strip()
+    return pins
+
+
+def _third_party_imports(folder: Path, local: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Top-level module -> first file importing it, for absolute imports that are neither stdlib, vlprompt nor
+    ``local`` (the package imports itself relatively: an absolute ``import ot`` is POT, not vlprompt/ot.py)."""
+    local = set(local) | {"vlprompt"}
+    found: dict[str, str] = {}
+    for file in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in local and top != "__future__":
+                    found.setdefault(top, str(file.relative_to(REPO)))
+    return found
+
+
+def _undeclared(imports: dict[str, str], declared: dict[str, Requirement]) -> list[str]:
+    dists = importlib.metadata.packages_distributions()
+    missing = []
+    for module, where in sorted(imports.items()):
+        names = {_norm(d) for d in dists.get(module, [])}
+        if not names & set(declared):
+            missing.append(f"{module} (imported by {where}; distribution {sorted(names) or 'not installed'})")
+    return missing
+
+
+def test_every_third_party_module_imported_by_the_package_is_a_dependency():
+    imports = _third_party_imports(REPO / "src" / "vlprompt")
+    assert {"torch", "open_clip", "threadpoolctl", "scipy"} <= set(imports)  # the parser sees them
+    assert _undeclared(imports, _declared()) == []
+
+
+def test_every_third_party_module_imported_by_the_tests_is_in_the_dev_extra():
+    imports = _third_party_imports(REPO / "tests", frozenset(p.stem for p in (REPO / "tests").glob("*.py")))
+    assert "pytest" in imports
+    assert _undeclared(imports, _declared(("dev",))) == []
+
+
+def test_constraints_pin_torch_and_torchvision_exactly_within_the_declared_ranges():
+    pins = _constraints()
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    declared = _declared(("dev", "tensorboard"))
+    unpinned = sorted(set(declared) - set(pins))
+    assert unpinned == [], f"constraints.txt lacks {unpinned}"
+    outside = [f"{name}=={pins[name]} not in {req.specifier}" for name, req in declared.items()
+               if not req.specifier.contains(pins[name], prereleases=True)]
+    assert outside == []
+    torch_req = declared["torch"]
+    assert not torch_req.specifier.contains("3.0.0") and torch_req.specifier.contains("2.4.0")
+    assert declared["open-clip-torch"].specifier.contains("3.3.0")
+    assert not declared["open-clip-torch"].specifier.contains("4.0")
+
+
+def test_license_is_an_spdx_string_and_the_venv_step_uses_the_constraints():
+    assert _project()["license"] == "MIT"  # not the deprecated {text = ...} table
+    makefile = (REPO / "Makefile").read_text()
+    assert "pip install -q -c constraints.txt -e '.[dev]'" in makefile
+    assert re.search(r"^\$\(STAMP\): .*constraints\.txt", makefile, re.M)
+
+
+# ----------------------------------------------------------------------------------------- make demo
+
+
+def _demo_error(capsys, argv) -> str:
+    assert demo.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_demo_missing_weights_file_names_the_make_variable(tmp_path, capsys):
+    err = _demo_error(capsys, ["--pretrained", str(tmp_path / "RN50.pt"), "--root", str(tmp_path / "data"),
+                               "--epochs", "1"])
+    assert "not found" in err and "make demo PRETRAINED=/path/to/RN50.pt" in err
+
+
+def test_demo_weights_neither_cached_nor_downloadable_names_the_make_variable(tmp_path):
+    # conftest sets HF_HUB_OFFLINE=1: nothing can be downloaded, and the cache folder is empty
+    problem = demo.check_weights("RN50", "openai", cache_dir=str(tmp_path / "hub"))
+    assert problem is not None and "cannot get the 'openai' weights of RN50" in problem
+    assert "make demo PRETRAINED=/path/to/RN50.pt" in problem
+    assert "not a pretrained tag" in demo.check_weights("RN50", "no-such-tag")
+
+
+def test_demo_missing_dataset_names_the_make_variables_before_any_work(tmp_path, capsys, monkeypatch):
+    weights = tmp_path / "RN50.pt"
+    weights.write_bytes(b"")  # only its presence is checked up front
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run started before the dataset was checked")
+
+    import vlprompt.runs
+
+    monkeypatch.setattr(vlprompt.runs, "run", no_work)
+    err = _demo_error(capsys, ["--pretrained", str(weights), "--dataset", "dtd", "--root", str(tmp_path / "none"),
+                               "--epochs", "1"])
+    assert "dataset dtd cannot be read from" in err and "make demo DATA=/path/to/data DATASET=dtd" in err
+
+
+def test_demo_runs_zero_shot_then_coop_and_prints_both(tmp_path, capsys):
+    from vlprompt.testing import make_tiny_checkpoint
+
+    cfg, weights = make_tiny_checkpoint(tmp_path / "model", "tiny-vit")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        for split, n in (("train", 2), ("val", 1), ("test", 2)):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
+    argv = ["--backbone", str(cfg), "--pretrained", str(weights), "--dataset", "folder", "--root",
+            str(tmp_path / "data"), "--shots", "1", "--epochs", "1", "--output", str(tmp_path / "runs"),
+            "--device", "cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert demo.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary) == {"dataset", "backbone", "zero-shot accuracy", "CoOp 1-shot accuracy"}
+    assert (tmp_path / "runs" / "zeroshot" / "results.json").is_file()
+    assert (tmp_path / "runs" / "coop-1shots-seed1" / "results.json").is_file()
