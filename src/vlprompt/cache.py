@@ -31,12 +31,18 @@ sha256, readable, tensor names / shapes / dtype, file keys): a shard that fails 
 warning and its images are encoded again; a stored feature is never used unverified. An unreadable
 ``index.json`` is discarded (warning) and the directory rebuilt.
 
-Augmented views: view ``v`` of an image is the caller's transform run under torch, Python ``random`` and numpy
-RNGs seeded from a stable hash of ``(seed, v, image identity)`` (see :func:`view_seed`), so it does not depend
-on the batch size, the order of the paths, the number of workers or what else is in the cache. The image
-identity is ``<parent folder>/<file name>:<size>`` (``sha256:<content>`` with ``hash_files``), so moving the
-dataset keeps the same augmentations. ``seed`` is the seed of this pool of views, not the training seed:
-keep it fixed to share cached views between runs with different seeds.
+Augmented views: view ``v`` of an image is drawn from a seed that is a stable hash of ``(seed, v, image
+identity)`` (see :func:`view_seed`), so it does not depend on the batch size, the order of the paths, the number
+of workers or threads, or what else is in the cache. A transform that takes a generator (``takes_generator``,
+such as :class:`vlprompt.data.transforms.SeededCompose`, the train transform of
+:func:`vlprompt.data.transforms.build_transforms`) is called as ``transform(image, generator=g)`` with its own
+``torch.Generator`` seeded so; no global RNG is touched. A deterministic transform (Resize, CenterCrop,
+ToTensor, Normalize...) is called as is. Any other transform (and a Dataset's own ``__getitem__``) runs under
+torch, Python ``random`` and numpy RNGs seeded so and restored afterwards, one image at a time in the process
+(a lock: threads would otherwise draw from each other's seeds). The image identity is
+``<parent folder>/<file name>:<size>`` (``sha256:<content>`` with ``hash_files``), so moving the dataset keeps
+the same augmentations. ``seed`` is the seed of this pool of views, not the training seed: keep it fixed to
+share cached views between runs with different seeds.
 
 Datasets plug in through a small interface (see :meth:`FeatureCache.get`): a sequence of image paths (or of
 objects with a ``.path``, such as :class:`vlprompt.data.base.Sample`), or a ``torch.utils.data.Dataset`` that
@@ -51,6 +57,7 @@ import logging
 import os
 import random
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -91,27 +98,81 @@ def view_seed(seed: int, view: int, identity: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+# one seeded block at a time: the global RNGs are shared by every thread of the process
+_GLOBAL_RNG_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def seeded(derived: int) -> Iterator[None]:
     """Run a block with torch's CPU generator, Python's ``random`` and numpy's global RNG seeded by ``derived``;
     all three are restored afterwards (transforms on the CPU draw from these; CUDA generators are not touched).
+    Blocks are serialised by a process-wide lock, so concurrent threads cannot draw from each other's seeds.
+    Only for transforms that cannot take a generator (see :func:`apply_view_transform`).
 
     ``torch.default_generator.manual_seed`` rather than ``torch.manual_seed``: the latter also queues a seed for
     every lazily initialised accelerator, capturing a stack trace each time (milliseconds per image)."""
     import numpy as np
 
-    torch_state = torch.get_rng_state()
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    torch.default_generator.manual_seed(derived)
-    random.seed(derived)
-    np.random.seed(derived % (1 << 32))
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    with _GLOBAL_RNG_LOCK:
+        torch_state = torch.get_rng_state()
+        py_state = random.getstate()
+        np_state = np.random.get_state()
+        torch.default_generator.manual_seed(derived)
+        random.seed(derived)
+        np.random.seed(derived % (1 << 32))
+        try:
+            yield
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+_DETERMINISTIC_STEPS: Optional[tuple] = None
+
+
+def _deterministic_steps() -> tuple:
+    global _DETERMINISTIC_STEPS
+    if _DETERMINISTIC_STEPS is None:
+        from torchvision import transforms as T
+
+        steps = [T.Resize, T.CenterCrop, T.ToTensor, T.PILToTensor, T.ConvertImageDtype, T.Normalize, T.Grayscale]
+        try:  # open_clip's own eval transforms (image_transform_v2) are deterministic too
+            from open_clip.transform import CenterCropOrPad, MaybeConvertMode, MaybeToTensor
+            steps += [CenterCropOrPad, MaybeConvertMode, MaybeToTensor]
+        except ImportError:  # pragma: no cover - open_clip is a dependency
+            pass
+        _DETERMINISTIC_STEPS = tuple(steps)
+    return _DETERMINISTIC_STEPS
+
+
+def is_deterministic(transform: Any) -> bool:
+    """True when ``transform`` (a torchvision ``Compose`` or one step) certainly draws no random numbers: every
+    step is of a known deterministic type (exact type, so a random subclass is not mistaken for one)."""
+    from torchvision import transforms as T
+
+    steps = transform.transforms if type(transform) is T.Compose else [transform]
+    known = _deterministic_steps()
+    for step in steps:
+        if type(step) in known:
+            continue
+        if type(step).__name__ == "ResizeKeepRatio" and type(step).__module__.startswith("open_clip") and \
+                not getattr(step, "random_scale_prob", 1) and not getattr(step, "random_aspect_prob", 1):
+            continue
+        return False
+    return True
+
+
+def apply_view_transform(transform: Callable, image: Any, derived: int) -> Any:
+    """``transform(image)`` with its randomness drawn from the seed ``derived``: through its own
+    ``torch.Generator`` when the transform takes one (``takes_generator``), not at all when it is deterministic,
+    else under :func:`seeded` global RNGs."""
+    if getattr(transform, "takes_generator", False):
+        return transform(image, generator=torch.Generator().manual_seed(derived))
+    if is_deterministic(transform):
+        return transform(image)
+    with seeded(derived):
+        return transform(image)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -172,14 +233,15 @@ class _EncodeSet(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int):
         pos = self.positions[j]
-        with seeded(view_seed(self.seed, self.view, self.identities[j])):
-            if self.dataset is not None:
+        derived = view_seed(self.seed, self.view, self.identities[j])
+        if self.dataset is not None:
+            with seeded(derived):  # the Dataset applies its own transform: only the global RNGs reach it
                 item = self.dataset[pos]
-                image = item[0] if isinstance(item, (tuple, list)) else item
-            else:
-                image = self.loader(self.paths[pos])
-                if self.transform is not None:
-                    image = self.transform(image)
+            image = item[0] if isinstance(item, (tuple, list)) else item
+        else:
+            image = self.loader(self.paths[pos])
+            if self.transform is not None:
+                image = apply_view_transform(self.transform, image, derived)
         if not isinstance(image, torch.Tensor):
             raise CacheError(f"the transform must return a tensor image, got {type(image).__name__} for "
                              f"{self.paths[pos]}")
