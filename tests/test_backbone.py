@@ -46,6 +46,9 @@ def test_openai_tag_gets_quick_gelu(monkeypatch):
         seen.update(kw, name=name, pretrained=pretrained)
         raise RuntimeError("Failed to download weights for tag 'openai': offline")
 
+    import vlprompt.backbone as backbone_mod
+
+    monkeypatch.setattr(backbone_mod, "_hub_unreachable", lambda *a, **k: None)  # as if online
     monkeypatch.setattr(open_clip, "create_model_and_transforms", fake_create)
     with pytest.raises(BackboneError, match="could not fetch.*--pretrained"):
         load_backbone("RN50", "openai", device="cpu")
@@ -57,10 +60,43 @@ def test_openai_tag_gets_quick_gelu(monkeypatch):
     assert seen["force_quick_gelu"] is False
 
 
-def test_offline_tag_gives_clear_error():
-    """The real open_clip download path, offline: one clear error naming the tag and how to pass a file."""
-    with pytest.raises(BackboneError, match=r"RN50.*--pretrained"):
+def test_offline_tag_fails_at_once_with_one_line_naming_the_flag():
+    """The real open_clip download path with HF_HUB_OFFLINE=1 (conftest): no hub retries, one line saying what
+    could not be fetched and how to pass the file (with QuickGELU for OpenAI weights)."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(BackboneError) as info:
         load_backbone("RN50", "openai", device="cpu")
+    assert time.perf_counter() - t0 < 5
+    msg = str(info.value)
+    assert msg.startswith("--pretrained openai: could not fetch the weights of RN50") and "\n" not in msg
+    assert "HF_HUB_OFFLINE" in msg and "--backbone RN50-quickgelu --pretrained /path/to/" in msg
+
+
+def test_unreachable_hub_fails_after_one_probe(monkeypatch):
+    """Not offline by setting but no network: one short HEAD, then the error (not ~50 s of retries)."""
+    import httpx2
+    import huggingface_hub
+    import open_clip
+
+    import vlprompt.backbone as backbone_mod
+
+    calls = []
+
+    def no_network(url, timeout=None, **kw):
+        calls.append(timeout)
+        raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+    def must_not_run(*a, **k):
+        raise AssertionError("open_clip's download (with its retries) must not start")
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_network)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", must_not_run)
+    with pytest.raises(BackboneError, match=r"^--pretrained openai: .*unreachable \(ConnectError"):
+        load_backbone("RN50", "openai", device="cpu")
+    assert calls == [backbone_mod.HUB_PROBE_TIMEOUT_S]
 
 
 def test_unknown_names_and_files(tmp_path):
@@ -128,3 +164,92 @@ def test_resnet_local_features_are_attention_pool_outputs(sharp_rn):
     out = pool.c_proj(att.permute(2, 0, 1, 3).reshape(1, 2, -1))[0]
     _, raw_local = sharp_rn.encode_image(x, local=True)
     torch.testing.assert_close(raw_local[:, 2], out, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bad weights files and devices: one line naming the flag, the cause chained
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rn_cfg_and_vit_weights(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_weights")
+    rn_cfg, rn_weights = make_tiny_checkpoint(d, "tiny-rn")
+    _, vit_weights = make_tiny_checkpoint(d, "tiny-vit")
+    return d, rn_cfg, rn_weights, vit_weights
+
+
+def _bad_file(d, kind, rn_weights):
+    path = d / f"{kind}.pt"
+    if kind == "text":
+        path.write_text("model: RN50\nweights: see README\n")
+    elif kind == "random":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "truncated":
+        data = rn_weights.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    return path
+
+
+@pytest.mark.parametrize("kind,what", [("text", "a text file"), ("random", "not a loadable checkpoint"),
+                                       ("truncated", "damaged or truncated"), ("empty", "an empty file"),
+                                       ("list", "not a state dict")])
+def test_not_a_checkpoint_names_pretrained_and_says_why(rn_cfg_and_vit_weights, kind, what):
+    d, rn_cfg, rn_weights, _ = rn_cfg_and_vit_weights
+    path = _bad_file(d, kind, rn_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(BackboneError) as info:
+            load_backbone(str(rn_cfg), str(path), device="cpu")
+    msg = str(info.value)
+    assert msg.startswith(f"--pretrained {path.resolve()}:") and what in msg and "\n" not in msg
+    assert info.value.__cause__ is not None or kind == "list"
+
+
+def test_weights_of_another_architecture_are_refused_with_the_mismatch(rn_cfg_and_vit_weights):
+    d, rn_cfg, _, vit_weights = rn_cfg_and_vit_weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(BackboneError) as info:
+            load_backbone(str(rn_cfg), str(vit_weights), device="cpu")
+    msg = str(info.value)
+    assert msg.startswith(f"--pretrained {vit_weights.resolve()}: these weights do not fit")
+    assert "missing (e.g. visual." in msg and "unknown to it (e.g. visual." in msg and "\n" not in msg
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_torchscript_archive_is_read_not_refused(tmp_path, tiny_vit):
+    """OpenAI's `clip` package ships TorchScript archives, which torch.load(weights_only=True) refuses."""
+    from vlprompt.backbone import _checkpoint_shapes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.trace(tiny_vit.model.visual, torch.randn(1, 3, 32, 32))
+        path = tmp_path / "visual_jit.pt"
+        torch.jit.save(scripted, path)
+        shapes = _checkpoint_shapes(str(path))
+    assert shapes == {k[len("visual."):]: tuple(v.shape) for k, v in tiny_vit.model.state_dict().items()
+                      if k.startswith("visual.")}
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x", "banana"])
+def test_unknown_device_names_the_flag(device):
+    from vlprompt.backbone import resolve_device
+
+    with pytest.raises(BackboneError, match=rf"^--device {device}: not a device") as info:
+        resolve_device(device)
+    assert info.value.__cause__ is not None
+
+
+def test_cuda_without_a_gpu_names_the_flag(monkeypatch):
+    from vlprompt.backbone import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(BackboneError, match=rf"^--device {device}: no CUDA GPU"):
+            resolve_device(device)
+    assert resolve_device(None).type == "cpu" and resolve_device("cpu").type == "cpu"
+    with pytest.raises(BackboneError, match="--device meta: unsupported"):
+        resolve_device("meta")

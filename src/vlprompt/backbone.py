@@ -1,9 +1,14 @@
 """The backbone layer: a frozen open_clip model with the views every method needs.
 
-``load_backbone(name, pretrained)`` builds any open_clip model (by name or from a model-config JSON) and
-returns a :class:`Backbone` exposing the tokenizer, text encoding of strings, a text encoder that takes token
+``load_backbone(name, pretrained)`` builds any open_clip model (by name, from a model-config JSON, or from
+``hf-hub:org/name`` / ``local-dir:/path`` as open_clip does) and returns a :class:`Backbone` exposing the tokenizer, text encoding of strings, a text encoder that takes token
 embeddings (so prompts can be learned, see :mod:`vlprompt.text`), global ``(B, E)`` and local ``(B, M, E)``
-image features in the joint space, the logit scale, and the model's transforms. Both towers are frozen.
+image features in the joint space, the logit scale, and the preprocess config that came with the weights
+(``preprocess_cfg``, for :func:`vlprompt.data.transforms.build_transforms`). Both towers are frozen.
+
+Errors are one line naming the flag (``--backbone``, ``--pretrained``, ``--device``); without network a
+pretrained tag that is not cached fails in seconds (a short probe, or at once with ``HF_HUB_OFFLINE=1``)
+instead of after the hub client's ~50 s of retries.
 """
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,9 +36,30 @@ RANDOM_WEIGHTS = {None, "", "none", "None", "random"}
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The torch device for ``--device``: ``None`` / ``auto`` -> CUDA when available, else CPU; ``cpu``,
+    ``cuda``, ``cuda:N``, ``mps``. Raises BackboneError naming ``--device`` for a string that is not a device
+    (``gpu0``) or a device this machine does not have."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(str(device))
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise BackboneError(f"--device {device}: not a device (use cpu, cuda, cuda:N, mps or auto)") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackboneError(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                                f"False); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise BackboneError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise BackboneError(f"--device {device}: MPS is not available here; use --device cpu")
+        return dev
+    raise BackboneError(f"--device {device}: unsupported device type {dev.type!r} (use cpu, cuda, cuda:N or mps)")
 
 
 def _register_config(path: Path) -> str:
@@ -41,7 +69,7 @@ def _register_config(path: Path) -> str:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise BackboneError(f"model config {path}: not a readable JSON file ({e})") from None
+        raise BackboneError(f"model config {path}: not a readable JSON file ({e})") from e
     if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
         raise BackboneError(f"model config {path}: an open_clip config needs 'embed_dim', 'vision_cfg' and 'text_cfg'")
     open_clip.add_model_config(path)
@@ -61,11 +89,13 @@ class Backbone(nn.Module):
 
     Attributes: ``model`` (the open_clip model, eval mode, no gradients), ``tokenizer``, ``text``
     (a :class:`vlprompt.text.TextEncoder` over the text tower), ``embed_dim`` (E, the joint space),
-    ``preprocess`` (the model's own eval transform), ``image_size``, ``device``.
+    ``preprocess`` (the model's own eval transform), ``preprocess_cfg`` (the JSON-able dict open_clip resolved
+    for these weights: size, mode, mean, std, interpolation, resize_mode, fill_color; pass it to
+    :func:`vlprompt.data.transforms.build_transforms`), ``image_size``, ``device``.
     """
 
     def __init__(self, model: nn.Module, tokenizer, preprocess, spec: BackboneSpec, model_cfg: dict,
-                 device: torch.device, precision: str = "amp"):
+                 device: torch.device, precision: str = "amp", preprocess_cfg: Optional[dict] = None):
         super().__init__()
         from .text import TextEncoder
 
@@ -76,6 +106,8 @@ class Backbone(nn.Module):
         self.model_cfg = model_cfg
         self.device = device
         self.precision = precision
+        self.preprocess_cfg = _json_preprocess_cfg(preprocess_cfg if preprocess_cfg is not None else
+                                                   _model_preprocess_cfg(model))
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
@@ -202,6 +234,23 @@ class Backbone(nn.Module):
             f"VisionTransformer towers; this image tower is {type(self.model.visual).__name__}")
 
 
+def _model_preprocess_cfg(model: nn.Module) -> dict:
+    """What open_clip attached to the model (``create_model`` sets it from the tag, hf-hub / local-dir config and
+    the tower's image size)."""
+    import open_clip
+
+    cfg = dict(open_clip.get_model_preprocess_cfg(model) or {})
+    if not cfg:
+        raise BackboneError(f"{type(model).__name__}: open_clip attached no preprocess config to this model")
+    return cfg
+
+
+def _json_preprocess_cfg(cfg: dict) -> dict:
+    from .data.transforms import check_preprocess_cfg
+
+    return check_preprocess_cfg({k: v for k, v in cfg.items()})
+
+
 def _resnet_attnpool_all(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a ModifiedResNet and its attention pool at every position: (B, 1 + H*W, E).
 
@@ -230,78 +279,316 @@ def _resnet_attnpool_all(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.permute(1, 0, 2)  # (B, HW + 1, E)
 
 
+
+# ------------------------------------------------------------------------------------------------------------
+# fetching weights: fail in seconds when the hub cannot be reached
+# ------------------------------------------------------------------------------------------------------------
+HUB_PROBE_TIMEOUT_S = 5.0  # one HEAD request, no retries: huggingface_hub itself retries ~23 s per file
+
+
+def _hub_unreachable(model_id: str, filenames: Sequence[str], cache_dir: Optional[str]) -> Optional[str]:
+    """None when one of ``filenames`` of the hub repo ``model_id`` is in the Hugging Face cache or the hub answers
+    (any HTTP status: a 404 is open_clip's to report); otherwise why it cannot be fetched (a phrase).
+
+    Without this, an offline machine spends ~50 s in huggingface_hub's retries (1+2+4+8+8 s, for the
+    safetensors file and again for the .bin) before open_clip reports the failure."""
+    import httpx2
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, is_offline_mode, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    for filename in filenames:
+        if isinstance(try_to_load_from_cache(model_id, filename, cache_dir=cache_dir), str):
+            return None
+    if is_offline_mode():
+        return "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+    # a user who set HF's own metadata timeout keeps it; otherwise a few seconds suffice for one HEAD
+    timeout = (constants.HF_HUB_ETAG_TIMEOUT if constants.HF_HUB_ETAG_TIMEOUT != constants.DEFAULT_ETAG_TIMEOUT
+               else HUB_PROBE_TIMEOUT_S)
+    try:
+        get_hf_file_metadata(hf_hub_url(model_id, filenames[-1]), timeout=timeout)
+    except HfHubHTTPError:
+        return None
+    except (httpx2.TransportError, OfflineModeIsEnabled) as e:
+        return f"{constants.ENDPOINT} is unreachable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def _tag_files(tag_cfg: dict) -> tuple[str, list[str]]:
+    """(hub repo, candidate file names, the one open_clip falls back to last) of a pretrained tag."""
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    model_id, filename = os.path.split(tag_cfg["hf_hub"])
+    filename = filename or HF_WEIGHTS_NAME
+    return model_id, [*_get_safe_alternatives(filename), filename]
+
+
+def _fetch_hint(model_name: str, filename: str, quick_gelu: bool, model_id: str) -> str:
+    import open_clip
+
+    backbone = ""
+    if quick_gelu and open_clip.get_model_config(f"{model_name}-quickgelu") is not None:
+        backbone = f"--backbone {model_name}-quickgelu "  # a bare file gets no tag metadata: say QuickGELU
+    return (f"download it where there is internet (`hf download {model_id} {filename}`) and pass the file: "
+            f"{backbone}--pretrained /path/to/{filename}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# loading a checkpoint file: say what is wrong with it
+# ------------------------------------------------------------------------------------------------------------
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive (the format of OpenAI's `clip` package files): a zip holding ``constants.pkl``."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _describe_unreadable(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if not head:
+        return "an empty file"
+    try:
+        text = head.decode("utf-8")
+        if all(c.isprintable() or c in "\r\n\t" for c in text):
+            return "a text file"
+    except UnicodeDecodeError:
+        pass
+    if head.startswith(b"PK"):
+        return "a damaged or truncated zip archive"
+    return "not a PyTorch or safetensors checkpoint"
+
+
+def _checkpoint_shapes(path: str) -> dict[str, tuple]:
+    """{key: shape} of the state dict in ``path`` (unwrapped as open_clip does); BackboneError naming
+    ``--pretrained`` when it is not a readable checkpoint."""
+    from safetensors import SafetensorError
+
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:  # reads the header only
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if _is_torchscript(path):
+            checkpoint = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise BackboneError(f"--pretrained {path}: {_describe_unreadable(path)}, not a loadable checkpoint "
+                            f"({type(e).__name__}: {first})") from e
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise BackboneError(f"--pretrained {path}: not a state dict (it holds "
+                            f"{'an empty dict' if checkpoint == {} else type(checkpoint).__name__})")
+    bad = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise BackboneError(f"--pretrained {path}: not a state dict of tensors ({bad[0]!r} is a "
+                            f"{type(checkpoint[bad[0]]).__name__})")
+    strip = next(iter(checkpoint)).startswith("module")  # DataParallel prefix, stripped as open_clip does
+    return {(k[7:] if strip else k): tuple(v.shape) for k, v in checkpoint.items()}
+
+
+def _mismatch(model: nn.Module, shapes: dict[str, tuple]) -> str:
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
+    other = sorted(k for k in set(want) & set(shapes) if want[k] != shapes[k])
+    parts = []
+    if other:
+        k = other[0]
+        parts.append(f"{len(other)} tensor(s) of other shapes (e.g. {k}: {shapes[k]} in the file, {want[k]} here)")
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(want)} tensors missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unknown to it (e.g. {unexpected[0]})")
+    return "; ".join(parts)
+
+
+def _load_weights(model: nn.Module, path: str, label: str) -> None:
+    """Load the checkpoint file ``path`` into ``model`` through open_clip's ``load_checkpoint`` (its format
+    conversions included, strict), with a one-line BackboneError naming ``--pretrained`` when it cannot."""
+    import open_clip
+
+    if Path(path).suffix in (".npz", ".npy"):  # big_vision (SigLIP) weights: open_clip's own converter
+        try:
+            open_clip.load_checkpoint(model, path)
+        except (OSError, EOFError, KeyError, ValueError, RuntimeError) as e:
+            raise BackboneError(f"--pretrained {path}: could not load these big_vision weights into {label} "
+                                f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        return
+    shapes = _checkpoint_shapes(path)
+    try:
+        # TorchScript archives (OpenAI's clip files) cannot load with weights_only; torch.load hands them to
+        # torch.jit.load, which does not unpickle arbitrary objects
+        open_clip.load_checkpoint(model, path, strict=True, weights_only=not _is_torchscript(path))
+    except (RuntimeError, KeyError, ValueError) as e:
+        why = _mismatch(model, shapes) or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise BackboneError(f"--pretrained {path}: these weights do not fit {label} ({why}); is it a checkpoint "
+                            f"of another architecture?") from e
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the entry point
+# ------------------------------------------------------------------------------------------------------------
+def _read_source_config(name: str, path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BackboneError(f"--backbone {name}: {path} is not a readable JSON file ({e})") from e
+    model_cfg = cfg.get("model_cfg") if isinstance(cfg, dict) else None
+    if not isinstance(model_cfg, dict) or "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
+        raise BackboneError(f"--backbone {name}: {path} has no open_clip 'model_cfg' (with 'embed_dim', "
+                            f"'vision_cfg' and 'text_cfg')")
+    return model_cfg
+
+
 def load_backbone(name: str, pretrained: Optional[str] = None, device: str | torch.device | None = None, *,
                   precision: str = "amp", quick_gelu: Optional[bool] = None,
                   cache_dir: Optional[str] = None) -> Backbone:
     """Build a frozen open_clip model.
 
     Args:
-        name: an open_clip model name (``RN50``, ``ViT-B-16``...) or a path to an open_clip model-config JSON.
+        name: an open_clip model name (``RN50``, ``ViT-B-16``...), a path to an open_clip model-config JSON, or
+            ``hf-hub:org/name`` / ``local-dir:/path``: model config, weights and preprocess config from that
+            hub repo / directory (its ``open_clip_config.json`` with ``model_cfg`` and ``preprocess_cfg``, and its
+            weights file, e.g. ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``).
         pretrained: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``...; downloaded and cached as
-            open_clip does), a local checkpoint file, or ``None``/``"none"`` for random weights (a loud warning:
-            accuracy is meaningless then).
-        device: ``cpu``, ``cuda``, ``cuda:1``; default: CUDA when available.
+            open_clip does, with the tag's preprocess config), a local checkpoint file, or ``None`` /
+            ``"none"`` for random weights (a loud warning: accuracy is meaningless then). With ``hf-hub:`` /
+            ``local-dir:`` names, ``None`` means the source's own weights, a file replaces them, and a tag is
+            refused.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``; default: CUDA when available.
         precision: ``amp`` (autocast on GPU; fp32 on CPU) or ``fp32``.
         quick_gelu: force QuickGELU on or off; default: on for OpenAI weights (tags whose open_clip metadata
             says so), as loading them into the plain GELU config silently changes every number.
     """
     import open_clip
-    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+    from open_clip.factory import _find_checkpoint_in_dir, parse_model_name
+    from open_clip.pretrained import download_pretrained_from_hf, get_pretrained_cfg, list_pretrained_tags_by_model
 
     dev = resolve_device(device)
     if precision not in ("amp", "fp32"):
         raise BackboneError(f"precision must be 'amp' or 'fp32', got {precision!r}")
     model_name = str(name)
-    if model_name.endswith(".json") or Path(model_name).is_file():
-        path = Path(model_name).expanduser().resolve()
-        if not path.is_file():
-            raise BackboneError(f"model config file not found: {path}")
-        model_name = _register_config(path)
-    if open_clip.get_model_config(model_name) is None:
-        known = ", ".join(open_clip.list_models()[:12])
-        raise BackboneError(f"unknown backbone {name!r}: not an open_clip model name nor a model-config JSON "
-                            f"(known names include {known}...; `open_clip.list_models()` lists all)")
+    try:
+        schema, identifier = parse_model_name(model_name)
+    except ValueError as e:
+        raise BackboneError(f"--backbone {name}: {e}") from e
 
-    weights = None if pretrained in RANDOM_WEIGHTS else str(pretrained)
-    force_qg = False
-    if weights is not None and not os.path.isfile(os.path.expanduser(weights)):
-        tag_cfg = get_pretrained_cfg(model_name, weights)
+    # with hf-hub: / local-dir: names None means the source's own weights, not random ones
+    random_weights = pretrained in RANDOM_WEIGHTS and not (schema is not None and pretrained is None)
+    weights_file: Optional[str] = None  # a checkpoint file we load ourselves
+    tag: Optional[str] = None  # a pretrained tag open_clip downloads (and whose preprocess config it merges)
+    tag_cfg: dict = {}
+    if not random_weights and os.path.isfile(os.path.expanduser(str(pretrained))):
+        weights_file = str(Path(str(pretrained)).expanduser().resolve())
+
+    if schema == "local-dir":
+        directory = Path(identifier).expanduser().resolve()
+        if not directory.is_dir():
+            raise BackboneError(f"--backbone {name}: no such directory {directory}")
+        model_cfg = _read_source_config(model_name, directory / "open_clip_config.json")
+        model_name = f"local-dir:{directory}"  # absolute: the same model whatever the working directory
+        if pretrained is None:
+            weights_file = _find_checkpoint_in_dir(directory)
+            if weights_file is None:
+                raise BackboneError(f"--backbone {name}: no weights file in {directory} (open_clip looks for "
+                                    f"open_clip_model.safetensors, open_clip_pytorch_model.bin, *.safetensors, "
+                                    f"*.bin, *.pth); add one or pass --pretrained /path/to/checkpoint")
+    elif schema == "hf-hub":
+        why = _hub_unreachable(identifier, ["open_clip_config.json"], cache_dir)
+        if why:
+            raise BackboneError(f"--backbone {name}: could not fetch open_clip_config.json of {identifier}: {why}; "
+                                f"download the repo where there is internet (`hf download {identifier}`) and use "
+                                f"--backbone local-dir:/path/to/it")
+        try:
+            config_path = download_pretrained_from_hf(identifier, filename="open_clip_config.json",
+                                                      cache_dir=cache_dir)
+        except FileNotFoundError as e:  # open_clip's wrapper of every hub error
+            raise BackboneError(f"--backbone {name}: {e}") from e
+        model_cfg = _read_source_config(model_name, Path(config_path))
+        if pretrained is None:
+            try:
+                weights_file = download_pretrained_from_hf(identifier, cache_dir=cache_dir)
+            except FileNotFoundError as e:
+                raise BackboneError(f"--backbone {name}: could not fetch its weights ({e})") from e
+    else:
+        if model_name.endswith(".json") or Path(model_name).is_file():
+            path = Path(model_name).expanduser().resolve()
+            if not path.is_file():
+                raise BackboneError(f"model config file not found: {path}")
+            model_name = _register_config(path)
+        if open_clip.get_model_config(model_name) is None:
+            known = ", ".join(open_clip.list_models()[:12])
+            raise BackboneError(f"unknown backbone {name!r}: not an open_clip model name nor a model-config JSON "
+                                f"(known names include {known}...; `open_clip.list_models()` lists all; "
+                                f"hf-hub:org/name and local-dir:/path load from the hub or a directory)")
+        model_cfg = dict(open_clip.get_model_config(model_name))
+    if schema is not None and not random_weights and weights_file is None:
+        raise BackboneError(f"--pretrained {pretrained}: {name} brings its own weights and preprocessing; leave "
+                            f"--pretrained unset, or pass a checkpoint file to replace its weights")
+    if schema is None and not random_weights and weights_file is None:
+        tag = str(pretrained)
+        tag_cfg = get_pretrained_cfg(model_name, tag)
         if not tag_cfg:
             tags = list_pretrained_tags_by_model(model_name)
-            raise BackboneError(f"pretrained {weights!r} is neither a file nor a known tag of {model_name} "
+            raise BackboneError(f"pretrained {tag!r} is neither a file nor a known tag of {model_name} "
                                 f"(tags: {', '.join(tags) if tags else 'none'})")
-        force_qg = bool(tag_cfg.get("quick_gelu", False))
-    elif weights is not None:
-        weights = str(Path(weights).expanduser().resolve())
+
+    force_qg = bool(tag_cfg.get("quick_gelu", False))
     if quick_gelu is not None:
         force_qg = quick_gelu
-    if weights is None:
+    if random_weights:
         warnings.warn(f"backbone {model_name} has RANDOM weights (pretrained=None): features and accuracy are "
                       f"meaningless except for tests", stacklevel=2)
+    label = str(name)
 
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=weights, device="cpu", precision="fp32",
-                force_quick_gelu=force_qg, cache_dir=cache_dir)
-    except RuntimeError as e:
-        msg = str(e)
-        if weights is not None and not os.path.isfile(weights) and ("download" in msg.lower() or "offline" in msg.lower()
-                                                                    or "connect" in msg.lower()):
-            raise BackboneError(
-                f"could not fetch the {weights!r} weights of {model_name} (offline, or the hub is unreachable; "
-                f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Download the checkpoint on a "
-                f"machine with internet and pass the file: --pretrained /path/to/{model_name}.bin") from None
-        raise BackboneError(f"could not build {model_name} with pretrained={weights!r}: {msg}") from None
-    except Exception as e:  # a torn, foreign or mismatched checkpoint file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BackboneError(f"could not load weights {weights!r} into {model_name}: {first}") from None
+    common = dict(device="cpu", precision="fp32", force_quick_gelu=force_qg, cache_dir=cache_dir)
+    if tag is not None:
+        model_id, filenames = _tag_files(tag_cfg)
+        why = _hub_unreachable(model_id, filenames, cache_dir)
+        if why:
+            raise BackboneError(f"--pretrained {tag}: could not fetch the weights of {model_name} "
+                                f"({model_id}/{filenames[-1]}): {why}; "
+                                f"{_fetch_hint(model_name, filenames[-1], force_qg, model_id)}")
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
+                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=tag, **common)
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "download" in msg.lower():
+                raise BackboneError(f"--pretrained {tag}: could not fetch the weights of {model_name} ({msg}); "
+                                    f"{_fetch_hint(model_name, filenames[-1], force_qg, model_id)}") from e
+            raise BackboneError(f"--pretrained {tag}: could not load the weights of {model_name} ({msg})") from e
+    else:
+        # the weights (if any) are loaded below by _load_weights, which says what is wrong with a bad file;
+        # no tower base weights either way when a full checkpoint follows (they would be downloaded for nothing)
+        full = weights_file is not None
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=None, load_weights=False, **common,
+                    **({"pretrained_image": False, "pretrained_text": False} if full else {}))
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BackboneError(f"--backbone {name}: could not build the model ({type(e).__name__}: {msg})") from e
+        if weights_file is not None:
+            _load_weights(model, weights_file, label)
 
-    model_cfg = dict(open_clip.get_model_config(model_name))
+    model_cfg = dict(model_cfg)
     if force_qg:
         model_cfg["quick_gelu"] = True
     model = model.to(dev)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    spec = BackboneSpec(name=str(name), pretrained=weights)
-    return Backbone(model, tokenizer, preprocess, spec, model_cfg, dev, precision)
+    tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+    spec = BackboneSpec(name=str(name), pretrained=tag or weights_file)
+    return Backbone(model, tokenizer, preprocess, spec, model_cfg, dev, precision,
+                    preprocess_cfg=_model_preprocess_cfg(model))
