@@ -8,10 +8,17 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from ..errors import VLPromptError
+from ..errors import ConfigError, VLPromptError
 
 COMMAND_MODULES = ("vlprompt.cli.data", "vlprompt.cli.baselines", "vlprompt.cli.train", "vlprompt.cli.plot",
                    "vlprompt.cli.ordinal", "vlprompt.cli.report")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line too (``vlprompt: error: ...``, exit 2), like every other refusal."""
+
+    def error(self, message):
+        raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
@@ -20,7 +27,7 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
 
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="vlprompt", description="Prompt learning for CLIP-style models.")
+    parser = _Parser(prog="vlprompt", description="Prompt learning for CLIP-style models.")
     parser.add_argument("--version", action="version", version=f"vlprompt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (with their causes) and debug logs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
@@ -49,13 +56,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        parser = build_parser(argv)
-    except VLPromptError as e:  # e.g. a method whose option names collide
+        args = build_parser(argv).parse_args(argv)
+    except VLPromptError as e:  # a usage error, or a method whose option names collide
         if debug:
             raise
         print(f"vlprompt: error: {e}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))

@@ -3,21 +3,6 @@ from __future__ import annotations
 
 import math
 
-# CoOp's epochs by shots (ImageNet: 50 whatever the shots)
-EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
-
-
-def default_epochs(shots: int | None, dataset: str = "") -> int:
-    if "imagenet" in dataset.lower():
-        return 50
-    if shots is None or shots <= 0:
-        return 200
-    for k in sorted(EPOCHS_BY_SHOTS):
-        if shots <= k:
-            return EPOCHS_BY_SHOTS[k]
-    return 200
-
-
 def lr_at_epoch(epoch: int, *, base_lr: float, epochs: int, scheduler: str = "cosine", warmup_epochs: int = 1,
                 warmup_lr: float = 1e-5) -> float:
     """The learning rate of ``epoch`` (0-based), as Dassl's ConstantWarmupScheduler + CosineAnnealingLR give it.

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import ConfigError, NonFiniteError, VLPromptError
 from ..methods.base import Features, Method, check_fields, opt
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .schedule import lr_at_epoch
 
 log = logging.getLogger("vlprompt")
@@ -190,10 +190,10 @@ class Trainer:
                 "history": json.dumps(self.state.history), "rng": rng_state()}
 
     def resume(self) -> bool:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        found = load_latest_checkpoint(self.run_dir, self.config_hash or None)  # the newest intact one
+        if found is None:
             return False
-        epoch, learned, state = load_checkpoint(path, self.config_hash or None)
+        path, epoch, learned, state = found
         self.method.load_learned_state({k: v.to(self.device) for k, v in learned.items()})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -77,29 +77,31 @@ def _type_name(tp: Any) -> str:
 
 def check_fields(obj: Any, where: str) -> None:
     """Check (and normalise in place: ints to floats for float fields, tuples to lists) every field of a config
-    dataclass against its type and its ``opt`` metadata; a ConfigError names the field and the value."""
+    dataclass against its type and its ``opt`` metadata; a ConfigError names the field, its command-line flag
+    and the value."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         tp = hints.get(f.name, Any)
+        m = f.metadata
+        name = f"{where}.{f.name} (--{(m.get('flag') or f.name).replace('_', '-')})"
         ok, value = _type_ok(value, tp)
         if not ok:
-            raise ConfigError(f"{where}: {f.name} must be {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r}")
         object.__setattr__(obj, f.name, value)
         if value is None:
             continue
-        m = f.metadata
         if m.get("choices") is not None and value not in m["choices"]:
-            raise ConfigError(f"{where}: {f.name} must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{where}: {f.name} must be a finite number, got {value!r}")
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
             if m.get("min") is not None and value < m["min"]:
-                raise ConfigError(f"{where}: {f.name} must be >= {m['min']}, got {value!r}")
+                raise ConfigError(f"{name} must be >= {m['min']}, got {value!r}")
             if m.get("max") is not None and value > m["max"]:
-                raise ConfigError(f"{where}: {f.name} must be <= {m['max']}, got {value!r}")
+                raise ConfigError(f"{name} must be <= {m['max']}, got {value!r}")
             if m.get("gt") is not None and value <= m["gt"]:
-                raise ConfigError(f"{where}: {f.name} must be > {m['gt']}, got {value!r}")
+                raise ConfigError(f"{name} must be > {m['gt']}, got {value!r}")
 
 
 @dataclass

@@ -15,27 +15,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Features, Method, MethodConfig
+from .base import Features, Method, MethodConfig, opt
+from .coop import POSITIONS, TEXT_MODES
 from .prompts import PromptContext
 
 
 @dataclass
 class CoCoOpConfig(MethodConfig):
-    n_ctx: Optional[int] = None  # None: the init words' token count (4 for the paper's "a photo of a"), 16 random
-    init: Optional[str] = "a photo of a"
-    class_position: str = "end"
-    init_std: float = 0.02
-    text_mode: str = "auto"
-    chunk_size: int = 256
-    image_chunk: int = 8  # images whose K prompts are encoded together
+    n_ctx: Optional[int] = opt(None, "context vectors M (default: the number of --init tokens, 4 for the paper's "
+                               "'a photo of a'; 16 with a random init)", min=1)
+    init: Optional[str] = opt("a photo of a", "initialise the context from words ('none': random N(0, init_std))")
+    class_position: str = opt("end", "where the class name goes in the prompt", choices=POSITIONS)
+    init_std: float = opt(0.02, "standard deviation of the random context init", gt=0)
+    text_mode: str = opt("auto", "text path (all exact; auto picks the fastest)", choices=TEXT_MODES)
+    chunk_size: int = opt(256, "prompts per text-tower chunk", min=1)
+    image_chunk: int = opt(8, "images whose K prompts are encoded together", min=1)
 
 
 class CoCoOp(Method):
     name = "cocoop"
     config_class = CoCoOpConfig
-    # the paper's schedule: 10 epochs (lr 0.002, SGD). The reference steps once per image (batch 1); vlprompt's
-    # batched path makes larger batches cheap, but `--batch-size 1` reproduces the reference's step count.
-    train_defaults = {"epochs": 10}
+    summary = "context conditioned on each image by a meta-network"
+
+    @classmethod
+    def preset(cls, data) -> dict:
+        # the paper's schedule (Zhou et al., CVPR 2022, Sec. 4 and configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1
+        # _ctxv1.yaml): 10 epochs, SGD lr 0.002. The reference steps once per image (batch 1); vlprompt's batched
+        # path makes larger batches cheap, but `--batch-size 1` reproduces the reference's step count.
+        return {"train": {"epochs": 10}}
 
     def __init__(self, config: CoCoOpConfig, backbone, classnames: Sequence[str]):
         super().__init__(config, backbone, classnames)

@@ -8,26 +8,51 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import Features, Method, MethodConfig, cosine_logits
+from .base import Features, Method, MethodConfig, cosine_logits, opt
 from .prompts import PromptContext
+
+
+#: CoOp's epochs by shots (Zhou et al., IJCV 2022, Sec. 4.1, and the repository's configs/trainers/CoOp/*_ep*.yaml:
+#: 1 shot 50, 2-4 shots 100, 8-16 shots 200); ImageNet: 50 whatever the shots (vit_b16_ep50 / rn50_ep50).
+EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+
+POSITIONS = ("end", "middle", "front")
+TEXT_MODES = ("auto", "plain", "cut", "prefix")
+
+
+def coop_epochs(shots: int, dataset: str) -> int:
+    """CoOp's epochs for a number of shots (0: all images, as 16+ shots) and a dataset (ImageNet 50)."""
+    if "imagenet" in dataset.lower():
+        return 50
+    for k in sorted(EPOCHS_BY_SHOTS):
+        if 0 < shots <= k:
+            return EPOCHS_BY_SHOTS[k]
+    return 200
 
 
 @dataclass
 class CoOpConfig(MethodConfig):
-    # context vectors M; None: 16 with a random init, the init words' token count with a word init (giving
-    # another number with word init is an error). The built method's config holds the number learned.
-    n_ctx: Optional[int] = None
-    csc: bool = False  # class-specific context (it then belongs to the training class list)
-    class_position: str = "end"  # end | middle | front
-    init: Optional[str] = None  # words such as "a photo of a" (one vector per token); None = N(0, init_std)
-    init_std: float = 0.02
-    text_mode: str = "auto"  # auto | plain | cut | prefix (all equal; auto is the fastest exact one)
-    chunk_size: int = 256
+    n_ctx: Optional[int] = opt(None, "context vectors M (default: 16, or the number of --init tokens; another "
+                               "number with --init is an error)", min=1)
+    csc: bool = opt(False, "class-specific context (it then belongs to the training class list)")
+    class_position: str = opt("end", "where the class name goes in the prompt", choices=POSITIONS)
+    init: Optional[str] = opt(None, "initialise the context from words, one vector per token (e.g. 'a photo of "
+                              "a'); default: random N(0, init_std)")
+    init_std: float = opt(0.02, "standard deviation of the random context init", gt=0)
+    text_mode: str = opt("auto", "text path (all exact; auto picks the fastest)", choices=TEXT_MODES)
+    chunk_size: int = opt(256, "prompts per text-tower chunk (bounds memory for large class lists)", min=1)
 
 
 class CoOp(Method):
     name = "coop"
     config_class = CoOpConfig
+    summary = "learned context (unified or class-specific; class token end/middle/front)"
+
+    @classmethod
+    def preset(cls, data) -> dict:
+        # CoOp's recipe: SGD lr 0.002, momentum 0.9, weight decay 5e-4, batch 32, one constant warm-up epoch at
+        # 1e-5, cosine (the TrainConfig defaults), and the epochs by shots above
+        return {"train": {"epochs": coop_epochs(data.shots, data.dataset)}}
 
     def __init__(self, config: CoOpConfig, backbone, classnames: Sequence[str], n_prompts: int = 1):
         super().__init__(config, backbone, classnames)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, VLPromptError
 from ..ot import sinkhorn_plan, transport_logits
-from .base import Features
+from .base import Features, opt
 from .coop import CoOp, CoOpConfig
 
 MARGINALS = ("uniform", "global_similarity")
@@ -45,17 +45,18 @@ MAX_PROBLEMS = 32768
 
 @dataclass
 class PLOTConfig(CoOpConfig):
-    n_prompts: int = 4  # N prompts per class
-    ot_eps: float = 0.1  # entropic regularisation of the transport
-    ot_iters: int = 100  # at most this many Sinkhorn iterations
-    ot_thresh: float = 1e-2  # stop when the mean change of the row scaling is below this
-    ot_grad: bool = False  # differentiate through the plan (the paper: plan detached)
-    global_logits: bool = False  # add the global feature's logits (the reference does for ImageNet)
-    marginals: str = "uniform"  # uniform | global_similarity
+    n_prompts: int = opt(4, "prompts per class N", min=1)
+    ot_eps: float = opt(0.1, "entropic regularisation of the transport", gt=0)
+    ot_iters: int = opt(100, "at most this many Sinkhorn iterations", min=1)
+    ot_thresh: float = opt(1e-2, "Sinkhorn stops when the mean change of the row scaling is below this", min=0)
+    ot_grad: bool = opt(False, "differentiate through the transport plan (the paper: plan detached)")
+    global_logits: bool = opt(False, "add the global feature's logits (the reference does for ImageNet)")
+    marginals: str = opt("uniform", "mass of the local features: uniform (the paper) or global_similarity",
+                         choices=MARGINALS)
     # N x K prompts per text chunk (CoOp: 256 prompts): with N = 4 and up to 128 classes the prompts run in one
     # chunk, without the checkpointing (a second forward) that chunks need; a chunk of 512 short suffixes keeps
     # about 2 GB of activations for the backward pass.
-    chunk_size: int = 512
+    chunk_size: int = opt(512, "prompts (N x K) per text-tower chunk", min=1)
 
 
 def check_transport_options(eps, iters, thresh, marginals, where: str = "PLOT") -> None:
@@ -137,9 +138,14 @@ class PLOT(CoOp):
     """N learned prompts per class, compared with the image's local features by optimal transport."""
 
     name = "plot"
+    config_class = PLOTConfig
     needs_local: ClassVar[bool] = True
-    # the reference's configs/trainers/PLOT/rn50.yaml: batch 128, 50 epochs (other settings as CoOp)
-    train_defaults: ClassVar[dict] = {"batch_size": 128, "epochs": 50}
+    summary = "N prompts per class matched to local image features by optimal transport"
+
+    @classmethod
+    def preset(cls, data) -> dict:
+        # the reference's configs/trainers/PLOT/rn50.yaml: batch 128, 50 epochs (other settings as CoOp)
+        return {"train": {"batch_size": 128, "epochs": 50}}
 
     def __init__(self, config: PLOTConfig, backbone, classnames: Sequence[str]):
         check_transport_options(config.ot_eps, config.ot_iters, config.ot_thresh, config.marginals)

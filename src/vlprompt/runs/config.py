@@ -202,17 +202,17 @@ def resolve(request: dict | RunConfig) -> RunConfig:
         if train.epochs is None:
             raise ConfigError(f"{name}: train.epochs is not set by the method's preset; give --epochs")
         own_images = cls.trains_own_image_encoder(mcfg)
-        if "views" in train_req and (train.online or not train.augment or own_images):
-            why = ("--online encodes every step" if train.online else "--no-augment has a single view"
-                   if not train.augment else f"{name} trains its own image encoder on the images")
-            raise ConfigError(f"--views {train.views} does not apply: {why}")
-        if own_images or train.online:
-            train.views = None  # not used: config.yaml says so
-        elif not train.augment:
-            train.views = 1
-        if "online" in train_req and own_images:
+        # options that do not apply are refused when given a value other than the one the run will use (a
+        # resolved config.yaml, which holds every field, resolves to itself)
+        views = None if (own_images or train.online) else (1 if not train.augment else train.views)
+        if train_req.get("views") not in (None, views):
+            why = ("--online encodes every step" if train.online else f"{name} trains its own image encoder on "
+                   f"the images" if own_images else "--no-augment has a single view")
+            raise ConfigError(f"--views {train_req['views']} does not apply: {why}")
+        train.views = views
+        if train_req.get("online") and own_images:
             raise ConfigError(f"--online does not apply: {name} trains its own image encoder on the images")
-        if "batch_workers" in train_req and not (train.online or own_images):
+        if train.batch_workers and not (train.online or own_images):
             raise ConfigError("--workers decodes images in online mode: give --online (cached views decode "
                               "once, when the features are computed)")
     elif train_req:
@@ -233,14 +233,16 @@ def resolve(request: dict | RunConfig) -> RunConfig:
     if data.shots == 0 and data.allow_fewer:
         raise ConfigError("--allow-fewer applies to few-shot sampling (--shots > 0)")
 
-    pretrained = request.get("pretrained", "openai")
-    if pretrained in RANDOM_WEIGHTS:
+    backbone = request.get("backbone", "RN50")
+    # hf-hub: and local-dir: backbones bring their own weights; plain names default to OpenAI's
+    own_weights = isinstance(backbone, str) and backbone.startswith(("hf-hub:", "local-dir:"))
+    pretrained = request.get("pretrained", None if own_weights else "openai")
+    if pretrained is None or pretrained in RANDOM_WEIGHTS:
         pretrained = None
     elif not isinstance(pretrained, str):
         raise ConfigError(f"--pretrained must be a tag, a file or 'none', got {pretrained!r}")
     elif os.path.exists(os.path.expanduser(pretrained)):
         pretrained = _abs(pretrained)
-    backbone = request.get("backbone", "RN50")
     if not isinstance(backbone, str) or not backbone:
         raise ConfigError(f"--backbone must be an open_clip model name or a model-config JSON, got {backbone!r}")
     if backbone.endswith(".json") or os.path.isfile(os.path.expanduser(backbone)):
