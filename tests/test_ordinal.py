@@ -31,7 +31,6 @@ from vlprompt.ordinal import (
     rank_values_from_spec,
     ranks_from_values,
     similarity_matrix,
-    summarise_folds,
 )
 
 EPS = 1e-5
@@ -384,12 +383,16 @@ def test_k_fold_deterministic_across_processes():
     assert json.loads(out.stdout) == as_lists
 
 
-def test_summarise_folds():
+def test_fold_summary_is_the_population_std_of_vlprompt_stats():
+    from vlprompt.cli.ordinal import summarise_folds
+    from vlprompt.errors import VLPromptError
+
     s = summarise_folds([{"mae": 3.0, "acc": 50.0}, {"mae": 5.0, "acc": 70.0}, {"mae": 4.0, "acc": 60.0}])
     assert list(s) == ["mae", "acc"]
     assert s["mae"]["mean"] == pytest.approx(4.0) and s["acc"]["mean"] == pytest.approx(60.0)
+    # numpy's default (ddof=0), as CoOp's parse_test_res.py and vlprompt.stats.mean_std
     assert s["mae"]["std"] == pytest.approx(math.sqrt(2 / 3)) and s["acc"]["std"] == pytest.approx(math.sqrt(200 / 3))
     assert s["mae"]["n"] == 3
-    assert summarise_folds([{"mae": 3.0}, {"mae": 5.0}], ddof=1)["mae"]["std"] == pytest.approx(math.sqrt(2))
-    with pytest.raises(ValueError, match="acc"):
+    assert summarise_folds([{"mae": 3.0}])["mae"]["std"] == 0.0
+    with pytest.raises(VLPromptError, match="acc"):
         summarise_folds([{"mae": 1.0, "acc": 2.0}, {"mae": 1.0}])

@@ -17,14 +17,25 @@ from PIL import Image
 
 from conftest import require_shared
 from vlprompt.data import load_dataset
-from vlprompt.errors import BackboneError, DataError, VLPromptError
+from vlprompt.errors import BackboneError, ConfigError, DataError, VLPromptError
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Features
 from vlprompt.methods.image_encoders import build_image_encoder
-from vlprompt.methods.ordinalclip import resolve_rank_values
+from vlprompt.data.ranks import rank_values_from_names
 from vlprompt.ordinal import ordinal_loss, ordinal_metrics, predict
 
 AGES = ["3", "7", "12", "25", "40", "61"]
+
+
+@pytest.fixture(autouse=True)
+def no_weight_downloads(monkeypatch):
+    """No test downloads torchvision weights: an encoder asking for them fails loudly instead."""
+    from vlprompt.methods import image_encoders
+
+    def refuse(weights):
+        raise AssertionError(f"a test asked for torchvision weights {weights.url}")
+
+    monkeypatch.setattr(image_encoders, "_fetch", refuse)
 
 
 def seeded_features(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -184,10 +195,10 @@ def test_metrics_argmax_expectation_and_rank_values(tiny_rn):
     p2 = predict(logits, torch.arange(20, 26).float())
     assert got2["acc_expectation"] == pytest.approx(100 * float((torch.round(p2["expectation"]) == t2).float().mean()))
     # named groups: rank indices
-    assert resolve_rank_values(["0-2", "4-6", "8-12"]).tolist() == [0, 1, 2]
-    assert resolve_rank_values(["a", "b"], [5, 15]).tolist() == [5, 15]
+    assert rank_values_from_names(["0-2", "4-6", "8-12"]).tolist() == [0, 1, 2]
+    assert rank_values_from_names(["a", "b"], [5, 15]).tolist() == [5, 15]
     with pytest.raises(VLPromptError, match="increasing"):
-        resolve_rank_values(["10", "5"])
+        rank_values_from_names(["10", "5"])
 
 
 def test_regression_value_survives_the_logits(tiny_rn):
@@ -211,7 +222,7 @@ def test_regression_value_survives_the_logits(tiny_rn):
 # image encoders
 # ------------------------------------------------------------------------------------------------
 def test_torchvision_encoder_weights_file_and_errors(tmp_path, tiny_rn):
-    enc = build_image_encoder("resnet18", tiny_rn)
+    enc = build_image_encoder("resnet18", tiny_rn, "none")
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert enc(x).shape == (3, tiny_rn.embed_dim)
     body = {k: v for k, v in enc.net.state_dict().items() if not k.startswith("fc.")}
@@ -222,9 +233,83 @@ def test_torchvision_encoder_weights_file_and_errors(tmp_path, tiny_rn):
     with pytest.raises(BackboneError, match="do not fit resnet18"):
         build_image_encoder("resnet18", tiny_rn, str(tmp_path / "bad.pth"))
     with pytest.raises(BackboneError, match="unknown image encoder"):
-        build_image_encoder("resnet7", tiny_rn)
-    with pytest.raises(BackboneError, match="torchvision encoders only"):
+        build_image_encoder("resnet7", tiny_rn, "none")
+    with pytest.raises(ConfigError, match="torchvision encoders only"):
         build_image_encoder("clip", tiny_rn, "imagenet")
+
+
+def _fake_imagenet(monkeypatch, name: str):
+    """torchvision's ImageNet weights of ``name`` replaced by a seeded random state dict (nothing downloaded);
+    returns it and the list of weights entries asked for."""
+    import torchvision
+
+    from vlprompt.methods import image_encoders
+
+    torch.manual_seed(123)
+    state = getattr(torchvision.models, name)(weights=None).state_dict()
+    asked = []
+
+    def fetch(weights):
+        asked.append(weights)
+        return state
+
+    monkeypatch.setattr(image_encoders, "_fetch", fetch)
+    return state, asked
+
+
+def test_torchvision_encoder_starts_from_imagenet_weights_by_default(monkeypatch, tiny_rn, caplog):
+    """The paper's start: a torchvision encoder without image_encoder_weights loads torchvision's ImageNet
+    weights (IMAGENET1K_V1, the only ones of the reference's torchvision 0.11), sees ImageNet-normalised
+    pixels, and says so in describe() (results.json) and the log."""
+    import logging
+
+    state, asked = _fake_imagenet(monkeypatch, "resnet18")
+    with caplog.at_level(logging.INFO, logger="vlprompt"):
+        m = build_method("ordinalclip", {"image_encoder": "resnet18", "n_ctx": 2}, tiny_rn, AGES)
+    assert [w.name for w in asked] == ["IMAGENET1K_V1"]
+    net = m.image_encoder.net.state_dict()
+    assert all(torch.equal(v, net[k]) for k, v in state.items() if not k.startswith("fc."))
+    d = m.describe()
+    assert d["image_encoder"] == "resnet18" and d["image_encoder_weights"] == "imagenet"
+    assert "ResNet18_Weights.IMAGENET1K_V1" in d["image_encoder_weights_source"]
+    assert "resnet18-f37072fd.pth" in d["image_encoder_weights_source"]
+    assert d["image_encoder_input_norm"] == "imagenet"
+    assert any(r.name.startswith("vlprompt.") and r.levelno == logging.INFO and "IMAGENET1K_V1" in r.getMessage()
+               for r in caplog.records)
+    # the paper's VGG-16 resolves to the very file of the reference's model_urls
+    from vlprompt.methods.image_encoders import _tv_weights, resolve_weights
+    from vlprompt.methods.ordinalclip import OrdinalCLIPConfig
+
+    cfg = OrdinalCLIPConfig(image_encoder="vgg16").validate()
+    assert resolve_weights("vgg16", cfg.image_encoder_weights) == "imagenet"
+    assert _tv_weights("vgg16").url.endswith("/vgg16-397923af.pth")
+    # explicit choices: none is a random start (CLIP-normalised input); resnet10 has no ImageNet weights
+    r = build_method("rank-linear", {"image_encoder": "resnet18", "image_encoder_weights": "none"}, tiny_rn, AGES)
+    assert r.describe()["image_encoder_weights"] == "none" and r.describe()["image_encoder_input_norm"] == "clip"
+    assert len(asked) == 1
+    assert build_image_encoder("resnet10", tiny_rn).weights == "none"  # auto: it has none
+    with pytest.raises(ConfigError, match="resnet10 has no ImageNet weights"):
+        build_method("rank-linear", {"image_encoder": "resnet10", "image_encoder_weights": "imagenet"}, tiny_rn, AGES)
+    with pytest.raises(ConfigError, match="image_encoder_weights"):
+        build_method("ordinalclip", {"image_encoder": "clip", "image_encoder_weights": "imagenet"}, tiny_rn, AGES)
+
+
+def test_offline_without_cached_imagenet_weights_says_what_to_pass(monkeypatch, tiny_rn):
+    """Offline and not cached: a clear error naming the options that work, never a silent random start."""
+    import urllib.error
+
+    from vlprompt.methods import image_encoders
+
+    def offline(weights):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(image_encoders, "_fetch", offline)
+    with pytest.raises(BackboneError) as info:
+        build_method("ordinalclip", {"image_encoder": "resnet18"}, tiny_rn, AGES)
+    msg = str(info.value)
+    assert "image_encoder_weights=/path/to/resnet18.pth" in msg and "image_encoder_weights=none" in msg
+    assert "resnet18-f37072fd.pth" in msg
+    assert isinstance(info.value.__cause__, urllib.error.URLError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,9 +478,10 @@ def test_cli_train_select_export_predict_folds(tmp_path, tiny_dir, tiny_vit, fac
     from vlprompt.testing import make_tiny_checkpoint
 
     cfg, weights = make_tiny_checkpoint(tiny_dir, "tiny-vit")  # the tiny_vit fixture's files (32 px images)
-    common = ["--backbone", cfg, "--pretrained", weights, "--dataset", "csv", "--root", faces_csv,
+    frozen = ["--backbone", cfg, "--pretrained", weights, "--dataset", "csv", "--root", faces_csv,
               "--dataset-option", "target_column=age", "--dataset-option", "ranks=0:116", "--shots", "0",
-              "--batch-size", "8", "--cache-dir", tmp_path / "cache", "--lr", "1e-3"]
+              "--cache-dir", tmp_path / "cache"]
+    common = [*frozen, "--batch-size", "8", "--lr", "1e-3"]
     run = tmp_path / "run"
     out = _cli(capsys, "train", "--method", "ordinalclip", *common, "--epochs", "2", "--eval-every", "1",
                "--method-option", "n_ctx=4", "--output", run)
@@ -415,7 +501,8 @@ def test_cli_train_select_export_predict_folds(tmp_path, tiny_dir, tiny_vit, fac
     _cli(capsys, "export", run, "--output", tmp_path / "head")
     head = json.loads((tmp_path / "head" / "head.json").read_text())
     assert head["kind"] == "ordinal" and head["method"] == "ordinalclip" and head["image_encoder"] == "clip"
-    from vlprompt.runner import head_logits, load_method, predict_images
+    from vlprompt.runs import load_method, predict_images
+    from vlprompt.runs.execute import head_logits
     from vlprompt.data import build_test_transform, load_image
     method, _, bb = load_method(run, device="cpu")
     method.eval()
@@ -425,7 +512,7 @@ def test_cli_train_select_export_predict_folds(tmp_path, tiny_dir, tiny_vit, fac
         ref = method(Features(images=x))
     tensors = load_file(str(tmp_path / "head" / "head.safetensors"))
     assert not any("prompts" in k for k in tensors)
-    assert torch.allclose(head_logits("ordinal", tensors, head, bb, x), ref, atol=1e-4)
+    assert torch.allclose(head_logits(head, tensors, bb, x), ref, atol=1e-4)
     rows = predict_images(tmp_path / "head", images, topk=2, device="cpu")
     expect = predict(ref, method.rank_values)["expectation"]
     assert [r["value"] for r in rows] == pytest.approx(expect.tolist(), abs=1e-3)
@@ -434,7 +521,7 @@ def test_cli_train_select_export_predict_folds(tmp_path, tiny_dir, tiny_vit, fac
 
     # interpret: the context and every rank embedding decode to their nearest words
     rows = json.loads(_cli(capsys, "interpret", run, "--json", "--topk", "1"))
-    assert sum("rank" in r for r in rows) == method.num_classes and sum("prompt" in r for r in rows) == 4
+    assert sum("rank" in r for r in rows) == method.num_classes and sum("context" in r for r in rows) == 4
 
     # k folds: one run per fold and the mean +- std
     out = _cli(capsys, "ordinal-folds", "--output", tmp_path / "folds", "--folds", "2", "--", "--method",
@@ -448,8 +535,9 @@ def test_cli_train_select_export_predict_folds(tmp_path, tiny_dir, tiny_vit, fac
     assert not tests[0] & tests[1]
 
     # zero-shot over rank sentences: nothing trained, exported with the frozen tower
-    zs = json.loads(_cli(capsys, "train", "--method", "rank-zeroshot", *common, "--output", tmp_path / "zs"))
-    assert zs["epochs"] == 0 and zs["train"]["steps"] == 0 and "mae_expectation" in zs["metrics"]
+    zs = json.loads(_cli(capsys, "train", "--method", "rank-zeroshot", *frozen, "--output", tmp_path / "zs"))
+    assert "epochs" not in zs and "train" not in zs and "mae_expectation" in zs["metrics"]
+    assert zs["method_info"]["template"] == "a photo of a {}."  # the csv dataset's own template
     _cli(capsys, "export", tmp_path / "zs", "--output", tmp_path / "zs_head")
     assert json.loads((tmp_path / "zs_head" / "head.json").read_text())["image_encoder"] == "backbone"
     assert "value" in predict_images(tmp_path / "zs_head", images[:1], device="cpu")[0]
@@ -522,8 +610,8 @@ def test_small_random_encoder_beats_the_median_on_utkface(tmp_path, tiny_rn, utk
         f = F.normalize(m.image_features(Features(images=xt[:32])), dim=-1)
         assert float((f @ f.t()).fill_diagonal_(0).sum() / (32 * 31)) < 0.95
     cfg = TrainConfig(epochs=8, batch_size=32, optimizer="adam", lr=3e-3, weight_decay=0.0, warmup_epochs=0,
-                      checkpoint_every=0, seed=1)
-    Trainer(m, cfg, tmp_path, progress=False).fit(_Tensors(x, True), y, t)
+                      checkpoint_every=0)
+    Trainer(m, cfg, tmp_path, seed=1, progress=False).fit(_Tensors(x, True), y, t)
     metrics = m.metrics(predict_logits(m, _Tensors(xt, False), len(test), 100), yt, tt)
     print(f"\n{method}: test MAE expectation {metrics['mae_expectation']:.2f}, argmax {metrics['mae_argmax']:.2f}; "
           f"training-median MAE {median_mae:.2f}")

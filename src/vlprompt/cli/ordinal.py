@@ -57,10 +57,11 @@ def fold_plan(dataset: str, options: dict, folds_arg) -> tuple[int, dict]:
 
 
 def cmd_ordinal_folds(args) -> int:
-    from ..runner import RunConfig, default_cache_dir, run_training
+    import copy
+
+    from ..runs import resolve, run
     from . import build_parser
-    from .common import data_config, parse_kv, pretrained_arg
-    from .train import method_options, train_config
+    from .train import request_from_args
 
     rest = list(args.train_args)
     if rest and rest[0] == "--":
@@ -70,39 +71,56 @@ def cmd_ordinal_folds(args) -> int:
     if "--output" in rest or any(a.startswith("--output=") for a in rest):
         raise VLPromptError("ordinal-folds writes OUTPUT/fold_<k>: give --output before --, not among the "
                             "train options")
-    parser = build_parser()
-    probe = parser.parse_args(["train", *rest, "--output", "unused"])
-    k, add = fold_plan(probe.dataset, parse_kv(probe.dataset_option), args.folds)
+    # the train command line, parsed and resolved as `vlprompt train` does (everything is checked before fold 0)
+    parser = build_parser(["train", *rest])
+    request = request_from_args(parser.parse_args(["train", *rest, "--output", "unused"]))
+    probe = resolve(request)
+    k, add = fold_plan(probe.data.dataset, dict(probe.data.options), args.folds)
     folds = list(range(k))
     if args.only:
         try:
             folds = sorted({int(x) for x in args.only.split(",")})
-        except ValueError:
-            raise VLPromptError(f"--only expects fold numbers like 0,2; got {args.only!r}") from None
+        except ValueError as e:
+            raise VLPromptError(f"--only expects fold numbers like 0,2; got {args.only!r}") from e
         bad = [f for f in folds if not 0 <= f < k]
         if bad:
             raise VLPromptError(f"--only: fold(s) {bad} outside 0..{k - 1}")
     out = Path(args.output)
     runs = []
     for f in folds:
-        extra = [x for key, v in {**add, "fold": f}.items() for x in ("--dataset-option", f"{key}={v}")]
-        fa = parser.parse_args(["train", *rest, *extra, "--output", str(out / f"fold_{f}")])
-        cfg = RunConfig(method=fa.method, backbone=fa.backbone, pretrained=pretrained_arg(fa.pretrained),
-                        data=data_config(fa), method_options=method_options(fa), train=train_config(fa),
-                        device=fa.device, precision=fa.precision, cache_dir=fa.cache_dir or default_cache_dir(),
-                        preprocess=fa.preprocess)
-        res = run_training(cfg, out / f"fold_{f}", resume=args.resume, force=args.force,
-                           progress=not getattr(args, "quiet", False))
+        req = copy.deepcopy(request)
+        data = req.setdefault("data", {})
+        data["options"] = {**data.get("options", {}), **add, "fold": f}
+        res = run(resolve(req), out / f"fold_{f}", resume=args.resume, force=args.force,
+                  progress=not getattr(args, "quiet", False))
         runs.append({"fold": f, "run": str(out / f"fold_{f}"), "results": res})
-    summary = write_summary(out, probe.method, probe.dataset, k, runs)
+    summary = write_summary(out, probe.method, probe.data.dataset, k, runs)
     print_json(summary)
     return 0
+
+
+def summarise_folds(rows: list[dict]) -> dict[str, dict]:
+    """``{metric: {"mean", "std", "n"}}`` over folds, in the first fold's key order, with vlprompt's one mean +-
+    std convention (:func:`vlprompt.stats.mean_std`: the population std, as CoOp's tables). Every fold must report
+    the same metrics: a mean over a subset of the folds would be a plausible wrong number."""
+    from ..stats import mean_std
+
+    keys = list(rows[0])
+    for i, row in enumerate(rows):
+        if set(row) != set(keys):
+            raise VLPromptError(f"fold {i} reports other metrics than the first fold: "
+                                f"{sorted(set(keys) ^ set(row))}")
+    out = {}
+    for key in keys:
+        mean, std = mean_std(row[key] for row in rows)
+        out[key] = {"mean": mean, "std": std, "n": len(rows)}
+    return out
 
 
 def write_summary(out: Path, method: str, dataset: str, k: int, runs: list[dict]) -> dict:
     """``OUTPUT/summary.json``: every fold's test metrics (and ordinality) and their mean / std over folds."""
     from .._io import atomic_write_json
-    from ..ordinal import summarise_folds
+    from ..stats import STD_CONVENTION
 
     rows = []
     for r in runs:
@@ -116,6 +134,6 @@ def write_summary(out: Path, method: str, dataset: str, k: int, runs: list[dict]
         raise VLPromptError("no fold produced test metrics (empty test splits?)")
     summary = {"method": method, "dataset": dataset, "folds": k, "ran": [r["fold"] for r in runs],
                "runs": [{"fold": r["fold"], "run": r["run"], "metrics": row} for r, row in zip(runs, rows)],
-               "mean_std": summarise_folds(rows)}
+               "mean_std": summarise_folds(rows), "std": STD_CONVENTION}
     atomic_write_json(out / "summary.json", summary)
     return summary

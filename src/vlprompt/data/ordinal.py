@@ -6,7 +6,7 @@ samples carry ``label`` = rank index and ``target`` = the value in rank-value un
 
 * ranks by value (``ranks="0:100"``: ranks ``0..100``, named ``"0"``..``"100"``; a value is rounded to its
   rank) or by bins (``ranks=[0, 10, 20, 40]`` or ``"0,10,20,40"``: ranks named by their bin centres), see
-  :func:`vlprompt.ordinal.ranks_from_values`; ``target`` is the raw value;
+  :func:`vlprompt.data.ranks.ranks_from_values`; ``target`` is the raw value;
 * datasets whose ranks are named groups (Adience's age groups, decades, aesthetic levels): ``target`` is the
   rank index, the unit in which the literature reports their MAE.
 
@@ -33,7 +33,7 @@ Readers (``load_dataset(name, root, **options)``):
   remaining (50) test images.
 
 Splits. Datasets distributed with folds use them (``fold``); the others are cut into ``folds`` deterministic
-folds (:func:`vlprompt.ordinal.k_fold_indices`, seeded by ``split_seed``) of which ``fold`` is the test set.
+folds (:func:`vlprompt.data.ranks.k_fold_indices`, seeded by ``split_seed``) of which ``fold`` is the test set.
 In every case the validation split is carved from the training images (``val_fraction``), never from the test
 images. ``vlprompt ordinal-folds`` runs every fold and reports the mean and standard deviation.
 """
@@ -51,7 +51,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import DataError
-from ..ordinal import RankValueError, k_fold_indices, rank_values_from_spec, ranks_from_values
+from .ranks import RankValueError, k_fold_indices, rank_values_from_spec, ranks_from_values
 from ._util import MAX_NAMED, is_image_file, list_images, list_subdirs, missing_files_error
 from .base import DatasetSplits, Sample
 from .templates import DEFAULT_TEMPLATE, check_template

@@ -6,8 +6,8 @@
   OrdinalCLIP's loss).
 * ``rank-regression`` (:class:`RankRegression`): the image encoder and a linear layer giving one value per
   image, trained with an L1 or L2 loss on the standardised target.
-* ``rank-zeroshot`` (:class:`RankZeroShot`): frozen CLIP, one sentence per rank ("a photo of a {} year old
-  person.", configurable); nothing is trained.
+* ``rank-zeroshot`` (:class:`RankZeroShot`): frozen CLIP, one sentence per rank (the dataset's prompt template,
+  e.g. "a photo of a {} year old person.", or ``template``); nothing is trained.
 * ``rank-coop`` (:class:`RankCoOp`): CoOp on ranks: a learned context shared by all ranks followed by each
   rank's words ("25", "0-2", "1950s"), fixed (``lr_ranks = 0``, default) or fine-tuned from their embeddings
   (the reference's CoOp configuration on MORPH tunes both).
@@ -16,10 +16,13 @@ Every method outputs ``(B, R)`` logits so the engine, the metrics (MAE / accurac
 and the export treat them alike. For the regression the logits are ``-(z - u_r)^2 / (2 tau^2)`` with ``z`` the
 regressed value and ``u_r`` the rank values, both standardised: the argmax is the nearest rank, and ``z`` is
 recovered exactly from any two columns, so the "expectation" metrics of ``rank-regression`` are those of the
-regressed value itself.
+regressed value itself (:func:`.ordinal_parts.regression_decode`, the one way back from the logits).
+
+This module and :mod:`.ordinalclip` share :mod:`.ordinal_base`; neither imports the other.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -27,13 +30,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import VLPromptError
-from ..ordinal import ordinal_loss
-from .base import Features, MethodConfig
-from .ordinalclip import OrdinalConfig, OrdinalMethod, PromptPrototypes, RankPrompts
+from ..data.templates import DEFAULT_TEMPLATE
+from ..errors import ConfigError, VLPromptError
+from .base import Features, MethodConfig, opt
+from .ordinal_base import TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes, RankPrompts, _check_rank_values
+from .ordinal_parts import ordinal_loss, regression_decode, regression_logits, regression_units
 
 __all__ = ["RankLinear", "RankLinearConfig", "RankRegression", "RankRegressionConfig", "RankZeroShot",
-           "RankZeroShotConfig", "RankCoOp", "RankCoOpConfig", "regression_values"]
+           "RankZeroShotConfig", "RankCoOp", "RankCoOpConfig"]
+
+
+def _ce_or_ordinal(kind: str, logits: torch.Tensor, labels: torch.Tensor):
+    if kind == "ordinal":
+        return ordinal_loss(logits, labels)
+    loss = F.cross_entropy(logits, labels)
+    return loss, {"ce_loss": loss.detach()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -41,22 +52,22 @@ __all__ = ["RankLinear", "RankLinearConfig", "RankRegression", "RankRegressionCo
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class RankLinearConfig(OrdinalConfig):
-    head: str = "linear"  # linear: W f + b | cosine: logit_scale * cos(f, w_r), bias-free (the reference's Baseline)
-    loss: str = "ce"  # ce | ordinal (OrdinalCLIP's CE + KL)
-    lr_head: float = 1.0
+    head: str = opt("linear", "linear: W f + b; cosine: logit_scale * cos(f, w_r), bias-free (the reference's "
+                    "Baseline)", choices=("linear", "cosine"))
+    loss: str = opt("ce", "ce (cross-entropy) or ordinal (OrdinalCLIP's cross-entropy + KL)",
+                    choices=("ce", "ordinal"))
+    lr_head: float = opt(1.0, "learning-rate multiplier of the head (0 freezes it)", min=0)
 
 
 class RankLinear(OrdinalMethod):
     """Image encoder + a linear head over the ranks."""
 
     name = "rank-linear"
+    config_class = RankLinearConfig
+    summary = "OrdinalCLIP's CNN baseline: a trained image encoder + a linear head over the ranks"
 
     def __init__(self, config: RankLinearConfig, backbone, classnames: Sequence[str]):
         super().__init__(config, backbone, classnames)
-        if config.head not in ("linear", "cosine"):
-            raise VLPromptError(f"rank-linear: head must be 'linear' or 'cosine', got {config.head!r}")
-        if config.loss not in ("ce", "ordinal"):
-            raise VLPromptError(f"rank-linear: loss must be 'ce' or 'ordinal', got {config.loss!r}")
         self.head = nn.Linear(backbone.embed_dim, self.num_classes, bias=config.head == "linear").to(backbone.device)
         self._freeze_zero_lr()
 
@@ -70,10 +81,7 @@ class RankLinear(OrdinalMethod):
         return self.head(f)
 
     def loss(self, logits, labels, targets=None):
-        if self.config.loss == "ordinal":
-            return ordinal_loss(logits, labels)
-        loss = F.cross_entropy(logits, labels)
-        return loss, {"ce_loss": loss.detach()}
+        return _ce_or_ordinal(self.config.loss, logits, labels)
 
     def prototypes(self) -> torch.Tensor:
         """The head's weight rows ``(R, E)`` (their ordinality is what the paper compares)."""
@@ -91,40 +99,26 @@ class RankLinear(OrdinalMethod):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class RankRegressionConfig(OrdinalConfig):
-    loss: str = "l1"  # l1 | l2, on the standardised target
-    lr_head: float = 1.0
-
-
-def regression_values(logits: torch.Tensor, units: torch.Tensor, tau: float, mean: float, scale: float) -> torch.Tensor:
-    """The regressed values ``(N,)`` (rank-value units) behind regression logits ``-(z - u_r)^2 / (2 tau^2)``:
-    ``z = tau^2 (l_last - l_first) / (u_last - u_first) + (u_last + u_first) / 2``, in float64."""
-    lg = logits.double()
-    u = units.double().to(lg.device)
-    z = tau ** 2 * (lg[:, -1] - lg[:, 0]) / (u[-1] - u[0]) + (u[-1] + u[0]) / 2
-    return (mean + scale * z).float()
+    loss: str = opt("l1", "l1 or l2 on the standardised target", choices=("l1", "l2"))
+    lr_head: float = opt(1.0, "learning-rate multiplier of the regression layer (0 freezes it)", min=0)
 
 
 class RankRegression(OrdinalMethod):
     """Image encoder + a linear layer regressing the (standardised) value."""
 
     name = "rank-regression"
+    config_class = RankRegressionConfig
+    summary = "regression baseline: a trained image encoder + one linear output, L1/L2 on the standardised value"
 
     def __init__(self, config: RankRegressionConfig, backbone, classnames: Sequence[str]):
         super().__init__(config, backbone, classnames)
-        if config.loss not in ("l1", "l2"):
-            raise VLPromptError(f"rank-regression: loss must be 'l1' or 'l2', got {config.loss!r}")
         self.head = nn.Linear(backbone.embed_dim, 1).to(backbone.device)
         self._freeze_zero_lr()
         self._set_units()
 
     def _set_units(self) -> None:
-        rv = self.rank_values.double()
-        self.mean = float(rv.mean())
-        self.scale = float(rv.std()) or 1.0
-        units = (rv - self.mean) / self.scale
-        # the softmax over these logits is a discretised Gaussian one rank spacing wide around the value
-        self.tau = float((units[-1] - units[0]) / (len(units) - 1))
-        self.register_buffer("rank_units", units.float(), persistent=False)
+        units, self.mean, self.scale, self.tau = regression_units(self.rank_values.cpu())
+        self.register_buffer("rank_units", units.to(self.rank_values.device), persistent=False)
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
@@ -138,24 +132,19 @@ class RankRegression(OrdinalMethod):
         return self.head(self.image_features(feats))[:, 0]
 
     def forward(self, feats: Features) -> torch.Tensor:
-        z = self.regress(feats).float()
-        return -(z[:, None] - self.rank_units[None, :]).square() / (2.0 * self.tau ** 2)
+        return regression_logits(self.regress(feats).float(), self.rank_units, self.tau)
 
     def loss(self, logits, labels, targets=None):
-        z = self._z_from_logits(logits)
+        z = regression_decode(logits, self.rank_units, self.tau)  # standardised
         u = (self.target_values(labels, targets) - self.mean) / self.scale
         loss = (z - u).abs().mean() if self.config.loss == "l1" else (z - u).square().mean()
         return loss, {f"{self.config.loss}_loss": loss.detach()}
-
-    def _z_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        u = self.rank_units.to(logits.device)
-        return self.tau ** 2 * (logits[:, -1] - logits[:, 0]) / (u[-1] - u[0]) + (u[-1] + u[0]) / 2
 
     def predictions(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """``argmax``: the nearest rank's value; ``expectation``: the regressed value itself."""
         logits = logits.float()
         idx = logits.argmax(dim=-1)
-        value = regression_values(logits, self.rank_units.cpu(), self.tau, self.mean, self.scale).to(logits.device)
+        value = regression_decode(logits, self.rank_units, self.tau, self.mean, self.scale)
         return {"argmax": self.rank_values.to(logits.device)[idx], "expectation": value, "index": idx}
 
     def _export_tensors(self):
@@ -169,28 +158,58 @@ class RankRegression(OrdinalMethod):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class RankZeroShotConfig(MethodConfig):
-    template: str = "a photo of a {} year old person."  # "{}" = the rank's words (its class name)
-    rank_words: Optional[str] = None  # comma-separated words per rank; default: the class names
-    rank_values: Optional[list] = None
+    template: Optional[str] = opt(None, "the sentence of each rank, '{}' standing for its words (default: the "
+                                  "dataset's prompt template, e.g. 'a photo of a {} year old person.')")
+    rank_words: Optional[str] = opt(None, "comma-separated words per rank (default: the class names)")
+    rank_values: Optional[list] = opt(None, "the value of each rank (default: the class names when all are "
+                                      "numbers, else the rank indices 0..R-1)")
+
+    def check(self) -> None:
+        if self.template is not None and "{}" not in self.template:
+            raise ConfigError(f"template must contain '{{}}' (the rank's words), got {self.template!r}")
+        _check_rank_values(self.rank_values)
 
 
 class RankZeroShot(OrdinalMethod):
     """Zero-shot CLIP over rank sentences: nothing is learned; the frozen image tower's features are used."""
 
     name = "rank-zeroshot"
-    train_defaults = {"epochs": 0}
+    config_class = RankZeroShotConfig
+    summary = "zero-shot CLIP over rank sentences (nothing trained)"
+    learns = "none"
+    uses_template = True
 
-    def __init__(self, config: RankZeroShotConfig, backbone, classnames: Sequence[str]):
-        if "{}" not in config.template:
-            raise VLPromptError(f"rank-zeroshot: the template must contain '{{}}', got {config.template!r}")
-        super().__init__(config, backbone, classnames, own_image_encoder=False)
+    def __init__(self, config: RankZeroShotConfig, backbone, classnames: Sequence[str], *,
+                 template: Optional[str] = None):
+        # the sentence actually used is recorded in the config (method.json), so a reloaded run does not depend
+        # on which template its loader passes
+        resolved = config.template or template or DEFAULT_TEMPLATE
+        if "{}" not in resolved:
+            raise ConfigError(f"rank-zeroshot: the template must contain '{{}}', got {resolved!r}")
+        super().__init__(dataclasses.replace(config, template=resolved), backbone, classnames,
+                         own_image_encoder=False)
         self._encode_ranks()
+
+    @classmethod
+    def preset(cls, data) -> dict:
+        return {"train": {}, "method_options": {}}  # nothing to train
+
+    @classmethod
+    def trains_own_image_encoder(cls, config) -> bool:
+        return False
+
+    def selection(self):
+        return None
+
+    def describe(self) -> dict:
+        return {"image_encoder": "the backbone's frozen image tower", "template": self.config.template,
+                "num_ranks": self.num_classes, "rank_words": ", ".join(self._words()[:3]) + ", ..."}
 
     def _words(self) -> list[str]:
         if self.config.rank_words:
             words = [w.strip() for w in self.config.rank_words.split(",")]
             if len(words) != self.num_classes:
-                raise VLPromptError(f"rank_words has {len(words)} words for {self.num_classes} ranks")
+                raise ConfigError(f"rank_words has {len(words)} words for {self.num_classes} ranks")
             return words
         return [str(c).replace("_", " ") for c in self.classnames]
 
@@ -216,26 +235,30 @@ class RankZeroShot(OrdinalMethod):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class RankCoOpConfig(OrdinalConfig):
-    n_ctx: int = 10
-    init: Optional[str] = None  # context words; None = N(0, init_std)
-    init_std: float = 0.02
-    rank_words: Optional[str] = None  # comma-separated words per rank; default: the class names
-    lr_context: float = 1.0
-    lr_ranks: float = 0.0  # 0: fixed rank words (CoOp); > 0: the rank words' embeddings are fine-tuned too
-    loss: str = "ordinal"  # ordinal (CE + KL, as the reference trains it) | ce
-    text_mode: str = "auto"
-    chunk_size: int = 256
+    n_ctx: int = opt(10, "context vectors shared by all ranks; words in init set the count", min=1)
+    init: Optional[str] = opt(None, "context words (their token embeddings start the context); default: random "
+                              "N(0, init_std)")
+    init_std: float = opt(0.02, "standard deviation of the random context initialisation", gt=0)
+    rank_words: Optional[str] = opt(None, "comma-separated words per rank (default: the class names)")
+    lr_context: float = opt(1.0, "learning-rate multiplier of the context (0 freezes it)", min=0)
+    lr_ranks: float = opt(0.0, "0: fixed rank words (CoOp); > 0: the rank words' embeddings are fine-tuned too, "
+                          "with this learning-rate multiplier (the reference's CoOp on MORPH II)", min=0)
+    loss: str = opt("ordinal", "ordinal (cross-entropy + KL, as the reference trains it) or ce",
+                    choices=("ordinal", "ce"))
+    text_mode: str = opt("auto", "how the text tower encodes the prompts (all exact): auto, plain, cut or prefix",
+                         choices=TEXT_MODES)
+    chunk_size: int = opt(256, "prompts encoded per text-tower call (memory bound)", min=1)
 
 
 class RankCoOp(PromptPrototypes, OrdinalMethod):
     """CoOp on ranks: a learned context shared by all ranks, followed by each rank's words."""
 
     name = "rank-coop"
+    config_class = RankCoOpConfig
+    summary = "CoOp on ranks: a learned context shared by all ranks before each rank's words"
 
     def __init__(self, config: RankCoOpConfig, backbone, classnames: Sequence[str]):
         super().__init__(config, backbone, classnames)
-        if config.loss not in ("ce", "ordinal"):
-            raise VLPromptError(f"rank-coop: loss must be 'ce' or 'ordinal', got {config.loss!r}")
         if config.rank_words:
             words = [w.strip() for w in config.rank_words.split(",")]
         else:
@@ -244,6 +267,10 @@ class RankCoOp(PromptPrototypes, OrdinalMethod):
                                    init_std=config.init_std, rank_words=words, learn_words=config.lr_ranks > 0,
                                    text_mode=config.text_mode, chunk_size=config.chunk_size)
         self._freeze_zero_lr()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "n_ctx": self.prompts.n_ctx, "context_init": self.prompts.init_words or "random",
+                "rank_words": "learned from their embeddings" if self.prompts.word_embeds is not None else "fixed"}
 
     def set_classnames(self, classnames):
         if list(classnames) != list(self.classnames) and not self.config.rank_words:
@@ -258,11 +285,4 @@ class RankCoOp(PromptPrototypes, OrdinalMethod):
         return groups
 
     def loss(self, logits, labels, targets=None):
-        if self.config.loss == "ordinal":
-            return ordinal_loss(logits, labels)
-        loss = F.cross_entropy(logits, labels)
-        return loss, {"ce_loss": loss.detach()}
-
-    def prototypes(self) -> torch.Tensor:
-        with torch.no_grad():
-            return F.normalize(self.prompts.encode().float(), dim=-1)
+        return _ce_or_ordinal(self.config.loss, logits, labels)

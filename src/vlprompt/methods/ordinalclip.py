@@ -2,10 +2,10 @@
 
 Each of the ``R`` ranks becomes a prompt ``<sot> ctx_1..ctx_M rank_r(1..T) . <eot> <pad>..``: a context shared
 by all ranks (from words, or random N(0, 0.02)) and ``T`` rank tokens per rank, interpolated from ``B`` learned
-base rank embeddings (:class:`vlprompt.ordinal.RankEmbeddings`) or free. CLIP's frozen text tower encodes the
+base rank embeddings (:class:`.ordinal_parts.RankEmbeddings`) or free. CLIP's frozen text tower encodes the
 ``R`` prompts into "language prototypes" ``(R, E)``; a trainable image encoder
 (:mod:`vlprompt.methods.image_encoders`) is trained so that ``logits = exp(logit_scale) * cos(image, prototype)``
-(the logit scale frozen) fit the ranks under :func:`vlprompt.ordinal.ordinal_loss` (cross-entropy + the
+(the logit scale frozen) fit the ranks under :func:`.ordinal_parts.ordinal_loss` (cross-entropy + the
 text-to-image KL term). Predictions are the argmax rank and the expectation over rank values.
 
 The prompts are built by concatenation (the reference writes each rank into a cloned ``(R, 77, D)`` tensor in a
@@ -13,524 +13,70 @@ Python loop, whose backward copies the whole tensor once per rank) and encoded t
 shared-prefix path: ``<sot> + context`` is the same for every rank, so its keys and values are computed once and
 each rank's few remaining tokens attend to them (exact; see :mod:`vlprompt.text`).
 
-This module also holds :class:`OrdinalMethod`, the base of the baselines in
-:mod:`vlprompt.methods.ordinal_baselines` (same image encoder, data, metrics, export and run-directory outputs):
-rank values, per-component learning rates, MAE/accuracy metrics, the ``ordinal`` export head, and the plots
-written after training.
+The rank values, image encoder, metrics, export and plots are shared with the baselines of
+:mod:`.ordinal_baselines` through :mod:`.ordinal_base`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import ClassVar, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, VLPromptError
-from ..ordinal import (INTERPOLATION_KINDS, RankEmbeddings, ordinal_loss, ordinal_metrics, ordinality_score, predict,
-                       similarity_matrix)
-from .base import Features, Method, MethodConfig
-from .image_encoders import build_image_encoder
-from .prompts import clean_init_words
+from ..errors import ConfigError
+from .base import opt
+from .ordinal_base import TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes, RankPrompts, _word_embeddings
+from .ordinal_parts import INTERPOLATION_KINDS, RankEmbeddings, ordinal_loss
 
-__all__ = ["OrdinalConfig", "OrdinalMethod", "OrdinalCLIPConfig", "OrdinalCLIP", "RankPrompts", "resolve_rank_values",
-           "head_values"]
-
-#: the OrdinalCLIP paper's optimiser preset (RAdam, lr 1e-4, cosine over 100 epochs, batch 32, no warm-up).
-#: Weight decay: the reference's default config has 0; its MORPH comparison configs use 5e-4. Every epoch is
-#: evaluated on the validation split (carved from the training data) and the best epoch is kept.
-PAPER_TRAIN_DEFAULTS = {"optimizer": "radam", "lr": 1e-4, "epochs": 100, "batch_size": 32, "weight_decay": 0.0,
-                        "warmup_epochs": 0, "scheduler": "cosine", "eval_every": 1}
-
-
-# --------------------------------------------------------------------------------------------------
-# Rank values
-# --------------------------------------------------------------------------------------------------
-def resolve_rank_values(classnames: Sequence[str], given: Optional[Sequence[float]] = None) -> torch.Tensor:
-    """The value each rank stands for, ``(R,)`` float32.
-
-    ``given`` (e.g. bin centres) wins; otherwise the class names when every one is a number (ages "0".."100":
-    the readers of :mod:`vlprompt.data.ordinal` name ranks by their values), else ``0..R-1`` (Adience's age
-    groups, decades, aesthetic levels: rank indices, as the reference's ``rank_output_value_array``).
-    """
-    r = len(classnames)
-    if r < 2:
-        raise VLPromptError(f"ordinal regression needs at least 2 ranks, got {r}")
-    if given is not None:
-        values = torch.as_tensor([float(v) for v in given], dtype=torch.float32)
-        if values.shape != (r,):
-            raise VLPromptError(f"rank_values has {values.numel()} values for {r} ranks")
-    else:
-        try:
-            values = torch.tensor([float(c) for c in classnames], dtype=torch.float32)
-        except ValueError:
-            return torch.arange(r, dtype=torch.float32)
-    if not bool(torch.isfinite(values).all()) or not bool((values[1:] > values[:-1]).all()):
-        raise VLPromptError(f"rank values must be finite and strictly increasing, got {values.tolist()[:8]}...; "
-                            f"pass rank_values=[...] explicitly")
-    return values
-
-
-def _consecutive_integers(values: torch.Tensor) -> bool:
-    return bool(torch.equal(values, values[0] + torch.arange(len(values), dtype=values.dtype))) and \
-        float(values[0]) == round(float(values[0]))
-
-
-# --------------------------------------------------------------------------------------------------
-# Base of every ordinal method
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class OrdinalConfig(MethodConfig):
-    """Fields shared by OrdinalCLIP and its baselines."""
-
-    image_encoder: str = "clip"  # clip (a trainable copy of the backbone's tower) | resnet18 | resnet50 | vgg16 ...
-    image_encoder_weights: Optional[str] = None  # torchvision encoders: none | imagenet | a state-dict file
-    image_encoder_input_norm: str = "auto"  # auto (ImageNet's with imagenet weights, else CLIP's) | clip | imagenet
-    lr_image_encoder: float = 1.0  # multiplier of the base learning rate; 0 freezes the image encoder
-    rank_values: Optional[list] = None  # (R,) values of the ranks; default: numeric class names, else 0..R-1
-
-
-class OrdinalMethod(Method):
-    """Shared machinery of the ordinal methods: rank values, image encoder, metrics, export, plots.
-
-    Subclasses implement ``forward`` -> ``(B, R)`` logits and may override :meth:`predictions` (regression),
-    :meth:`prototypes` (the ``(R, E)`` vectors whose ordinality is reported) and :meth:`_export_tensors`.
-    """
-
-    name: ClassVar[str] = "ordinal"
-    trains_image_encoder: ClassVar[bool] = True
-    #: the validation metric a runner selects the epoch on: (name, "min" | "max")
-    select_on: ClassVar[tuple[str, str]] = ("mae_expectation", "min")
-    train_defaults: ClassVar[dict] = PAPER_TRAIN_DEFAULTS
-
-    def __init__(self, config: OrdinalConfig, backbone, classnames: Sequence[str], *, own_image_encoder: bool = True):
-        super().__init__(config, backbone, classnames)
-        self.register_buffer("rank_values", resolve_rank_values(classnames, config.rank_values).to(backbone.device),
-                             persistent=False)
-        self.image_encoder = None
-        if own_image_encoder and config.lr_image_encoder < 0:
-            raise VLPromptError(f"lr_image_encoder must be >= 0, got {config.lr_image_encoder}")
-        if own_image_encoder and config.image_encoder == "clip" and config.image_encoder_input_norm == "imagenet":
-            raise VLPromptError("the 'clip' image encoder takes CLIP-normalised images; image_encoder_input_norm="
-                                "imagenet applies to torchvision encoders")
-        if own_image_encoder and config.image_encoder == "clip" and config.image_encoder_weights not in (None, "none"):
-            raise VLPromptError("the 'clip' image encoder starts from the backbone's weights; image_encoder_weights "
-                                "apply to torchvision encoders only")
-        if own_image_encoder and config.image_encoder == "clip" and config.lr_image_encoder == 0:
-            # a frozen CLIP tower is the backbone's: use its (cached) features, no copy, no per-step encoding
-            self.trains_image_encoder = False
-        elif own_image_encoder:
-            self.image_encoder = build_image_encoder(config.image_encoder, backbone, config.image_encoder_weights,
-                                                     config.image_encoder_input_norm)
-            if config.lr_image_encoder == 0:
-                self.image_encoder.requires_grad_(False)
-        else:
-            self.trains_image_encoder = False
-
-    # -- image side -----------------------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.image_encoder is not None and self.config.lr_image_encoder == 0:
-            self.image_encoder.eval()  # frozen: BatchNorm statistics stay as loaded
-        return self
-
-    def image_features(self, feats: Features) -> torch.Tensor:
-        """``(B, E)`` image features (not normalised): the method's own encoder, or the backbone's cached ones."""
-        if self.image_encoder is None:
-            if feats.global_ is None:
-                raise VLPromptError(f"{self.name}: expected image features of the frozen tower")
-            return feats.global_.float()
-        if feats.images is None:
-            raise VLPromptError(f"{self.name} trains its image encoder: it needs images, not cached features")
-        return self.image_encoder(feats.images).float()
-
-    # -- rank values ------------------------------------------------------------------------------------
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        if len(classnames) != self.num_classes:
-            raise VLPromptError(f"{self.name} was trained with {self.num_classes} ranks; it cannot predict "
-                                f"{len(classnames)} ranks")
-        super().set_classnames(classnames)
-        self.rank_values = resolve_rank_values(classnames, self.config.rank_values).to(self.rank_values.device)
-
-    def target_values(self, labels: torch.Tensor, targets: Optional[torch.Tensor]) -> torch.Tensor:
-        """``(N,)`` targets in rank-value units: the samples' targets, else the value of their rank."""
-        if targets is not None:
-            return targets.float().to(labels.device)
-        return self.rank_values.to(labels.device)[labels.long()]
-
-    # -- predictions and metrics ------------------------------------------------------------------------
-    def predictions(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``dict(argmax=(N,), expectation=(N,), index=(N,))`` in rank-value units."""
-        return predict(logits, self.rank_values.to(logits.device))
-
-    def metrics(self, logits: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor] = None) -> dict:
-        """MAE and accuracy of the argmax and expectation predictions (:func:`vlprompt.ordinal.ordinal_metrics`).
-
-        Accuracy: the rounded prediction equals the target when rank values are consecutive integers (the
-        reference), else prediction and target are snapped to their nearest rank value."""
-        logits = logits.float().cpu()
-        labels = labels.cpu()
-        rv = self.rank_values.cpu()
-        pred = self.predictions(logits)
-        t = self.target_values(labels, None if targets is None else targets.cpu())
-        out = ordinal_metrics(pred["argmax"], pred["expectation"], t,
-                              rank_values=None if _consecutive_integers(rv) else rv)
-        out["rank_accuracy"] = 100.0 * float((pred["index"] == labels).double().mean())
-        out["num_samples"] = int(labels.numel())
-        return out
-
-    # -- learning rates ---------------------------------------------------------------------------------
-    def component_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
-        """``(name, parameters, lr multiplier)`` of every learned component; subclasses add theirs."""
-        groups = []
-        if self.image_encoder is not None:
-            groups.append(("image_encoder", list(self.image_encoder.parameters()), self.config.lr_image_encoder))
-        return groups
-
-    def param_groups(self, lr: float) -> list[dict]:
-        out = []
-        for name, params, mult in self.component_groups():
-            params = [p for p in params if p.requires_grad]
-            if params and mult > 0:
-                out.append({"params": params, "lr": lr * mult, "name": name})
-        return out
-
-    def _freeze_zero_lr(self) -> None:
-        """Parameters of a component with multiplier 0 get no gradient at all (and stay out of the optimiser)."""
-        for _, params, mult in self.component_groups():
-            if mult < 0:
-                raise VLPromptError(f"{self.name}: learning-rate multipliers must be >= 0, got {mult}")
-            if mult == 0:
-                for p in params:
-                    p.requires_grad_(False)
-
-    # -- prototypes, export, plots ------------------------------------------------------------------------
-    def prototypes(self) -> Optional[torch.Tensor]:
-        """``(R, E)`` rank prototypes (normalised) whose ordinality is reported, or None."""
-        return None
-
-    def _export_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Head tensors and info (besides the image encoder and rank values); default: cosine to prototypes."""
-        protos = self.prototypes()
-        return {"prototypes": protos.detach().float().cpu()}, {"head": "cosine", "logit_scale": self.logit_scale}
-
-    def export_head(self):
-        """Kind ``ordinal``: the trainable image encoder's weights (``image_encoder.*``), the head (prototypes
-        ``(R, E)``, or linear / regression weights) and the rank values; prediction needs no text tower."""
-        with torch.no_grad():
-            tensors, info = self._export_tensors()
-        tensors = dict(tensors)
-        tensors["rank_values"] = self.rank_values.detach().float().cpu()
-        if self.image_encoder is not None:
-            for k, v in self.image_encoder.state_dict().items():
-                tensors[f"image_encoder.{k}"] = v.detach().cpu().contiguous()
-            encoder = self.config.image_encoder
-        else:
-            encoder = "backbone"
-        info = {"kind": "ordinal", "method": self.name, "image_encoder": encoder, **info,
-                "consecutive_rank_values": _consecutive_integers(self.rank_values.cpu())}
-        return tensors, info
-
-    _head_cache: ClassVar[list] = []  # [(tensors dict, encoder)] -- predict calls head_logits once per batch
-
-    @classmethod
-    def head_logits(cls, tensors: dict, info: dict, backbone, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, R)`` of an exported ``ordinal`` head on preprocessed images ``(B, 3, H, W)``."""
-        encoder = info.get("image_encoder")
-        x = x.to(backbone.device)
-        with torch.no_grad():
-            if encoder == "backbone":
-                feats = backbone.encode_image(x)
-            else:
-                module = None
-                if cls._head_cache and cls._head_cache[0][0] is tensors:
-                    module = cls._head_cache[0][1]
-                else:
-                    module = build_image_encoder(encoder, backbone, None)
-                    state = {k[len("image_encoder."):]: v for k, v in tensors.items() if k.startswith("image_encoder.")}
-                    try:
-                        module.load_state_dict({k: v.to(backbone.device) for k, v in state.items()})
-                    except RuntimeError as e:
-                        raise CheckpointError(f"exported image encoder {encoder!r} does not load: {e}") from None
-                    module.eval()
-                    cls._head_cache[:] = [(tensors, module)]
-                with backbone.autocast():
-                    feats = module(x).float()
-            return _head_logits_from(feats.float(), tensors, info, backbone.device)
-
-    def after_training(self, run_dir: str | Path, logits: Optional[torch.Tensor], samples) -> dict:
-        """Run-directory extras: ``predictions.png`` (predicted vs true values on ``samples``),
-        ``prototype_similarity.png`` (cosine similarities of the prototypes) and the prototypes' ordinality
-        (percent, :func:`vlprompt.ordinal.ordinality_score`, both definitions), returned for ``results.json``."""
-        run_dir = Path(run_dir)
-        out: dict = {}
-        protos = self.prototypes()
-        if protos is not None:
-            with torch.no_grad():
-                sim = similarity_matrix(protos.detach().float().cpu())
-            out["ordinality"] = ordinality_score(protos.detach().float().cpu())
-            out["ordinality_triples"] = ordinality_score(protos.detach().float().cpu(), definition="triples")
-            _plot_similarity(run_dir / "prototype_similarity.png", sim, self.rank_values.cpu(), out["ordinality"],
-                             self.name)
-        if logits is not None and samples:
-            labels = torch.tensor([s.label for s in samples])
-            targets = None
-            if all(s.target is not None for s in samples):
-                targets = torch.tensor([float(s.target) for s in samples])
-            pred = self.predictions(logits.float().cpu())
-            _plot_predictions(run_dir / "predictions.png", self.target_values(labels, targets),
-                              pred["expectation"], pred["argmax"], self.name)
-        return out
-
-
-def _head_logits_from(feats: torch.Tensor, tensors: dict, info: dict, device) -> torch.Tensor:
-    head = info.get("head")
-    if head == "cosine":
-        protos = tensors["prototypes"].to(device).float()
-        return float(info["logit_scale"]) * F.normalize(feats, dim=-1) @ F.normalize(protos, dim=-1).t()
-    if head == "linear":
-        return F.linear(feats, tensors["weight"].to(device).float(), tensors["bias"].to(device).float())
-    if head == "regression":
-        z = F.linear(feats, tensors["weight"].to(device).float(), tensors["bias"].to(device).float())[:, 0]
-        units = tensors["rank_units"].to(device).float()
-        return -(z[:, None] - units[None, :]).square() / (2.0 * float(info["tau"]) ** 2)
-    raise CheckpointError(f"unknown ordinal head {head!r}")
-
-
-def head_values(logits: torch.Tensor, tensors: dict, info: dict) -> dict[str, torch.Tensor]:
-    """Predicted values of an exported ``ordinal`` head: ``dict(value=(N,), argmax=(N,), index=(N,))``.
-
-    ``value`` is the expectation over rank values (the regressed value itself for ``rank-regression``)."""
-    rv = tensors["rank_values"].float()
-    logits = logits.float().cpu()
-    if info.get("head") == "regression":
-        from .ordinal_baselines import regression_values
-        value = regression_values(logits, tensors["rank_units"].float(), float(info["tau"]),
-                                  float(info["mean"]), float(info["scale"]))
-        idx = logits.argmax(-1)
-        return {"value": value, "argmax": rv[idx], "index": idx}
-    pred = predict(logits, rv)
-    return {"value": pred["expectation"], "argmax": pred["argmax"], "index": pred["index"]}
-
-
-def _save_figure(fig, path: Path) -> None:
-    import os
-
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _plot_predictions(path: Path, true: torch.Tensor, expectation: torch.Tensor, argmax: torch.Tensor,
-                      title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t, e, a = (x.float().numpy() for x in (true, expectation, argmax))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(t, a, s=6, alpha=0.35, color="tab:orange", label=f"argmax (MAE {abs(a - t).mean():.2f})")
-    ax.scatter(t, e, s=6, alpha=0.5, color="tab:blue", label=f"expectation (MAE {abs(e - t).mean():.2f})")
-    lo, hi = float(min(t.min(), e.min(), a.min())), float(max(t.max(), e.max(), a.max()))
-    ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--")
-    ax.set_xlabel("true value")
-    ax.set_ylabel("predicted value")
-    ax.set_title(f"{title}: predicted vs true ({len(t)} images)", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _plot_similarity(path: Path, sim: torch.Tensor, rank_values: torch.Tensor, ordinality: float, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.6, 4.6))
-    lo, hi = float(rank_values[0]), float(rank_values[-1])
-    im = ax.imshow(sim.numpy(), cmap="viridis", extent=(lo, hi, hi, lo), interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
-    ax.set_xlabel("rank value")
-    ax.set_ylabel("rank value")
-    ax.set_title(f"{title}: prototype similarities (ordinality {ordinality:.1f}%)", fontsize=9)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Rank prompts
-# --------------------------------------------------------------------------------------------------
-class RankPrompts(nn.Module):
-    """``R`` prompts ``<sot> ctx_1..ctx_M w_r . <eot> <pad>..`` sharing their context; ``w_r`` = rank ``r``'s tokens.
-
-    * context ``ctx`` ``(M, D)``: from words (their token embeddings; their count overrides ``n_ctx``) or
-      N(0, ``init_std``);
-    * rank tokens, one of:
-
-      - ``rank_embeddings`` (OrdinalCLIP): a :class:`vlprompt.ordinal.RankEmbeddings` giving ``(R, T, D)``,
-        interpolated from ``B`` bases or free;
-      - ``rank_words`` (CoOp on ranks): the token embeddings of each rank's words (any number of tokens per rank),
-        fixed, or learned from that initialisation when ``learn_words`` is set.
-
-    The prefix ``<sot> + ctx`` ``(1 + M, D)`` is shared; each rank's suffix ``(S, D)`` (``S = L - 1 - M``) is its
-    rank tokens followed by the embeddings of ``". <eot> <pad>.."`` taken from the tokenizer, joined by
-    concatenation / ``where`` (no in-place writes). ``encode()`` gives the ``(R, E)`` text features through
-    :meth:`vlprompt.text.TextEncoder.encode_prompts` (``text_mode``: auto = shared prefix when exact).
-    """
-
-    def __init__(self, text_encoder, num_ranks: int, *, n_ctx: int = 10, init_words: Optional[str] = None,
-                 init_std: float = 0.02, rank_embeddings: Optional[RankEmbeddings] = None,
-                 rank_words: Optional[Sequence[str]] = None, learn_words: bool = False, text_mode: str = "auto",
-                 chunk_size: Optional[int] = 256):
-        super().__init__()
-        if (rank_embeddings is None) == (rank_words is None):
-            raise VLPromptError("rank prompts need either learned rank embeddings or rank words")
-        self.text = text_encoder
-        self.num_ranks = int(num_ranks)
-        self.text_mode = text_mode
-        self.chunk_size = chunk_size
-        te = text_encoder
-        self.init_words = clean_init_words(init_words)
-        if self.init_words is not None:
-            tokens = te.tokenize([self.init_words])
-            n_ctx = int(te.eot_positions(tokens)[0]) - 1
-            ctx = te.embed(tokens)[0, 1:1 + n_ctx].clone()
-        else:
-            if n_ctx < 1:
-                raise VLPromptError(f"the context needs at least one vector (n_ctx={n_ctx})")
-            ctx = torch.empty(n_ctx, te.width)
-            nn.init.normal_(ctx, std=init_std)
-        self.n_ctx = int(n_ctx)
-        self.ctx = nn.Parameter(ctx.to(te.device))
-        self.rank_embeddings = rank_embeddings
-        placeholder = " ".join(["X"] * self.n_ctx)
-        if rank_embeddings is not None:
-            if rank_embeddings.num_ranks != self.num_ranks:
-                raise VLPromptError(f"{rank_embeddings.num_ranks} rank embeddings for {self.num_ranks} ranks")
-            t = rank_embeddings.num_tokens
-            words = [" ".join(["X"] * t)]  # one template: every rank has T tokens
-        else:
-            words = [str(w).replace("_", " ").strip() for w in rank_words]
-            if len(words) != self.num_ranks or not all(words):
-                raise VLPromptError(f"need {self.num_ranks} non-empty rank words, got {len(words)}")
-        tokens = te.tokenize([f"{placeholder} {w}." for w in words])
-        eot = te.eot_positions(tokens)
-        if int(eot.max()) >= te.context_length or (tokens[:, -1] != 0).any():
-            raise VLPromptError(f"rank prompts longer than the context length {te.context_length} "
-                                f"({self.n_ctx} context tokens + rank tokens)")
-        emb = te.embed(tokens)  # (1 or R, L, D)
-        p = 1 + self.n_ctx
-        lengths = eot - 1 - p  # rank tokens of each prompt (between the context and ".")
-        self.register_buffer("sot", emb[0, :1].clone(), persistent=False)  # (1, D)
-        self.register_buffer("tail", emb[:, p:].clone(), persistent=False)  # (1 or R, S, D)
-        self.register_buffer("eot", eot.expand(self.num_ranks).clone(), persistent=False)  # (R,)
-        self.register_buffer("lengths", lengths.expand(self.num_ranks).clone(), persistent=False)
-        self.words = None if rank_words is None else words
-        self.word_embeds = None
-        if rank_words is not None and learn_words:
-            tmax = int(lengths.max())
-            s = emb.shape[1] - p
-            pos = torch.arange(s, device=emb.device)
-            mask = pos[None, :] < lengths[:, None]  # (R, S)
-            self.register_buffer("word_mask", mask[:, :, None], persistent=False)
-            init = emb[:, p:p + tmax] * mask[:, :tmax, None]  # (R, Tmax, D), zero beyond each word
-            self.word_embeds = nn.Parameter(init.clone())
-
-    def rank_tokens(self) -> Optional[torch.Tensor]:
-        """The learned rank tokens ``(R, T, D)`` (None for fixed rank words)."""
-        if self.rank_embeddings is not None:
-            return self.rank_embeddings()
-        return self.word_embeds
-
-    def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prefix ``(P, D)``, suffix ``(R, S, D)`` and EOT positions ``(R,)`` (in the whole sequence)."""
-        prefix = torch.cat([self.sot, self.ctx], dim=0)
-        r = self.num_ranks
-        if self.rank_embeddings is not None:
-            ranks = self.rank_embeddings()  # (R, T, D)
-            t = ranks.shape[1]
-            rest = self.tail[:, t:].expand(r, -1, -1)
-            suffix = torch.cat([ranks.to(rest.dtype), rest], dim=1)
-        elif self.word_embeds is not None:
-            s = self.tail.shape[1]
-            padded = F.pad(self.word_embeds, (0, 0, 0, s - self.word_embeds.shape[1]))  # (R, S, D)
-            suffix = torch.where(self.word_mask, padded, self.tail)
-        else:
-            suffix = self.tail
-        return prefix, suffix, self.eot
-
-    def encode(self, mode: Optional[str] = None) -> torch.Tensor:
-        """Text features ``(R, E)``, not normalised."""
-        prefix, suffix, eot = self.prompt_embeddings()
-        return self.text.encode_prompts(prefix, suffix, eot, mode=mode or self.text_mode, chunk_size=self.chunk_size)
-
-    def full_embeddings(self) -> torch.Tensor:
-        """Whole token sequences ``(R, L, D)`` as the reference builds them (tests, the benchmark)."""
-        prefix, suffix, _ = self.prompt_embeddings()
-        return torch.cat([prefix[None].expand(self.num_ranks, -1, -1), suffix], dim=1)
-
-
-def _word_embeddings(text_encoder, words: Sequence[str]) -> torch.Tensor:
-    """Token embeddings of each word, padded to the longest with the embedding of token id 0 (as the reference
-    pads its rank-name tokens): ``(len(words), Tmax, D)``."""
-    te = text_encoder
-    tokens = te.tokenize([str(w).replace("_", " ").strip() for w in words])
-    counts = te.eot_positions(tokens) - 1
-    tmax = int(counts.max())
-    ids = torch.zeros(len(words), tmax, dtype=torch.long, device=tokens.device)
-    for i, c in enumerate(counts.tolist()):
-        ids[i, :c] = tokens[i, 1:1 + c]
-    return te.embed(ids)
-
-
-# --------------------------------------------------------------------------------------------------
-# OrdinalCLIP
-# --------------------------------------------------------------------------------------------------
-class PromptPrototypes:
-    """For ordinal methods whose rank prototypes come from prompts (``self.prompts.encode()`` -> (R, E)):
-    logits = logit_scale * cos(image feature, prototype)."""
-
-    def text_features(self) -> torch.Tensor:
-        """``(R, E)`` normalised prototypes; computed once per evaluation."""
-        return self.once_per_eval(lambda: F.normalize(self.prompts.encode().float(), dim=-1))
-
-    def forward(self, feats: Features) -> torch.Tensor:
-        image = F.normalize(self.image_features(feats), dim=-1)
-        return self.logit_scale * image @ self.text_features().t()
+__all__ = ["OrdinalCLIPConfig", "OrdinalCLIP"]
 
 
 @dataclass
 class OrdinalCLIPConfig(OrdinalConfig):
-    n_ctx: int = 10  # context length (the reference's default); words in `init` override it
-    init: Optional[str] = None  # context words, e.g. "the age of the person is"; None = N(0, init_std)
-    init_std: float = 0.02
-    num_base: Optional[int] = 3  # base rank embeddings interpolated into R ranks; None or 0: free rank embeddings
-    interpolation: str = "linear"  # linear | inv_prop | normal
-    tokens_per_rank: int = 1  # T
-    rank_init: Optional[str] = None  # words for the bases (or the ranks when free), comma-separated; "classnames"
-    lr_context: float = 1.0  # learning-rate multipliers (0 freezes the component)
-    lr_ranks: float = 1.0
-    ce_weight: float = 1.0
-    kl_weight: float = 1.0
-    kl_temperature: float = 10.0
-    text_mode: str = "auto"  # auto | plain | cut | prefix (all exact)
-    chunk_size: int = 256
+    n_ctx: int = opt(10, "context vectors shared by all ranks (the reference's 10); words in init set the count",
+                     min=1)
+    init: Optional[str] = opt(None, "context words, e.g. 'the age of the person is' (their token embeddings "
+                              "start the context); default: random N(0, init_std)")
+    init_std: float = opt(0.02, "standard deviation of the random initialisation of context and rank embeddings",
+                          gt=0)
+    num_base: Optional[int] = opt(3, "base rank embeddings interpolated into the R ranks (the paper: 3 for "
+                                  "MORPH II's 101); 0 or null: one free embedding per rank", min=0)
+    interpolation: str = opt("linear", "how ranks are interpolated from the bases: linear (1 - |r - b|/(R-1)), "
+                             "inv_prop (1/|r - b|) or normal (exp(-|r - b|^2))", choices=INTERPOLATION_KINDS)
+    tokens_per_rank: int = opt(1, "tokens T of each rank embedding (with rank_init: the longest word's count)",
+                               min=1)
+    rank_init: Optional[str] = opt(None, "words that start the bases (or the ranks, when free), comma-separated, "
+                                   "or 'classnames'; default: random N(0, init_std)")
+    lr_context: float = opt(1.0, "learning-rate multiplier of the context (0 freezes it)", min=0)
+    lr_ranks: float = opt(1.0, "learning-rate multiplier of the rank embeddings (0 freezes them)", min=0)
+    ce_weight: float = opt(1.0, "weight of the image-to-text cross-entropy in the loss", min=0)
+    kl_weight: float = opt(1.0, "weight of the text-to-image KL term in the loss", min=0)
+    kl_temperature: float = opt(10.0, "temperature of the KL term's soft targets (the reference's 10)", gt=0)
+    text_mode: str = opt("auto", "how the text tower encodes the prompts (all exact): auto (the fastest), plain "
+                         "(77 tokens), cut (after the last EOT) or prefix (the shared prefix once)", choices=TEXT_MODES)
+    chunk_size: int = opt(256, "prompts encoded per text-tower call (memory bound)", min=1)
+
+    def check(self) -> None:
+        super().check()
+        if self.rank_init is not None and self.tokens_per_rank != 1:
+            raise ConfigError(f"tokens_per_rank={self.tokens_per_rank} with rank_init: the rank words set the "
+                              f"tokens per rank (the longest word's token count); give one of them")
+        if self.ce_weight == 0 and self.kl_weight == 0:
+            raise ConfigError("ce_weight and kl_weight are both 0: the loss would be 0")
+        if self.lr_context == 0 and self.lr_ranks == 0 and self.lr_image_encoder == 0:
+            raise ConfigError("lr_context, lr_ranks and lr_image_encoder are all 0: nothing would be trained")
 
 
 class OrdinalCLIP(PromptPrototypes, OrdinalMethod):
     """OrdinalCLIP: language prototypes from learned rank prompts, matched by a trained image encoder."""
 
     name = "ordinalclip"
+    config_class = OrdinalCLIPConfig
+    summary = "OrdinalCLIP: learned rank prompts (interpolated rank embeddings) + a trained image encoder"
 
     def __init__(self, config: OrdinalCLIPConfig, backbone, classnames: Sequence[str]):
         super().__init__(config, backbone, classnames)
-        if config.interpolation not in INTERPOLATION_KINDS:
-            raise VLPromptError(f"interpolation must be one of {INTERPOLATION_KINDS}, got {config.interpolation!r}")
         r = self.num_classes
         te = backbone.text
         num_base = config.num_base or None
@@ -540,19 +86,24 @@ class OrdinalCLIP(PromptPrototypes, OrdinalMethod):
             words = list(classnames) if config.rank_init == "classnames" else \
                 [w.strip() for w in config.rank_init.split(",")]
             if len(words) != rows:
-                what = "ranks" if num_base is None else "base ranks"
-                raise VLPromptError(f"rank_init has {len(words)} words for {rows} {what}")
+                what = "ranks" if num_base is None else "base ranks (num_base)"
+                raise ConfigError(f"rank_init has {len(words)} words for {rows} {what}")
             init = _word_embeddings(te, words)
             t = init.shape[1]  # the longest word's token count (the reference's rule)
-        if t < 1:
-            raise VLPromptError(f"tokens_per_rank must be >= 1, got {t}")
         ranks = RankEmbeddings(r, t, te.width, num_base=num_base, kind=config.interpolation,
                                init_std=config.init_std, init=init).to(backbone.device)
         self.prompts = RankPrompts(te, r, n_ctx=config.n_ctx, init_words=config.init, init_std=config.init_std,
                                    rank_embeddings=ranks, text_mode=config.text_mode, chunk_size=config.chunk_size)
         self._freeze_zero_lr()
 
-    def component_groups(self):
+    def describe(self) -> dict:
+        p = self.prompts
+        return {**super().describe(), "n_ctx": p.n_ctx, "context_init": p.init_words or "random",
+                "tokens_per_rank": p.rank_embeddings.num_tokens,
+                "rank_embeddings": ("free" if p.rank_embeddings.num_base is None else
+                                    f"{p.rank_embeddings.num_base} bases, {p.rank_embeddings.kind} interpolation")}
+
+    def component_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
         return super().component_groups() + [
             ("context", [self.prompts.ctx], self.config.lr_context),
             ("ranks", list(self.prompts.rank_embeddings.parameters()), self.config.lr_ranks)]
@@ -561,8 +112,3 @@ class OrdinalCLIP(PromptPrototypes, OrdinalMethod):
         c = self.config
         return ordinal_loss(logits, labels, ce_weight=c.ce_weight, kl_weight=c.kl_weight,
                             kl_temperature=c.kl_temperature)
-
-    def prototypes(self) -> torch.Tensor:
-        with torch.no_grad():
-            return F.normalize(self.prompts.encode().float(), dim=-1)
-
