@@ -159,14 +159,14 @@ def test_cached_views_follow_online_mode(tmp_path, tiny_vit):
     for mode in ("cached", "online"):
         torch.manual_seed(0)
         method = CoOp(CoOpConfig(n_ctx=4), tiny_vit, splits.classnames)
-        cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, warmup_epochs=0, checkpoint_every=0, seed=3)
+        cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, warmup_epochs=0, checkpoint_every=0)
         if mode == "cached":
             f = FeatureCache(tmp_path / "cache", progress=False).get(
                 tiny_vit, [s.path for s in splits.train], tf, transform_id=transform_id(tf))
             source = CachedViews(f.global_[None])
         else:
             source = OnlineImages(ImageDataset(splits.train, tf), tiny_vit, local=False, encode=True)
-        trainer = Trainer(method, cfg, tmp_path / mode, progress=False)
+        trainer = Trainer(method, cfg, tmp_path / mode, seed=3, progress=False)
         trainer.fit(source, labels)
         losses[mode] = [r["loss"] for r in trainer.state.history]
     assert len(losses["cached"]) == 3 and losses["cached"][0] != losses["cached"][-1]
@@ -174,14 +174,15 @@ def test_cached_views_follow_online_mode(tmp_path, tiny_vit):
 
 
 def test_lr_schedule_matches_dassl_warmup_cosine():
-    from vlprompt.engine.schedule import default_epochs, lr_at_epoch
+    from vlprompt.engine.schedule import lr_at_epoch
+    from vlprompt.methods.coop import coop_epochs
 
     lrs = [lr_at_epoch(e, base_lr=0.002, epochs=10) for e in range(10)]
     assert lrs[0] == 1e-5 and lrs[1] == pytest.approx(0.002)
     assert lrs[2] == pytest.approx(0.001 * (1 + np.cos(np.pi / 10)))
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
-    assert [default_epochs(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
-    assert default_epochs(16, "imagenet") == 50
+    assert [coop_epochs(k, "dtd") for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert coop_epochs(16, "imagenet") == 50
 
 
 def test_nonfinite_loss_is_a_clear_error(tmp_path, tiny_vit):
@@ -191,11 +192,11 @@ def test_nonfinite_loss_is_a_clear_error(tmp_path, tiny_vit):
     bad = features(8, tiny_vit.embed_dim)
     bad[3] = float("nan")
     cfg = TrainConfig(epochs=1, batch_size=8, warmup_epochs=0, checkpoint_every=0)
-    trainer = Trainer(method, cfg, tmp_path, progress=False)
+    trainer = Trainer(method, cfg, tmp_path, seed=1, progress=False)
     with pytest.raises(NonFiniteError, match="epoch 1, step 1"):
         trainer.fit(CachedViews(bad[None]), torch.arange(8) % 4)
     skip = Trainer(method, TrainConfig(epochs=1, batch_size=8, warmup_epochs=0, checkpoint_every=0,
-                                       nonfinite="skip"), tmp_path, progress=False)
+                                       nonfinite="skip"), tmp_path, seed=1, progress=False)
     skip.fit(CachedViews(bad[None]), torch.arange(8) % 4)
     assert skip.state.skipped_steps == 1 and skip.state.step == 0
 
@@ -260,22 +261,24 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_files):
     assert again.returncode == 0 and json.loads(out)["metrics"] == a["metrics"]
 
 
-def test_corrupted_checkpoint_is_refused(tmp_path, tiny_vit):
+def test_corrupted_last_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_vit, caplog):
     from vlprompt.engine.checkpoint import latest_checkpoint
     from vlprompt.errors import CheckpointError
 
     method = CoOp(CoOpConfig(n_ctx=4), tiny_vit, CLASSES)
     cfg = TrainConfig(epochs=2, batch_size=4, warmup_epochs=0)
-    Trainer(method, cfg, tmp_path, progress=False).fit(CachedViews(features(8, 64)[None]), torch.arange(8) % 4)
+    Trainer(method, cfg, tmp_path, seed=1, progress=False).fit(CachedViews(features(8, 64)[None]), torch.arange(8) % 4)
     ckpt = latest_checkpoint(tmp_path)
     blob = bytearray((ckpt / "learned.safetensors").read_bytes())
     blob[-3] ^= 0xFF
     (ckpt / "learned.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(CheckpointError, match="corrupted"):
-        Trainer(method, cfg, tmp_path, progress=False).resume()
-    (ckpt / "meta.json").write_text("{")
-    with pytest.raises(CheckpointError, match="meta.json"):
-        Trainer(method, cfg, tmp_path, progress=False).resume()
+    trainer = Trainer(method, cfg, tmp_path, seed=1, progress=False)
+    assert trainer.resume() and trainer.state.epoch == 1  # the newest intact checkpoint, said in the log
+    assert any("epoch-0002" in r.getMessage() for r in caplog.records)
+    for d in (tmp_path / "checkpoints").glob("epoch-*"):
+        (d / "meta.json").write_text("{")
+    with pytest.raises(CheckpointError):
+        Trainer(method, cfg, tmp_path, seed=1, progress=False).resume()
 
 
 def test_cli_zero_epochs_equals_zero_shot_and_export_predict(tmp_path, tiny_files):
@@ -318,24 +321,23 @@ def test_learning_on_dtd_and_base_to_new(tmp_path, tiny_files):
     """16-shot DTD (real images), base classes: the loss falls and train accuracy rises well above chance
     (class-specific contexts: a random tiny tower leaves a shared context little to work with); a unified
     context trained on the base classes evaluates on the new ones."""
-    from vlprompt.runner import DataConfig, RunConfig, evaluate_run, run_training
+    from vlprompt.runs import DataConfig, evaluate_run, resolve, run
 
     root = require_shared("dtd").parent
     cfg_path, weights = tiny_files
-    data = DataConfig(dataset="dtd", root=str(root), shots=16, seed=1, classes="base")
-    cfg = RunConfig(method="coop", backbone=str(cfg_path), pretrained=str(weights), data=data,
-                    method_options={"n_ctx": 4, "csc": True}, cache_dir=str(tmp_path / "cache"),
-                    train=TrainConfig(epochs=30, batch_size=16, lr=0.01, optimizer="adamw", weight_decay=0.0,
-                                      views=2, checkpoint_every=10))
-    res = run_training(cfg, tmp_path / "csc", progress=False)
+    data = {"dataset": "dtd", "root": str(root), "shots": 16, "classes": "base"}
+    base = {"method": "coop", "backbone": str(cfg_path), "pretrained": str(weights), "seed": 1, "data": data,
+            "cache_dir": str(tmp_path / "cache")}
+    cfg = resolve({**base, "method_options": {"n_ctx": 4, "csc": True},
+                   "train": {"epochs": 30, "batch_size": 16, "lr": 0.01, "optimizer": "adamw", "weight_decay": 0.0,
+                             "views": 2, "checkpoint_every": 10}})
+    res = run(cfg, tmp_path / "csc", progress=False)
     hist = [json.loads(line) for line in (tmp_path / "csc" / "metrics.jsonl").read_text().splitlines()]
     assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
     assert res["train"]["final_train_accuracy"] >= 2 * 100 / 5  # 5 base classes: chance is 20%
     assert (tmp_path / "csc" / "training_curve.png").stat().st_size > 1000
-    unified = RunConfig(method="coop", backbone=str(cfg_path), pretrained=str(weights), data=data,
-                        method_options={"n_ctx": 4}, cache_dir=str(tmp_path / "cache"),
-                        train=TrainConfig(epochs=2, batch_size=16, views=2))
-    run_training(unified, tmp_path / "unified", progress=False)
+    unified = resolve({**base, "method_options": {"n_ctx": 4}, "train": {"epochs": 2, "batch_size": 16, "views": 2}})
+    run(unified, tmp_path / "unified", progress=False)
     new = evaluate_run(tmp_path / "unified", DataConfig(dataset="dtd", root=str(root), shots=0, classes="new"),
                        cache_dir=str(tmp_path / "cache"), progress=False)
     assert new["metrics"]["num_samples"] == 180 and 0 <= new["metrics"]["accuracy"] <= 100
@@ -346,15 +348,15 @@ def test_tensorboard_logging(tmp_path, tiny_files):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from vlprompt.runner import DataConfig, RunConfig, run_training
+    from vlprompt.runs import resolve, run
 
     data = make_folder_dataset(tmp_path / "data")
     cfg_path, weights = tiny_files
-    cfg = RunConfig(method="coop", backbone=str(cfg_path), pretrained=str(weights),
-                    data=DataConfig(dataset="folder", root=str(data), shots=4), method_options={"n_ctx": 4},
-                    cache_dir=str(tmp_path / "cache"), tensorboard=True,
-                    train=TrainConfig(epochs=2, batch_size=8, views=1))
-    run_training(cfg, tmp_path / "run", progress=False)
+    cfg = resolve({"method": "coop", "backbone": str(cfg_path), "pretrained": str(weights),
+                   "data": {"dataset": "folder", "root": str(data), "shots": 4}, "method_options": {"n_ctx": 4},
+                   "cache_dir": str(tmp_path / "cache"), "tensorboard": True,
+                   "train": {"epochs": 2, "batch_size": 8, "views": 1}})
+    run(cfg, tmp_path / "run", progress=False)
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()
     losses = [e.value for e in acc.Scalars("loss")]
@@ -365,17 +367,18 @@ def test_tensorboard_logging(tmp_path, tiny_files):
 def test_base_to_new_harmonic_mean_and_tables(tmp_path, tiny_files, capsys):
     """Runs over two seeds, evaluated base-to-new; the table averages over seeds and computes H on averages."""
     from vlprompt.cli import main
-    from vlprompt.runner import DataConfig, RunConfig, base_to_new, harmonic_mean, run_training
+    from vlprompt.runs import DataConfig, base_to_new, harmonic_mean, resolve, run
+    from vlprompt.stats import mean_std
 
     data = make_folder_dataset(tmp_path / "data")
     cfg_path, weights = tiny_files
     results, b2n = [], []
     for seed in (1, 2):
-        d = DataConfig(dataset="folder", root=str(data), shots=4, seed=seed, classes="base")
-        cfg = RunConfig(method="coop", backbone=str(cfg_path), pretrained=str(weights), data=d,
-                        method_options={"n_ctx": 4}, cache_dir=str(tmp_path / "cache"),
-                        train=TrainConfig(epochs=1, batch_size=4, views=1, seed=seed))
-        results.append(run_training(cfg, tmp_path / "runs" / f"seed{seed}", progress=False))
+        cfg = resolve({"method": "coop", "backbone": str(cfg_path), "pretrained": str(weights), "seed": seed,
+                       "data": {"dataset": "folder", "root": str(data), "shots": 4, "classes": "base"},
+                       "method_options": {"n_ctx": 4}, "cache_dir": str(tmp_path / "cache"),
+                       "train": {"epochs": 1, "batch_size": 4, "views": 1}})
+        results.append(run(cfg, tmp_path / "runs" / f"seed{seed}", progress=False))
         b2n.append(base_to_new(tmp_path / "runs" / f"seed{seed}", DataConfig(dataset="folder", root=str(data)),
                                cache_dir=str(tmp_path / "cache"), progress=False))
     assert results[0]["metrics"]["num_samples"] == 2 * 3  # 2 base classes x 3 test images
@@ -385,7 +388,7 @@ def test_base_to_new_harmonic_mean_and_tables(tmp_path, tiny_files, capsys):
     table = json.loads(capsys.readouterr().out)
     accs = [r["metrics"]["accuracy"] for r in results]
     assert table["runs"][0]["runs"] == 2 and table["runs"][0]["mean"] == pytest.approx(np.mean(accs))
-    assert table["runs"][0]["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert table["runs"][0]["std"] == pytest.approx(mean_std(accs)[1])
     base, new = np.mean([r["base"] for r in b2n]), np.mean([r["new"] for r in b2n])
     assert table["base_to_new"][0]["harmonic_mean"] == pytest.approx(2 * base * new / (base + new))
     assert harmonic_mean(80.0, 60.0) == pytest.approx(68.5714285714)
@@ -395,14 +398,14 @@ def test_cocoop_export_predict_runs_the_prompt(tmp_path, tiny_files):
     """CoCoOp's text depends on the image: its exported head keeps the learned tensors, and predict gives the
     method's own top-1."""
     from vlprompt.data import build_test_transform, load_dataset, load_image
-    from vlprompt.runner import (DataConfig, RunConfig, export_run, load_method, predict_images, run_training)
+    from vlprompt.runs import export_run, load_method, predict_images, resolve, run
 
     data = make_folder_dataset(tmp_path / "data")
     cfg_path, weights = tiny_files
-    cfg = RunConfig(method="cocoop", backbone=str(cfg_path), pretrained=str(weights),
-                    data=DataConfig(dataset="folder", root=str(data), shots=4), cache_dir=str(tmp_path / "cache"),
-                    train=TrainConfig(epochs=1, batch_size=4, views=1))
-    run_training(cfg, tmp_path / "run", progress=False)
+    cfg = resolve({"method": "cocoop", "backbone": str(cfg_path), "pretrained": str(weights),
+                   "data": {"dataset": "folder", "root": str(data), "shots": 4}, "cache_dir": str(tmp_path / "cache"),
+                   "train": {"epochs": 1, "batch_size": 4, "views": 1}})
+    run(cfg, tmp_path / "run", progress=False)
     head = export_run(tmp_path / "run")
     assert json.loads((head / "head.json").read_text())["kind"] == "prompt"
     splits = load_dataset("folder", data)

@@ -204,7 +204,7 @@ def test_forced_nonfinite_plan_is_a_clear_error(tmp_path, sharp_rn, rn_feats):
     bad[2, 1] = float("nan")
     method = PLOT(PLOTConfig(n_ctx=4, ot_eps=0.05), sharp_rn, CLASSES)
     trainer = Trainer(method, TrainConfig(epochs=1, batch_size=6, warmup_epochs=0, checkpoint_every=0), tmp_path,
-                      progress=False)
+                      seed=1, progress=False)
     with pytest.raises(NonFiniteError, match=r"training step 1 .*eps=0\.05"):
         trainer.fit(CachedViews(g[None], bad[None]), torch.arange(6) % 5)
     with pytest.raises(VLPromptError, match="local image features"):
@@ -291,7 +291,7 @@ def test_training_on_dtd_lowers_the_loss(dtd_run):
 
 
 def test_saved_run_evaluates_on_another_class_list(dtd_run):
-    from vlprompt.runner import DataConfig, evaluate_run
+    from vlprompt.runs import DataConfig, evaluate_run
 
     root = require_shared("dtd").parent
     res = evaluate_run(dtd_run / "run", DataConfig(dataset="dtd", root=str(root), shots=0, classes="new"),
@@ -303,7 +303,7 @@ def test_saved_run_evaluates_on_another_class_list(dtd_run):
 def test_export_predict_round_trip(dtd_run, capsys):
     from vlprompt.cli import main
     from vlprompt.data import build_test_transform, load_image, load_split
-    from vlprompt.runner import export_run, load_method, predict_images
+    from vlprompt.runs import export_run, load_method, predict_images
 
     head = export_run(dtd_run / "run", dtd_run / "head")
     info = json.loads((head / "head.json").read_text())
@@ -339,19 +339,21 @@ def test_plot_transport_writes_a_png(dtd_run, capsys):
     assert "not one of the run's 5 classes" in capsys.readouterr().err
 
 
-def test_cli_options_map_to_the_config():
-    from vlprompt.cli import build_parser
-    from vlprompt.cli.train import method_options, train_config
+def test_cli_options_map_to_the_config(capsys):
+    from vlprompt.cli import build_parser, main
+    from vlprompt.cli.train import request_from_args
+    from vlprompt.runs import resolve
 
     base = ["train", "--backbone", "x.json", "--dataset", "dtd", "--root", ".", "--output", "o"]
-    args = build_parser().parse_args(base + ["--method", "plot", "--n-prompts", "3", "--ot-eps", "0.2",
-                                             "--ot-iters", "50", "--ot-thresh", "0.001", "--ot-grad",
-                                             "--plot-global-logits", "--method-option", "marginals=global_similarity"])
-    assert method_options(args) == {"n_prompts": 3, "ot_eps": 0.2, "ot_iters": 50, "ot_thresh": 0.001,
-                                    "ot_grad": True, "global_logits": True, "marginals": "global_similarity"}
-    plain = build_parser().parse_args(base + ["--method", "plot"])
-    assert method_options(plain) == {}
-    cfg = train_config(plain)  # the reference's configs/trainers/PLOT/rn50.yaml unless given
-    assert (cfg.batch_size, cfg.epochs) == (128, 50)
-    with pytest.raises(VLPromptError, match="--ot-eps does not apply to coop"):
-        method_options(build_parser().parse_args(base + ["--method", "coop", "--ot-eps", "0.2"]))
+    argv = base + ["--method", "plot", "--n-prompts", "3", "--ot-eps", "0.2", "--ot-iters", "50", "--ot-thresh",
+                   "0.001", "--ot-grad", "--global-logits", "--method-option", "marginals=global_similarity"]
+    req = request_from_args(build_parser(argv).parse_args(argv))
+    assert req["method_options"] == {"n_prompts": 3, "ot_eps": 0.2, "ot_iters": 50, "ot_thresh": 0.001,
+                                     "ot_grad": True, "global_logits": True, "marginals": "global_similarity"}
+    plain = base + ["--method", "plot"]
+    req = request_from_args(build_parser(plain).parse_args(plain))
+    assert "method_options" not in req
+    cfg = resolve(req)  # the reference's configs/trainers/PLOT/rn50.yaml unless given
+    assert (cfg.train.batch_size, cfg.train.epochs) == (128, 50)
+    assert main(base + ["--method", "coop", "--ot-eps", "0.2"]) == 2  # not an option of CoOp
+    assert "--ot-eps" in capsys.readouterr().err

@@ -64,19 +64,24 @@ def cmd_features(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     from ..backbone import load_backbone
-    from ..runs import resolve
+    from ..runs.config import resolve_data, resolve_model
     from ..runs.execute import prepare_data
     from ..runs.features import cache_features
 
-    # the same resolution as a run (seed, shots, root, weights), so the cached entries are the ones runs read
+    # the same resolution and data preparation as a run, so the cached entries are the ones runs read
     top = top_request(args)
     data.setdefault("shots", 0)  # whole splits unless --shots samples a few-shot split as a run would
-    cfg = resolve({**top, "method": "linear-probe", "data": data})
-    splits, _ = prepare_data(cfg.data, cfg.seed, which)
-    backbone = load_backbone(cfg.backbone, cfg.pretrained, cfg.device, precision=cfg.precision)
+    d = resolve_data(data)
+    seed = top.get("seed", 1) if d.shots else None
+    if not d.shots and "seed" in top:
+        raise ConfigError("--seed does not apply with --shots 0 (nothing is sampled)")
+    model = resolve_model(top)
+    splits, _ = prepare_data(d, seed, which)
+    backbone = load_backbone(model["backbone"], model["pretrained"], model["device"], precision=model["precision"])
     rows = cache_features(backbone, splits, FeatureCache(root, progress=not args.quiet), which=which,
-                          views=args.views, local=args.local, preprocess=cfg.preprocess, batch_size=args.batch_size)
-    summary = {"cache_dir": root, "dataset": splits.name, "backbone": cfg.backbone,
+                          views=args.views, local=args.local, preprocess=model["preprocess"],
+                          batch_size=args.batch_size)
+    summary = {"cache_dir": root, "dataset": splits.name, "backbone": model["backbone"],
                "fingerprint": backbone.fingerprint, "requests": rows}
     if args.json:
         print_json(summary)

@@ -47,16 +47,16 @@ def transport_maps(run_dir: str | Path, image: str | Path, class_name: Optional[
     chosen class, ``grid`` (h, w), the class index/name, the predicted class and the probabilities."""
     import torch
 
-    from ..data import build_test_transform, load_image
+    from ..data import load_image
     from ..methods.base import Features
     from ..methods.plot import PLOT
-    from ..runner import load_method
+    from ..runs import load_method, transforms_for
 
     method, meta, backbone = load_method(Path(run_dir), device=device)
     if not isinstance(method, PLOT):
         raise VLPromptError(f"{run_dir}: a {meta['method']} run; plot-transport needs a PLOT run "
                             f"(`vlprompt train --method plot`)")
-    tf = backbone.preprocess if meta.get("preprocess") == "model" else build_test_transform(backbone.image_size)
+    _, tf = transforms_for(meta.get("preprocess", "coop"), backbone)
     x = tf(load_image(image))[None]
     method.eval()
     with torch.no_grad():

@@ -86,13 +86,13 @@ def _add_run_parser(sub, name: str, help_text: str, method: Optional[str], fixed
 
 
 def register(sub, method: Optional[str] = None) -> None:
+    from ..methods import method_class, method_commands
+
     _add_run_parser(sub, "train", "train (or fit) a method: CoOp, CoCoOp, PLOT, OrdinalCLIP, the baselines...",
                     method, fixed=False)
-    _add_run_parser(sub, "zeroshot", "zero-shot CLIP: hand-crafted prompts or a prompt ensemble, no training "
-                                     "(= train --method zeroshot)", "zeroshot", fixed=True)
-    _add_run_parser(sub, "linear-probe", "CoOp's linear probe: logistic regression on frozen image features, C "
-                                         "searched on the few-shot val split (= train --method linear-probe)",
-                    "linear-probe", fixed=True)
+    for command, name in method_commands().items():  # e.g. `vlprompt zeroshot` = `vlprompt train --method zeroshot`
+        cls = method_class(name)
+        _add_run_parser(sub, command, f"{cls.summary} (= train --method {name})", name, fixed=True)
 
     e = sub.add_parser("eval", help="evaluate a trained run on any dataset or class split")
     e.add_argument("run", help="run directory")

@@ -68,7 +68,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         check_fields(self, "train")
-        if self.epochs is not None and self.warmup_epochs > self.epochs:
+        if self.epochs and self.warmup_epochs > self.epochs:  # (0 epochs: nothing runs, no warm-up either)
             raise ConfigError(f"train: warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         return self
 

@@ -14,26 +14,40 @@ from ..errors import ConfigError, VLPromptError
 from .base import Features, Method, MethodConfig, opt
 
 _REGISTRY: dict[str, Union[str, type]] = {}
+_COMMANDS: dict[str, str] = {}
 
 
-def register_method(name: str, target: Union[str, type], *, replace: bool = False) -> None:
+def register_method(name: str, target: Union[str, type], *, replace: bool = False,
+                    command: str | None = None) -> None:
     """Register a method under ``name``: ``"package.module:Class"`` or a :class:`Method` subclass. A name
-    registered twice is an error unless ``replace``."""
+    registered twice is an error unless ``replace``. ``command``: also a top-level command of ``vlprompt``
+    (``vlprompt zeroshot ...`` = ``vlprompt train --method zeroshot ...``)."""
     if not isinstance(name, str) or not name or name != name.strip():
         raise VLPromptError(f"a method name must be a non-empty string, got {name!r}")
     if name in _REGISTRY and not replace:
         raise VLPromptError(f"method {name!r} is already registered ({_REGISTRY[name]!r})")
     if isinstance(target, type) and not issubclass(target, Method):
         raise VLPromptError(f"{target!r} is not a vlprompt Method subclass")
+    if command is not None:
+        if _COMMANDS.get(command, name) != name:
+            raise VLPromptError(f"command {command!r} is already the command of method {_COMMANDS[command]!r}")
+        _COMMANDS[command] = name
     _REGISTRY[name] = target
 
 
 def unregister_method(name: str) -> None:
     _REGISTRY.pop(name, None)
+    for command in [c for c, n in _COMMANDS.items() if n == name]:
+        del _COMMANDS[command]
 
 
-register_method("zeroshot", "vlprompt.methods.zeroshot:ZeroShot")
-register_method("linear-probe", "vlprompt.methods.linear_probe:LinearProbe")
+def method_commands() -> dict[str, str]:
+    """``{command: method}`` of the methods that are also top-level commands."""
+    return dict(_COMMANDS)
+
+
+register_method("zeroshot", "vlprompt.methods.zeroshot:ZeroShot", command="zeroshot")
+register_method("linear-probe", "vlprompt.methods.linear_probe:LinearProbe", command="linear-probe")
 register_method("coop", "vlprompt.methods.coop:CoOp")
 register_method("cocoop", "vlprompt.methods.cocoop:CoCoOp")
 register_method("plot", "vlprompt.methods.plot:PLOT")
@@ -88,4 +102,5 @@ def build_method(name: str, config: dict | MethodConfig, backbone, classnames, *
 
 
 __all__ = ["Method", "MethodConfig", "Features", "opt", "register_method", "unregister_method", "method_names",
+           "method_commands",
            "method_class", "get_method", "build_config", "build_method"]

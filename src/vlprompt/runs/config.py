@@ -174,17 +174,7 @@ def resolve(request: dict | RunConfig) -> RunConfig:
     name = ALIASES.get(name, name)
 
     # 1. data
-    data_req = _section(request, "data")
-    _known("data", data_req, DataConfig)
-    data = DataConfig(**{**cls.data_defaults(), **data_req})
-    for key in ("dataset", "root"):
-        if not getattr(data, key):
-            raise ConfigError(f"data.{key} is required (--{key})")
-    check_fields(data, "data")
-    from ..data import get_dataset_info
-
-    get_dataset_info(data.dataset)  # an unknown dataset fails here, naming the known ones
-    data.root = _abs(data.root)
+    data = resolve_data({**cls.data_defaults(), **_section(request, "data")})
 
     # 2.-3. preset, then the user's method options and training fields
     preset = cls.preset(data) or {}
@@ -233,6 +223,35 @@ def resolve(request: dict | RunConfig) -> RunConfig:
     if data.shots == 0 and data.allow_fewer:
         raise ConfigError("--allow-fewer applies to few-shot sampling (--shots > 0)")
 
+    model = resolve_model(request)
+    tensorboard = request.get("tensorboard", False)
+    if not isinstance(tensorboard, bool):
+        raise ConfigError(f"tensorboard must be true or false, got {tensorboard!r}")
+    if tensorboard and train is None:
+        raise ConfigError(f"--tensorboard logs training epochs; {name} has none")
+    cache_dir = request.get("cache_dir") or default_cache_dir()
+    return RunConfig(method=name, data=data, seed=seed, method_options=mcfg.to_dict(), train=train,
+                     cache_dir=_abs(cache_dir), tensorboard=tensorboard, **model)
+
+
+def resolve_data(data_req: dict) -> DataConfig:
+    """The validated data section of a request (the dataset's root made absolute: it is the dataset's
+    identity)."""
+    _known("data", data_req, DataConfig)
+    data = DataConfig(**data_req)
+    for key in ("dataset", "root"):
+        if not getattr(data, key):
+            raise ConfigError(f"data.{key} is required (--{key})")
+    check_fields(data, "data")
+    from ..data import get_dataset_info
+
+    get_dataset_info(data.dataset)  # an unknown dataset fails here, naming the known ones
+    data.root = _abs(data.root)
+    return data
+
+
+def resolve_model(request: dict) -> dict:
+    """The validated model fields of a request: backbone, pretrained, device, precision, preprocess."""
     backbone = request.get("backbone", "RN50")
     # hf-hub: and local-dir: backbones bring their own weights; plain names default to OpenAI's
     own_weights = isinstance(backbone, str) and backbone.startswith(("hf-hub:", "local-dir:"))
@@ -253,15 +272,8 @@ def resolve(request: dict | RunConfig) -> RunConfig:
     preprocess = request.get("preprocess", "coop")
     if preprocess not in ("coop", "model"):
         raise ConfigError(f"--preprocess must be coop or model, got {preprocess!r}")
-    tensorboard = request.get("tensorboard", False)
-    if not isinstance(tensorboard, bool):
-        raise ConfigError(f"tensorboard must be true or false, got {tensorboard!r}")
-    if tensorboard and train is None:
-        raise ConfigError(f"--tensorboard logs training epochs; {name} has none")
-    cache_dir = request.get("cache_dir") or default_cache_dir()
-    return RunConfig(method=name, data=data, backbone=backbone, pretrained=pretrained, seed=seed,
-                     method_options=mcfg.to_dict(), train=train, device=check_device(request.get("device")),
-                     precision=precision, preprocess=preprocess, cache_dir=_abs(cache_dir), tensorboard=tensorboard)
+    return {"backbone": backbone, "pretrained": pretrained, "device": check_device(request.get("device")),
+            "precision": precision, "preprocess": preprocess}
 
 
 def request_of(cfg: RunConfig) -> dict:
