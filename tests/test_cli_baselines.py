@@ -333,8 +333,6 @@ def test_bad_templates_are_one_line_exit_2_before_the_run_starts(templates, mess
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="src bug (cli/options.py _parser_for): each item of a list option is "
-                   "JSON-decoded, so the template '{}' becomes an empty dict and '1' an int")
 def test_templates_flag_takes_each_template_verbatim(tmp_path, capsys):
     rc, stdout, err = run_cli(["zeroshot", "--dataset", "dtd", "--root", str(tmp_path), "--templates", "{}", "{} 1",
                             "--show-config"], capsys)

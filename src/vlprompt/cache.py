@@ -290,7 +290,7 @@ class FeatureCache:
             try:
                 st = os.stat(p)
             except OSError as e:
-                raise DataError(f"image file {p}: {e.strerror or e}") from None
+                raise DataError(f"image file {p}: {e.strerror or e}") from e
             if self.hash_files:
                 memo = (p, st.st_size, st.st_mtime_ns, st.st_ino)
                 h = self._content_hashes.get(memo)
@@ -493,7 +493,7 @@ class FeatureCache:
         try:
             size = path.stat().st_size
         except OSError:
-            raise _BadShard("the file is missing") from None
+            raise _BadShard("the file is missing")
         if size != info.get("bytes"):
             raise _BadShard(f"{size} bytes, the index recorded {info.get('bytes')} (truncated or rewritten)")
         # read once, check and parse the same bytes (safetensors' own loaders map the file: a later change of
@@ -501,7 +501,7 @@ class FeatureCache:
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise _BadShard(f"unreadable: {e}") from None
+            raise _BadShard(f"unreadable: {e}") from e
         if len(data) != info.get("bytes"):
             raise _BadShard(f"{len(data)} bytes, the index recorded {info.get('bytes')}")
         if hashlib.sha256(data).hexdigest() != info.get("sha256"):
@@ -513,7 +513,7 @@ class FeatureCache:
             file_meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
             tensors = load_safetensors(data)
         except Exception as e:  # safetensors raises its own error types for truncated / malformed files
-            raise _BadShard(f"unreadable: {e}") from None
+            raise _BadShard(f"unreadable: {e}") from e
         del data
         g, loc = tensors.get("global"), tensors.get("local")
         rows = int(info.get("rows", -1))

@@ -36,13 +36,23 @@ def _parser_for(tp: Any, optional: bool, flag: str):
             try:
                 return int(text)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"{flag} expects an integer, got {text!r}") from None
+                raise argparse.ArgumentTypeError(f"{flag} expects an integer, got {text!r}")
         if tp is float:
             try:
                 return float(text)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"{flag} expects a number, got {text!r}") from None
-        if tp is list or typing.get_origin(tp) is list:  # one item per argument: a number, JSON, or a string
+                raise argparse.ArgumentTypeError(f"{flag} expects a number, got {text!r}")
+        if tp is list or typing.get_origin(tp) is list:  # one item per argument
+            item = (typing.get_args(tp) or (Any,))[0]
+            if text.lstrip().startswith("["):  # the whole list as JSON
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise argparse.ArgumentTypeError(f"{flag}: not a JSON list: {text!r}") from e
+            if item is str:
+                return text  # verbatim: a template such as "{}" stays a string
+            if item in (int, float):
+                return _parser_for(item, False, flag)(text)
             try:
                 return json.loads(text)
             except json.JSONDecodeError:

@@ -62,7 +62,7 @@ def parse_coop_split(raw: object, image_dir: Path, source: str, check_files: boo
                 label = int(entry[1])
             except (TypeError, ValueError):
                 raise DataError(f"{source}: {name}[{i}] has a non-integer label "
-                                f"{entry[1]!r}") from None
+                                f"{entry[1]!r}")
             out.append(Sample(path=str(image_dir / entry[0]), label=label, classname=entry[2]))
         splits[name] = out
     raw_names = classnames_from_samples(splits.values(), source)

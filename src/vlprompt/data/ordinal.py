@@ -124,7 +124,7 @@ def rank_samples(paths: Sequence[str], values: Sequence[float], ranks,
         idx, _ = ranks_from_values(list(values), ranks)
         names = _rank_names(ranks)
     except RankValueError as e:
-        raise DataError(f"{source}: {e}") from None
+        raise DataError(f"{source}: {e}") from e
     samples = [Sample(p, int(i), names[int(i)], float(v)) for p, i, v in zip(paths, idx.tolist(), values)]
     return samples, names, ranks if isinstance(ranks, str) else ",".join(f"{float(e):g}" for e in ranks)
 
@@ -163,7 +163,7 @@ def fold_split(samples: Sequence[Sample], *, folds: int, fold: int, seed: int, v
     try:
         train_idx, test_idx = k_fold_indices(len(items), folds, seed)[fold]
     except ValueError as e:
-        raise DataError(f"{source}: {e}") from None
+        raise DataError(f"{source}: {e}") from e
     train, val = carve_val([items[i] for i in train_idx], val_fraction, seed)
     return train, val, [items[i] for i in test_idx]
 
@@ -211,7 +211,7 @@ def read_target_folder(root, *, target_regex: str, ranks=None, recursive: bool =
     try:
         pattern = re.compile(target_regex)
     except (re.error, TypeError) as e:
-        raise DataError(f"{source}: target_regex {target_regex!r} is not a regular expression ({e})") from None
+        raise DataError(f"{source}: target_regex {target_regex!r} is not a regular expression ({e})") from e
     if unmatched not in ("error", "skip"):
         raise DataError(f"{source}: unmatched must be 'error' or 'skip', got {unmatched!r}")
     files = list_images(root, recursive=bool(recursive))
@@ -332,7 +332,7 @@ def _read_list(path: Path, image_root: Path, source: str) -> tuple[list[str], li
             try:
                 vals = [float(p) for p in parts[1:]]
             except ValueError:
-                raise DataError(f"{source}: {path} line {lineno}: the values {parts[1:]} are not numbers") from None
+                raise DataError(f"{source}: {path} line {lineno}: the values {parts[1:]} are not numbers")
             paths.append(str(image_root / parts[0]))
             values.append(vals[len(vals) // 2])
     if not paths:
@@ -387,7 +387,7 @@ def _read_tsv(path: Path, need: Sequence[str], source: str) -> tuple[list[list[s
         with open(path, "r", encoding="utf-8", newline="") as f:
             rows = list(csv.reader(f, delimiter="\t"))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{source}: cannot read {path}: {e}") from None
+        raise DataError(f"{source}: cannot read {path}: {e}") from e
     if not rows:
         raise DataError(f"{source}: {path} is empty")
     header = [h.strip() for h in rows[0]]
@@ -504,7 +504,7 @@ def read_aesthetics(root, *, tsv: str = "beauty-icwsm15-dataset.tsv", images: Op
             votes = [int(v) for v in row[c["beauty_scores"]].split(",") if v.strip()]
         except ValueError:
             raise DataError(f"{source}: {table} row {rowno}: beauty_scores {row[c['beauty_scores']]!r} are not "
-                            f"integers") from None
+                            f"integers")
         if not votes or not all(1 <= v <= 5 for v in votes):
             raise DataError(f"{source}: {table} row {rowno}: beauty_scores {votes} must be votes in 1..5")
         rank = int(statistics.median(votes)) - 1

@@ -70,11 +70,11 @@ def _loadmat(path: Path, dataset: str):
     try:
         from scipy.io import loadmat
     except ImportError:  # pragma: no cover - scipy comes with scikit-learn and POT
-        raise DataError(f"{dataset}: reading {path} needs scipy (pip install scipy)") from None
+        raise DataError(f"{dataset}: reading {path} needs scipy (pip install scipy)")
     try:
         return loadmat(str(path))
     except Exception as e:
-        raise DataError(f"{dataset}: cannot read MATLAB file {path}: {e}") from None
+        raise DataError(f"{dataset}: cannot read MATLAB file {path}: {e}") from e
 
 
 def _read_lines(path: Path, dataset: str) -> list[str]:

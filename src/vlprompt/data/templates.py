@@ -84,7 +84,7 @@ def check_template(template: str) -> str:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
-        raise DataError(f"prompt template {template!r} is not a valid format string: {e}") from None
+        raise DataError(f"prompt template {template!r} is not a valid format string: {e}") from e
     if fields != [""]:
         raise DataError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name "
                         f"(and no other '{{...}}' field)")

@@ -57,7 +57,7 @@ def _interpolation(name: str | InterpolationMode) -> InterpolationMode:
     try:
         return _INTERPOLATIONS[str(name).lower()]
     except KeyError:
-        raise DataError(f"unknown interpolation {name!r}: use one of {', '.join(_INTERPOLATIONS)}") from None
+        raise DataError(f"unknown interpolation {name!r}: use one of {', '.join(_INTERPOLATIONS)}")
 
 
 def _check_size(image_size: int) -> int:

@@ -75,7 +75,7 @@ def _instantiate(cls, name: str, root: Path, kwargs: dict) -> Any:
     try:
         return cls(**kwargs)
     except Exception as e:  # download failures, missing files, bad arguments: all the user's to fix
-        raise _load_error(name, root, kwargs, e) from None
+        raise _load_error(name, root, kwargs, e) from e
 
 
 def clean_torchvision_classnames(name: str, classes: list[Any]) -> list[str]:
@@ -135,7 +135,7 @@ def _to_pil(image: Any, where: str):
         if isinstance(image, np.ndarray):
             return Image.fromarray(image)
     except Exception as e:
-        raise DataError(f"{where}: cannot turn the image into a PIL image: {e}") from None
+        raise DataError(f"{where}: cannot turn the image into a PIL image: {e}") from e
     raise DataError(f"{where}: items are {type(image).__name__}, not images")
 
 
@@ -213,7 +213,7 @@ def read_torchvision(name: str, root: str | os.PathLike, *, download: bool = Tru
                 except Exception as e:
                     if _is_bad_split_error(e, value):
                         continue
-                    raise _load_error(name, root, {**base, "split": value}, e) from None
+                    raise _load_error(name, root, {**base, "split": value}, e) from e
                 parts[ours] = (value, ds)
                 break
         lacking = [s for s in ("train", "test") if s not in parts]

@@ -61,7 +61,15 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is list or origin is list:
         if isinstance(value, tuple):
             value = list(value)
-        return isinstance(value, list), value
+        if not isinstance(value, list):
+            return False, value
+        args = typing.get_args(tp)
+        if args:  # list[float], list[str]: every item
+            items = [_type_ok(v, args[0]) for v in value]
+            if not all(ok for ok, _ in items):
+                return False, value
+            value = [v for _, v in items]
+        return True, value
     if tp is dict or origin is dict:
         return isinstance(value, dict), value
     return True, value

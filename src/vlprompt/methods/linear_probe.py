@@ -28,7 +28,7 @@ COARSE_C_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 class LinearProbeConfig(MethodConfig):
     C: Optional[float] = opt(None, "fixed inverse regularisation strength (default: searched on the val split)",
                              gt=0)
-    c_grid: list = opt(default_factory=lambda: list(COARSE_C_GRID),
+    c_grid: list[float] = opt(default_factory=lambda: list(COARSE_C_GRID),
                        help="coarse sweep of C before the bisection (CoOp's 1e6..1e-6)")
     search_steps: int = opt(8, "bisection steps in log10(C) after the coarse sweep", min=0)
     max_iter: int = opt(1000, "L-BFGS iterations", min=1)

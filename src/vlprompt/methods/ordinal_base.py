@@ -29,7 +29,7 @@ from .ordinal_parts import (RankEmbeddings, ordinal_metrics, ordinality_score, p
                             regression_logits, similarity_matrix)
 from .prompts import clean_init_words
 
-__all__ = ["PAPER_TRAIN", "OrdinalConfig", "OrdinalMethod", "RankPrompts", "PromptPrototypes", "head_predictions",
+__all__ = ["PAPER_TRAIN", "DEFAULT_N_CTX", "OrdinalConfig", "OrdinalMethod", "RankPrompts", "PromptPrototypes", "head_predictions",
            "TEXT_MODES"]
 
 #: the OrdinalCLIP paper's optimiser recipe (RAdam, lr 1e-4, cosine over 100 epochs, batch 32, no warm-up; the
@@ -39,6 +39,9 @@ __all__ = ["PAPER_TRAIN", "OrdinalConfig", "OrdinalMethod", "RankPrompts", "Prom
 #: data) and the best epoch is kept (the reference's check_val_every_n_epoch: 1).
 PAPER_TRAIN = {"optimizer": "radam", "lr": 1e-4, "epochs": 100, "batch_size": 32, "weight_decay": 0.0,
                "warmup_epochs": 0, "scheduler": "cosine", "eval_every": 1}
+
+#: context vectors of a random context when n_ctx is not given (the reference's num_context_tokens: 10)
+DEFAULT_N_CTX = 10
 
 #: how the text tower encodes the rank prompts (all exact; auto: the fastest exact one, see vlprompt.text)
 TEXT_MODES = ("auto", "plain", "cut", "prefix")
@@ -62,7 +65,7 @@ class OrdinalConfig(MethodConfig):
         "trained weights, else CLIP's), clip or imagenet", choices=INPUT_NORMS)
     lr_image_encoder: float = opt(1.0, "learning-rate multiplier of the image encoder (0 freezes it; a frozen "
                                   "clip encoder uses the backbone's cached features)", min=0)
-    rank_values: Optional[list] = opt(None, "the value of each rank, e.g. bin centres [5, 15, 30] (default: the "
+    rank_values: Optional[list[float]] = opt(None, "the value of each rank, e.g. bin centres [5, 15, 30] (default: the "
                                       "class names when all are numbers, else the rank indices 0..R-1)")
 
     def check(self) -> None:
@@ -407,7 +410,8 @@ def _plot_similarity(path: Path, sim: torch.Tensor, rank_values: torch.Tensor, o
 class RankPrompts(nn.Module):
     """``R`` prompts ``<sot> ctx_1..ctx_M w_r . <eot> <pad>..`` sharing their context; ``w_r`` = rank ``r``'s tokens.
 
-    * context ``ctx`` ``(M, D)``: from words (their token embeddings; their count overrides ``n_ctx``) or
+    * context ``ctx`` ``(M, D)``: from words (their token embeddings; ``M`` = their token count, and an
+      ``n_ctx`` that says otherwise is an error) or ``n_ctx`` (default :data:`DEFAULT_N_CTX`) draws of
       N(0, ``init_std``);
     * rank tokens, one of:
 
@@ -422,7 +426,7 @@ class RankPrompts(nn.Module):
     :meth:`vlprompt.text.TextEncoder.encode_prompts` (``text_mode``: auto = shared prefix when exact).
     """
 
-    def __init__(self, text_encoder, num_ranks: int, *, n_ctx: int = 10, init_words: Optional[str] = None,
+    def __init__(self, text_encoder, num_ranks: int, *, n_ctx: Optional[int] = None, init_words: Optional[str] = None,
                  init_std: float = 0.02, rank_embeddings: Optional[RankEmbeddings] = None,
                  rank_words: Optional[Sequence[str]] = None, learn_words: bool = False, text_mode: str = "auto",
                  chunk_size: Optional[int] = 256):
@@ -437,9 +441,14 @@ class RankPrompts(nn.Module):
         self.init_words = clean_init_words(init_words)
         if self.init_words is not None:
             tokens = te.tokenize([self.init_words])
-            n_ctx = int(te.eot_positions(tokens)[0]) - 1
+            n_words = int(te.eot_positions(tokens)[0]) - 1
+            if n_ctx is not None and n_ctx != n_words:
+                raise ConfigError(f"n_ctx (--n-ctx) = {n_ctx} but init (--init) {self.init_words!r} is {n_words} "
+                                  f"tokens: word init learns one vector per token; drop n_ctx or set it to {n_words}")
+            n_ctx = n_words
             ctx = te.embed(tokens)[0, 1:1 + n_ctx].clone()
         else:
+            n_ctx = DEFAULT_N_CTX if n_ctx is None else n_ctx
             if n_ctx < 1:
                 raise ConfigError(f"n_ctx must be >= 1 (the context needs at least one vector), got {n_ctx}")
             ctx = torch.empty(n_ctx, te.width)

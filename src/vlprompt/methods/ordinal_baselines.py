@@ -161,7 +161,7 @@ class RankZeroShotConfig(MethodConfig):
     template: Optional[str] = opt(None, "the sentence of each rank, '{}' standing for its words (default: the "
                                   "dataset's prompt template, e.g. 'a photo of a {} year old person.')")
     rank_words: Optional[str] = opt(None, "comma-separated words per rank (default: the class names)")
-    rank_values: Optional[list] = opt(None, "the value of each rank (default: the class names when all are "
+    rank_values: Optional[list[float]] = opt(None, "the value of each rank (default: the class names when all are "
                                       "numbers, else the rank indices 0..R-1)")
 
     def check(self) -> None:
@@ -235,7 +235,8 @@ class RankZeroShot(OrdinalMethod):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class RankCoOpConfig(OrdinalConfig):
-    n_ctx: int = opt(10, "context vectors shared by all ranks; words in init set the count", min=1)
+    n_ctx: Optional[int] = opt(None, "context vectors shared by all ranks (default: 10, or the number of init "
+                               "tokens; another count with init is an error)", min=1)
     init: Optional[str] = opt(None, "context words (their token embeddings start the context); default: random "
                               "N(0, init_std)")
     init_std: float = opt(0.02, "standard deviation of the random context initialisation", gt=0)
@@ -267,6 +268,7 @@ class RankCoOp(PromptPrototypes, OrdinalMethod):
                                    init_std=config.init_std, rank_words=words, learn_words=config.lr_ranks > 0,
                                    text_mode=config.text_mode, chunk_size=config.chunk_size)
         self._freeze_zero_lr()
+        self.config = dataclasses.replace(config, n_ctx=self.prompts.n_ctx)  # the count learned
 
     def describe(self) -> dict:
         return {**super().describe(), "n_ctx": self.prompts.n_ctx, "context_init": self.prompts.init_words or "random",

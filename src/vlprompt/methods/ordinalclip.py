@@ -18,6 +18,7 @@ The rank values, image encoder, metrics, export and plots are shared with the ba
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -34,8 +35,8 @@ __all__ = ["OrdinalCLIPConfig", "OrdinalCLIP"]
 
 @dataclass
 class OrdinalCLIPConfig(OrdinalConfig):
-    n_ctx: int = opt(10, "context vectors shared by all ranks (the reference's 10); words in init set the count",
-                     min=1)
+    n_ctx: Optional[int] = opt(None, "context vectors shared by all ranks (default: 10, the reference's, or the "
+                               "number of init tokens; another count with init is an error)", min=1)
     init: Optional[str] = opt(None, "context words, e.g. 'the age of the person is' (their token embeddings "
                               "start the context); default: random N(0, init_std)")
     init_std: float = opt(0.02, "standard deviation of the random initialisation of context and rank embeddings",
@@ -44,8 +45,9 @@ class OrdinalCLIPConfig(OrdinalConfig):
                                   "MORPH II's 101); 0 or null: one free embedding per rank", min=0)
     interpolation: str = opt("linear", "how ranks are interpolated from the bases: linear (1 - |r - b|/(R-1)), "
                              "inv_prop (1/|r - b|) or normal (exp(-|r - b|^2))", choices=INTERPOLATION_KINDS)
-    tokens_per_rank: int = opt(1, "tokens T of each rank embedding (with rank_init: the longest word's count)",
-                               min=1)
+    tokens_per_rank: Optional[int] = opt(None, "tokens T of each rank embedding (default: 1, or with rank_init the "
+                                         "longest word's token count; another count with rank_init is an error)",
+                                         min=1)
     rank_init: Optional[str] = opt(None, "words that start the bases (or the ranks, when free), comma-separated, "
                                    "or 'classnames'; default: random N(0, init_std)")
     lr_context: float = opt(1.0, "learning-rate multiplier of the context (0 freezes it)", min=0)
@@ -59,9 +61,6 @@ class OrdinalCLIPConfig(OrdinalConfig):
 
     def check(self) -> None:
         super().check()
-        if self.rank_init is not None and self.tokens_per_rank != 1:
-            raise ConfigError(f"tokens_per_rank={self.tokens_per_rank} with rank_init: the rank words set the "
-                              f"tokens per rank (the longest word's token count); give one of them")
         if self.ce_weight == 0 and self.kl_weight == 0:
             raise ConfigError("ce_weight and kl_weight are both 0: the loss would be 0")
         if self.lr_context == 0 and self.lr_ranks == 0 and self.lr_image_encoder == 0:
@@ -81,7 +80,7 @@ class OrdinalCLIP(PromptPrototypes, OrdinalMethod):
         te = backbone.text
         num_base = config.num_base or None
         rows = r if num_base is None else num_base
-        init, t = None, int(config.tokens_per_rank)
+        init, t = None, 1 if config.tokens_per_rank is None else config.tokens_per_rank
         if config.rank_init:
             words = list(classnames) if config.rank_init == "classnames" else \
                 [w.strip() for w in config.rank_init.split(",")]
@@ -89,12 +88,18 @@ class OrdinalCLIP(PromptPrototypes, OrdinalMethod):
                 what = "ranks" if num_base is None else "base ranks (num_base)"
                 raise ConfigError(f"rank_init has {len(words)} words for {rows} {what}")
             init = _word_embeddings(te, words)
-            t = init.shape[1]  # the longest word's token count (the reference's rule)
+            n_words = init.shape[1]  # the longest word's token count (the reference's rule)
+            if config.tokens_per_rank is not None and config.tokens_per_rank != n_words:
+                raise ConfigError(f"tokens_per_rank (--tokens-per-rank) = {config.tokens_per_rank} but the longest "
+                                  f"rank_init word is {n_words} tokens; drop tokens_per_rank or set it to {n_words}")
+            t = n_words
         ranks = RankEmbeddings(r, t, te.width, num_base=num_base, kind=config.interpolation,
                                init_std=config.init_std, init=init).to(backbone.device)
         self.prompts = RankPrompts(te, r, n_ctx=config.n_ctx, init_words=config.init, init_std=config.init_std,
                                    rank_embeddings=ranks, text_mode=config.text_mode, chunk_size=config.chunk_size)
         self._freeze_zero_lr()
+        # the config records what is learned (the counts word inits give)
+        self.config = dataclasses.replace(config, n_ctx=self.prompts.n_ctx, tokens_per_rank=t)
 
     def describe(self) -> dict:
         p = self.prompts

@@ -20,16 +20,25 @@ from .prompts import check_prompts_fit
 
 @dataclass
 class ZeroShotConfig(MethodConfig):
-    templates: list = opt(default_factory=lambda: ["dataset"],
+    templates: list[str] = opt(default_factory=lambda: ["dataset"],
                           help="prompt templates with '{}' for the class name and/or set names: dataset (the "
                                "dataset's own prompt), imagenet80 (CLIP's 80), imagenet-select (CoOp's 7), "
                                "ensemble (CoOp's 7 + the dataset's); several are ensembled")
 
     def check(self) -> None:
-        from ..errors import ConfigError
+        from ..data.templates import TEMPLATE_SETS, check_template
+        from ..errors import ConfigError, DataError
 
-        if not self.templates or not all(isinstance(t, str) and t.strip() for t in self.templates):
-            raise ConfigError(f"zeroshot: templates must be a non-empty list of strings, got {self.templates!r}")
+        if not self.templates:
+            raise ConfigError("zeroshot: templates (--templates) must name at least one template")
+        for t in self.templates:
+            if t.strip().lower() in TEMPLATE_SETS:
+                continue
+            try:
+                check_template(t)
+            except DataError as e:
+                raise ConfigError(f"zeroshot: templates (--templates): {t!r} is neither a template with one '{{}}' "
+                                  f"nor a set ({', '.join(TEMPLATE_SETS)}): {e}") from e
 
 
 def format_prompts(template: str, classnames) -> list[str]:
@@ -42,6 +51,12 @@ def class_text_features(backbone, classnames, templates) -> torch.Tensor:
     """Normalised class text features (K, E): one template ``normalize(encode_text(prompts))``; several: the
     mean over templates of the normalised features of each, renormalised (prompt ensembling). A prompt longer
     than the text tower's context is an error (open_clip's tokenizer would silently truncate it)."""
+    from ..errors import VLPromptError
+
+    if not templates:
+        raise VLPromptError("no prompt template to build the zero-shot classifier from")
+    if not classnames:
+        raise VLPromptError("no class names to build the zero-shot classifier from")
     total = None
     for template in templates:
         prompts = format_prompts(template, classnames)
