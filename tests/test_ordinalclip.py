@@ -132,6 +132,87 @@ def test_shared_prefix_equals_plain_features_and_gradients(tiny_rn, method, opts
 
 
 # ------------------------------------------------------------------------------------------------
+# options, recipe
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,opts,field", [
+    ("ordinalclip", {"interpolation": "cubic"}, "interpolation"),
+    ("ordinalclip", {"lr_context": -1.0}, "lr_context"),
+    ("ordinalclip", {"kl_temperature": 0.0}, "kl_temperature"),
+    ("ordinalclip", {"ce_weight": 0.0, "kl_weight": 0.0}, "kl_weight"),
+    ("ordinalclip", {"image_encoder": "resnet7"}, "image_encoder"),
+    ("ordinalclip", {"image_encoder": "clip", "image_encoder_input_norm": "imagenet"}, "image_encoder_input_norm"),
+    ("ordinalclip", {"image_encoder": "clip", "image_encoder_weights": "/some/file.pth"}, "image_encoder_weights"),
+    ("rank-linear", {"image_encoder": "resnet10", "image_encoder_weights": "imagenet"}, "image_encoder_weights"),
+    ("rank-linear", {"rank_values": ["young", "old"]}, "rank_values"),
+    ("rank-linear", {"head": "mlp"}, "head"),
+    ("rank-regression", {"loss": "huber"}, "loss"),
+    ("rank-zeroshot", {"template": "a photo of a person."}, "template"),
+    ("rank-coop", {"n_ctx": 0}, "n_ctx"),
+])
+def test_ordinal_options_refused_before_anything_is_built(method, opts, field):
+    from vlprompt.methods import build_config
+
+    with pytest.raises(ConfigError, match=field):
+        build_config(method, opts)
+
+
+def test_word_inits_set_the_counts_and_a_contradicting_count_is_refused(tiny_rn):
+    ctx = "a photo of a person aged"  # 6 tokens
+    m = build_method("ordinalclip", _frozen(init=ctx, rank_init="young,old", num_base=2), tiny_rn, AGES)
+    assert m.config.n_ctx == 6 and m.config.tokens_per_rank == 1  # recorded: the run's config says what is learned
+    assert m.describe()["n_ctx"] == 6 and m.describe()["context_init"] == ctx
+    with pytest.raises(ConfigError, match="n_ctx"):
+        build_method("ordinalclip", _frozen(init=ctx, n_ctx=4), tiny_rn, AGES)
+    with pytest.raises(ConfigError, match="n_ctx"):
+        build_method("rank-coop", _frozen(init=ctx, n_ctx=4), tiny_rn, AGES)
+    with pytest.raises(ConfigError, match="tokens_per_rank"):
+        build_method("ordinalclip", _frozen(rank_init="young,old", num_base=2, tokens_per_rank=3), tiny_rn, AGES)
+    with pytest.raises(ConfigError, match="rank_init has 2 words for 3 base ranks"):
+        build_method("ordinalclip", _frozen(rank_init="young,old"), tiny_rn, AGES)
+    assert build_method("rank-coop", _frozen(), tiny_rn, AGES).config.n_ctx == 10  # the reference's default
+
+
+def test_paper_recipe_and_epoch_selection():
+    from vlprompt.methods import method_class
+    from vlprompt.runs import DataConfig
+
+    for name in ("ordinalclip", "rank-linear", "rank-regression", "rank-coop"):
+        cls = method_class(name)
+        train = cls.preset(DataConfig(dataset="utkface", root="/x"))["train"]
+        assert train == {"optimizer": "radam", "lr": 1e-4, "epochs": 100, "batch_size": 32, "weight_decay": 0.0,
+                         "warmup_epochs": 0, "scheduler": "cosine", "eval_every": 1}
+        # the reference's MORPH II comparison (morph_compare.yaml) trains with weight decay 5e-4
+        assert cls.preset(DataConfig(dataset="morph2", root="/x"))["train"]["weight_decay"] == 5e-4
+        assert cls.learns == "gradient" and cls.head_kind == "ordinal" and cls.summary
+    zs = method_class("rank-zeroshot")
+    assert zs.learns == "none" and zs.preset(DataConfig(dataset="utkface", root="/x")) == \
+        {"train": {}, "method_options": {}}
+
+
+def test_selection_describe_and_interpretable_vectors(tiny_rn):
+    m = build_method("ordinalclip", _frozen(n_ctx=3, num_base=2, tokens_per_rank=2), tiny_rn, AGES)
+    assert m.selection() == ("mae_expectation", "min")
+    d = m.describe()
+    assert d["image_encoder_weights"] == "backbone" and d["rank_values"] == "3..61 (the numeric class names)"
+    assert d["rank_embeddings"] == "2 bases, linear interpolation" and d["tokens_per_rank"] == 2
+    vectors = m.interpretable_vectors()
+    assert vectors[0][0] == {"context": "shared"} and torch.equal(vectors[0][1], m.prompts.ctx.detach())
+    ranks = m.prompts.rank_embeddings().detach()
+    assert [label for label, _ in vectors[1:]] == [{"rank": a} for a in AGES]
+    assert all(torch.equal(v, ranks[i]) and v.shape == (2, tiny_rn.text.width) for i, (_, v) in
+               enumerate(vectors[1:]))
+    # rank-coop: its learned rank words, each as many vectors as the word has tokens; fixed words are not learned
+    groups = ["0-2", "4-6", "60-100"]
+    coop = build_method("rank-coop", _frozen(lr_ranks=1.0, n_ctx=2), tiny_rn, groups)
+    lengths = [int(n) for n in coop.prompts.lengths]
+    assert [v.shape[0] for _, v in coop.interpretable_vectors()[1:]] == lengths and max(lengths) > 1
+    assert len(build_method("rank-coop", _frozen(n_ctx=2), tiny_rn, groups).interpretable_vectors()) == 1
+    zs = build_method("rank-zeroshot", {}, tiny_rn, AGES, template="a photo of a {} year old person.")
+    assert zs.selection() is None and zs.config.template == "a photo of a {} year old person."
+    assert zs.interpretable_vectors() == []
+
+
+# ------------------------------------------------------------------------------------------------
 # logits, loss, metrics, learning rates
 # ------------------------------------------------------------------------------------------------
 def test_logits_loss_and_gradients_reach_only_the_prompts(tiny_rn):

@@ -29,8 +29,8 @@ from .ordinal_parts import (RankEmbeddings, ordinal_metrics, ordinality_score, p
                             regression_logits, similarity_matrix)
 from .prompts import clean_init_words
 
-__all__ = ["PAPER_TRAIN", "DEFAULT_N_CTX", "OrdinalConfig", "OrdinalMethod", "RankPrompts", "PromptPrototypes", "head_predictions",
-           "TEXT_MODES"]
+__all__ = ["PAPER_TRAIN", "DEFAULT_N_CTX", "TEXT_MODES", "OrdinalConfig", "OrdinalMethod", "RankPrompts",
+           "PromptPrototypes", "head_predictions"]
 
 #: the OrdinalCLIP paper's optimiser recipe (RAdam, lr 1e-4, cosine over 100 epochs, batch 32, no warm-up; the
 #: reference's radam.yaml, lr_decay_cosine_max_epochs_100.yaml, default.yaml's batch size). Weight decay: the
