@@ -65,8 +65,8 @@ def test_ordinal_method_modules_do_not_import_each_other():
 
 
 def test_regression_decode_inverts_the_logits_exactly():
-    """101 age ranks: logits of ~1e4 whose difference carries the value; decoded in float64 the value comes back
-    to 1e-9 (float32 arithmetic on the same logits loses ~1e-3 of a year)."""
+    """101 age ranks: logits up to ~4e4 whose difference carries the value; from float64 logits the value comes
+    back to 1e-9, from float32 logits (what the model outputs) to ~3e-5 of a year."""
     from vlprompt.methods.ordinal_parts import regression_decode, regression_logits, regression_units
 
     rv = torch.arange(0, 101, dtype=torch.float32)
@@ -78,6 +78,10 @@ def test_regression_decode_inverts_the_logits_exactly():
     torch.testing.assert_close(regression_decode(logits, units, tau), z, rtol=0, atol=1e-9)
     torch.testing.assert_close(regression_decode(logits, units, tau, mean, scale), mean + scale * z, rtol=0,
                                atol=1e-7)
+    logits32 = regression_logits(z.float(), units, tau)
+    assert logits32.dtype == torch.float32
+    years = regression_decode(logits32, units, tau, mean, scale).double()
+    assert float((years - (mean + scale * z.float().double())).abs().max()) < 1e-3
     # the argmax of the logits is the nearest rank
     value = mean + scale * z
     nearest = (value[:, None] - rv.double()[None]).abs().argmin(1)
