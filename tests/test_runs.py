@@ -347,3 +347,72 @@ def test_a_method_defined_in_a_test_runs_through_the_cli(toy_registered, model_f
     assert rc == 0, err
     rows = json.loads(stdout)
     assert [r["image"] for r in rows] == images and all(r["top"][0]["class"] in split["classnames"] for r in rows)
+
+
+# -- data the user brings ---------------------------------------------------------------------------------
+def test_skipped_bad_images_are_counted_in_results_and_log(model_files, cache_dir, tmp_path, capsys):
+    root = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / name / f"{i}.jpg")
+    good = (root / "a" / "3.jpg").read_bytes()
+    (root / "a" / "3.jpg").write_bytes(good[: len(good) // 2])  # a valid header, truncated data
+    cfg, weights = model_files
+    # the linear probe on all images reads every split, so the truncated file is met wherever it fell
+    args = ["linear-probe", "--shots", "0", "--backbone", str(cfg), "--pretrained", str(weights), "--dataset",
+            "folder", "--root", str(root), "--cache-dir", cache_dir, "--quiet"]
+    rc, _, err = _main([*args, "--output", str(tmp_path / "refused")], capsys)
+    assert rc == 2 and "3.jpg" in err and not (tmp_path / "refused").exists()
+    rc, out, err = _main([*args, "--skip-bad-images", "--output", str(tmp_path / "run")], capsys)
+    assert rc == 0, err
+    res = json.loads(out)
+    assert sum(res["skipped_images"].values()) == 1
+    assert "unreadable image(s) skipped" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_zero_shot_run_on_a_local_dir_model_equals_open_clips_pipeline(folder, cache_dir, tmp_path, capsys):
+    """A model whose preprocess config says mean = std = 0.5 (not CLIP's): a zero-shot run through vlprompt
+    gives open_clip's own create_model_and_transforms logits on the same images."""
+    import open_clip
+
+    from vlprompt.runs import evaluate, load_method, transforms_for
+    from vlprompt.cache import FeatureCache
+    from vlprompt.data import load_split
+    from vlprompt.testing import TINY_CONFIGS, sharpen_
+
+    d = tmp_path / "model"
+    d.mkdir()
+    cfg = TINY_CONFIGS["tiny-vit"]
+    torch.manual_seed(3)
+    model = sharpen_(open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"],
+                                    text_cfg=cfg["text_cfg"]))
+    half = [0.5, 0.5, 0.5]
+    (d / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": cfg, "preprocess_cfg": {"mean": half, "std": half, "interpolation": "bilinear"}}))
+    torch.save(model.state_dict(), d / "open_clip_pytorch_model.bin")
+    out = tmp_path / "zs"
+    rc, stdout, err = _main(["zeroshot", "--backbone", f"local-dir:{d}", "--preprocess", "model", "--dataset",
+                             "folder", "--root", str(folder), "--templates", "a photo of a {}.", "--cache-dir",
+                             cache_dir, "--quiet", "--output", str(out)], capsys)
+    assert rc == 0, err
+    res = json.loads(stdout)
+    assert res["pretrained"] is None and res["config"]["backbone"] == f"local-dir:{d}"
+    method, meta, bb = load_method(out, device="cpu")
+    test = load_split(out / "split.json").test
+    _, tf = transforms_for(meta["preprocess"], bb)
+    metrics, ours = evaluate(method, bb, test, tf, FeatureCache(cache_dir, progress=False))
+    assert metrics["accuracy"] == pytest.approx(res["metrics"]["accuracy"])
+
+    ref, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{d}")
+    ref.eval()
+    tok = open_clip.get_tokenizer(f"local-dir:{d}")
+    names = json.loads((out / "split.json").read_text())["classnames"]
+    with torch.no_grad():
+        img = F.normalize(ref.encode_image(torch.stack([preprocess(Image.open(s.path).convert("RGB"))
+                                                        for s in test])), dim=-1)
+        txt = F.normalize(ref.encode_text(tok([f"a photo of a {c}." for c in names])), dim=-1)
+        theirs = ref.logit_scale.exp() * img @ txt.t()
+    assert ours.std() > 0.05
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
