@@ -302,7 +302,7 @@ def test_regression_value_survives_the_logits(tiny_rn):
 # ------------------------------------------------------------------------------------------------
 # image encoders
 # ------------------------------------------------------------------------------------------------
-def test_torchvision_encoder_weights_file_and_errors(tmp_path, tiny_rn):
+def test_torchvision_encoder_weights_file_and_errors(tmp_path, tiny_rn, monkeypatch):
     enc = build_image_encoder("resnet18", tiny_rn, "none")
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert enc(x).shape == (3, tiny_rn.embed_dim)
@@ -310,6 +310,12 @@ def test_torchvision_encoder_weights_file_and_errors(tmp_path, tiny_rn):
     torch.save({"state_dict": {f"module.{k}": v for k, v in body.items()}}, tmp_path / "r18.pth")
     enc2 = build_image_encoder("resnet18", tiny_rn, str(tmp_path / "r18.pth"))
     assert all(torch.equal(v, enc2.net.state_dict()[k]) for k, v in body.items())
+    assert enc2.input_norm == "imagenet"  # trained weights expect ImageNet's statistics (the reference's)
+    # through a method: the file is recorded absolute (the run's config must not depend on the working directory)
+    monkeypatch.chdir(tmp_path)
+    m = build_method("rank-linear", {"image_encoder": "resnet18", "image_encoder_weights": "r18.pth"}, tiny_rn, AGES)
+    assert m.config.image_encoder_weights == str(tmp_path / "r18.pth")
+    assert m.describe()["image_encoder_weights_source"] == f"file {tmp_path / 'r18.pth'}"
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(BackboneError, match="do not fit resnet18"):
         build_image_encoder("resnet18", tiny_rn, str(tmp_path / "bad.pth"))

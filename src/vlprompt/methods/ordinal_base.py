@@ -12,6 +12,8 @@ Both method modules import this one and never each other.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional, Sequence
@@ -120,6 +122,9 @@ class OrdinalMethod(Method):
             self.image_encoder = build_image_encoder(config.image_encoder, backbone, config.image_encoder_weights,
                                                      config.image_encoder_input_norm)
             self._encoder_info = describe_encoder(config.image_encoder, self.image_encoder)
+            if self.image_encoder.weights not in ("backbone", "imagenet", "none"):  # a file: recorded absolute,
+                self.config = dataclasses.replace(  # so the run's config does not depend on the working directory
+                    config, image_encoder_weights=os.path.abspath(os.path.expanduser(self.image_encoder.weights)))
             if config.lr_image_encoder == 0:
                 self.image_encoder.requires_grad_(False)
 
