@@ -219,6 +219,12 @@ class Method(nn.Module):
         ``views`` / ``online`` do not apply); decided from the config alone, before anything is built."""
         return cls.trains_image_encoder
 
+    @classmethod
+    def config_for_loading(cls, options: dict) -> dict:
+        """The options that rebuild a saved method whose learned state is then loaded over it (e.g. no download
+        of pre-trained image-encoder weights that the saved state replaces anyway). Default: as saved."""
+        return options
+
     # -- hooks ---------------------------------------------------------------------------------------------
     def selection(self) -> Optional[tuple[str, str]]:
         """``(metric, "min" | "max")``: keep the epoch with the best validation metric, or None (the last)."""

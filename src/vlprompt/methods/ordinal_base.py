@@ -99,6 +99,19 @@ class OrdinalMethod(Method):
     :meth:`prototypes` (the ``(R, E)`` vectors whose ordinality is reported) and :meth:`_export_tensors`.
     """
 
+    @classmethod
+    def config_for_loading(cls, options: dict) -> dict:
+        # a saved torchvision encoder's every weight is in the learned state: build it without fetching the
+        # pre-trained file, keeping the input normalisation those weights implied
+        from .image_encoders import resolve_weights
+
+        name = options.get("image_encoder", "clip")
+        if name == "clip" or resolve_weights(name, options.get("image_encoder_weights", "auto")) == "none":
+            return options
+        norm = options.get("image_encoder_input_norm", "auto")
+        return {**options, "image_encoder_weights": "none",
+                "image_encoder_input_norm": "imagenet" if norm == "auto" else norm}
+
     name: ClassVar[str] = "ordinal"
     trains_image_encoder: ClassVar[bool] = True
     head_kind: ClassVar[str] = "ordinal"

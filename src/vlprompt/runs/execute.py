@@ -169,7 +169,9 @@ def load_method(run_dir: Path, backbone: Optional[Backbone] = None, classnames: 
         raise CheckpointError(f"{run_dir}: cannot read the trained method ({e})") from e
     if backbone is None:
         backbone = load_backbone(meta["backbone"], meta["pretrained"], device)
-    method = build_method(meta["method"], meta["config"], backbone, meta["classnames"], template=meta.get("template"))
+    cls = method_class(meta["method"])
+    method = build_method(meta["method"], cls.config_for_loading(dict(meta["config"])), backbone, meta["classnames"],
+                          template=meta.get("template"))
     method.load_learned_state({k: v.to(backbone.device) for k, v in state.items()})
     if classnames is not None and list(classnames) != list(meta["classnames"]):
         method.set_classnames(classnames)
@@ -542,8 +544,9 @@ def predict_images(head_dir: str | Path, images: Sequence[str], topk: int = 5, d
     _, tf = transforms_for(info.get("preprocess", "coop"), backbone)
     method = None
     if info["kind"] == "prompt":
-        method = build_method(info["method"], info["config"], backbone, info["classnames"],
-                              template=info.get("template"))
+        cls = method_class(info["method"])
+        method = build_method(info["method"], cls.config_for_loading(dict(info["config"])), backbone,
+                              info["classnames"], template=info.get("template"))
         method.load_learned_state({k: v.to(backbone.device) for k, v in tensors.items()})
         method.eval()
     cls = method_class(info["method"])
