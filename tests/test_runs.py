@@ -416,3 +416,37 @@ def test_zero_shot_run_on_a_local_dir_model_equals_open_clips_pipeline(folder, c
         theirs = ref.logit_scale.exp() * img @ txt.t()
     assert ours.std() > 0.05
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_the_readme_python_example_resolves_as_the_cli(model_files, folder, cache_dir, capsys):
+    """The README's request, for coop, cocoop, plot and ordinalclip, gives the config.yaml of the equivalent
+    command line (the data and weights swapped for the tiny test ones)."""
+    import ast
+    import re
+
+    import vlprompt
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Python\n.*?```python\n(.*?)```", text, re.S).group(1)
+    tree = ast.parse(block)
+    literal = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                   and getattr(node.targets[0], "id", None) == "request")
+    readme = ast.literal_eval(literal)
+    assert "vlprompt.train(request" in block and "vlprompt.show_config(request)" in block
+    cfg, weights = model_files
+    for method in ("coop", "cocoop", "plot", "ordinalclip"):
+        request = {**readme, "method": method, "backbone": str(cfg), "pretrained": str(weights),
+                   "cache_dir": cache_dir, "data": {**readme["data"], "dataset": "folder", "root": str(folder),
+                                                    "shots": 4}}
+        opts = request.get("method_options", {}) if method != "ordinalclip" else {}
+        if method == "ordinalclip":
+            request.pop("method_options", None)
+        flags = []
+        for k, v in opts.items():
+            flags += [f"--{k.replace('_', '-')}", str(v)]
+        rc, out, err = _main(["train", "--method", method, "--backbone", str(cfg), "--pretrained", str(weights),
+                              "--dataset", "folder", "--root", str(folder), "--shots", "4",
+                              "--seed", str(readme["seed"]), "--cache-dir", cache_dir, *flags, "--show-config"],
+                             capsys)
+        assert rc == 0, (method, err)
+        assert vlprompt.show_config(request) == out, method
