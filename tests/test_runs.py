@@ -450,3 +450,20 @@ def test_the_readme_python_example_resolves_as_the_cli(model_files, folder, cach
                              capsys)
         assert rc == 0, (method, err)
         assert vlprompt.show_config(request) == out, method
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", "vit"])
+def test_a_bad_pretrained_file_is_one_line_naming_the_flag(content, model_files, folder, cache_dir, tmp_path,
+                                                           capsys):
+    cfg, _ = model_files
+    bad = tmp_path / "weights.pt"
+    if content == "vit":  # a real checkpoint of another architecture
+        _, other = make_tiny_checkpoint(tmp_path / "other", "tiny-rn")
+        bad = other
+    else:
+        bad.write_bytes(content)
+    rc, _, err = _main(["zeroshot", "--backbone", str(cfg), "--pretrained", str(bad), "--dataset", "folder",
+                        "--root", str(folder), "--cache-dir", cache_dir, "--quiet", "--output",
+                        str(tmp_path / "run")], capsys)
+    assert rc == 2 and err.startswith(f"vlprompt: error: --pretrained {bad}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
