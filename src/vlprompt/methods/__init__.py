@@ -56,6 +56,9 @@ register_method("rank-linear", "vlprompt.methods.ordinal_baselines:RankLinear")
 register_method("rank-regression", "vlprompt.methods.ordinal_baselines:RankRegression")
 register_method("rank-zeroshot", "vlprompt.methods.ordinal_baselines:RankZeroShot")
 register_method("rank-coop", "vlprompt.methods.ordinal_baselines:RankCoOp")
+register_method("finetune-image", "vlprompt.methods.finetune_image:FinetuneImage")
+register_method("text-transform", "vlprompt.methods.text_transform:TextTransform")
+register_method("text-bias", "vlprompt.methods.text_bias:TextBias")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}

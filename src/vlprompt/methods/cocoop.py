@@ -1,12 +1,17 @@
 """CoCoOp (Zhou et al., CVPR 2022): the context conditioned on each image through a small meta-network.
 
-The reference runs one image at a time (its text tower encodes K prompts per image). Here a whole batch runs
-at once: each image's ``<sot> + context`` prefix is computed once and the class tokens attend to it (the text
-encoder's grouped shared-prefix path), in chunks that bound memory.
+The reference runs one image at a time (its text tower encodes K prompts per image, batch 1). Here a whole batch
+runs at once: each image's ``<sot> + context`` prefix is computed once and the class tokens attend to it (the
+text encoder's grouped shared-prefix path). How many prompts are encoded per text-tower call follows a memory
+budget (``text_memory_mb``): a training batch whose B x K prompts' saved activations fit it is encoded in one
+call and nothing is recomputed; a larger one is encoded in chunks that fit, each recomputed in backward
+(checkpointing: the same gradients for one more forward pass). A fixed chunk of prompts would recompute as soon
+as B x K exceeds it, and batching would then cost as much per image as batch 1.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -19,6 +24,15 @@ from .base import Features, Method, MethodConfig, opt
 from .coop import POSITIONS, TEXT_MODES
 from .prompts import PromptContext
 
+#: floats saved for backward per suffix token, layer and width unit of the text tower: 13-14 measured with
+#: torch.autograd.graph.saved_tensors_hooks (fp32, widths 64 and 512, suffixes of 4 and 13 tokens); 16 keeps a
+#: margin. Without gradients one layer's activations live at a time.
+SAVED_FLOATS_PER_TOKEN = 16
+#: the automatic budget: this fraction of the memory free on the device (CUDA) or available (CPU) when the
+#: method is built
+AUTO_BUDGET_FRACTION = 0.25
+_FALLBACK_BUDGET = 2 << 30  # where the OS does not say how much memory is available
+
 
 @dataclass
 class CoCoOpConfig(MethodConfig):
@@ -28,29 +42,56 @@ class CoCoOpConfig(MethodConfig):
     class_position: str = opt("end", "where the class name goes in the prompt", choices=POSITIONS)
     init_std: float = opt(0.02, "standard deviation of the random context init", gt=0)
     text_mode: str = opt("auto", "text path (all exact; auto picks the fastest)", choices=TEXT_MODES)
-    chunk_size: int = opt(256, "prompts per text-tower chunk", min=1)
-    image_chunk: int = opt(8, "images whose K prompts are encoded together", min=1)
+    text_memory_mb: Optional[float] = opt(
+        None, "memory (MB) the text tower's activations may take: a training batch whose B x K prompts fit is "
+        "encoded at once with nothing recomputed, a larger one in chunks recomputed in backward (same gradients, "
+        "one more forward pass); default: a quarter of the memory free when the run starts", gt=0)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Bytes free on a CUDA device, or available to this process on the host (CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says it
+        return _FALLBACK_BUDGET
 
 
 class CoCoOp(Method):
     name = "cocoop"
     config_class = CoCoOpConfig
-    summary = "context conditioned on each image by a meta-network"
+    summary = ("context conditioned on each image by a meta-network. The paper's recipe trains one image per "
+               "optimizer step (batch 1, 10 epochs); --batch-size B takes B images per step, i.e. B times fewer "
+               "optimizer steps, and runs the B images' prompts together")
 
     @classmethod
     def preset(cls, data) -> dict:
-        # the paper's schedule (Zhou et al., CVPR 2022, Sec. 4 and configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1
-        # _ctxv1.yaml): 10 epochs, SGD lr 0.002. The reference steps once per image (batch 1); vlprompt's batched
-        # path makes larger batches cheap, but `--batch-size 1` reproduces the reference's step count.
-        return {"train": {"epochs": 10}}
+        """The paper's recipe, KaiyangZhou/CoOp ``configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml``:
+        ``DATALOADER.TRAIN_X.BATCH_SIZE: 1`` (line 3), ``OPTIM``: sgd, lr 0.002, 10 epochs, cosine, one constant
+        warm-up epoch at 1e-5 (lines 16-22), ``TRAINER.COCOOP``: N_CTX 4 from "a photo of a" (lines 33-34, the
+        config's defaults); momentum 0.9 and weight decay 5e-4 are Dassl's defaults (``dassl/config/defaults.py``,
+        ``_C.OPTIM``). The same for every dataset (scripts/cocoop/base2new_train.sh uses this one config).
+        ``--batch-size B`` > 1 takes B images per step: B times fewer optimizer steps than the paper."""
+        return {"train": {"batch_size": 1, "epochs": 10, "optimizer": "sgd", "lr": 0.002, "momentum": 0.9,
+                          "weight_decay": 5e-4, "scheduler": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5},
+                "method_options": {"init": "a photo of a"}}
+
+    @classmethod
+    def config_for_loading(cls, options: dict) -> dict:
+        # runs saved before the memory budget recorded fixed chunk sizes (they never changed the numbers)
+        return {k: v for k, v in options.items() if k not in ("chunk_size", "image_chunk")}
 
     def __init__(self, config: CoCoOpConfig, backbone, classnames: Sequence[str]):
         super().__init__(config, backbone, classnames)
         self.prompt = PromptContext(backbone.text, classnames, n_ctx=config.n_ctx, csc=False,
                                     position=config.class_position, init_words=config.init,
-                                    init_std=config.init_std, text_mode=config.text_mode,
-                                    chunk_size=config.chunk_size)
+                                    init_std=config.init_std, text_mode=config.text_mode, chunk_size=None)
         self.config = dataclasses.replace(config, n_ctx=self.prompt.n_ctx)  # what was learned (method.json)
+        if config.text_memory_mb is not None:
+            self.text_memory_bytes = int(config.text_memory_mb * 2 ** 20)
+        else:
+            self.text_memory_bytes = int(available_memory_bytes(backbone.device) * AUTO_BUDGET_FRACTION)
         e, d = backbone.embed_dim, backbone.text.width
         self.meta_net = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(e, max(e // 16, 1))),
@@ -66,15 +107,31 @@ class CoCoOp(Method):
         """({"prompt": 0, "class": None}, (M, D)): the learned context before the image-conditioned shift."""
         return self.prompt.interpretable_vectors()
 
+    def describe(self) -> dict:
+        return {"text_memory_mb": round(self.text_memory_bytes / 2 ** 20, 1)}
+
+    def prompt_bytes(self, grad: bool) -> int:
+        """Estimated bytes of one prompt's text-tower activations: all layers' saved tensors (``grad``) or one
+        layer's working set; the suffix up to the longest class name's end token (the shared-prefix path)."""
+        te = self.backbone.text
+        s = int(self.prompt.eot.max()) + 1 - (1 + self.prompt.shared_len)
+        per_layer = SAVED_FLOATS_PER_TOKEN * s * te.width * 4  # fp32: autocast halves it, a safe overestimate
+        return per_layer * (len(te._blocks) if grad else 1)
+
+    def text_chunk(self, batch: int, grad: bool) -> Optional[int]:
+        """Prompts per text-tower call for ``batch`` images: None (all B x K at once, nothing recomputed) when
+        they fit ``text_memory_bytes``, else as many as fit (at least one)."""
+        fit = self.text_memory_bytes // max(self.prompt_bytes(grad), 1)
+        return None if batch * self.num_classes <= fit else max(int(fit), 1)
+
     def forward(self, feats: Features) -> torch.Tensor:
         image = F.normalize(feats.global_.float(), dim=-1)  # (B, E)
         shift = self.meta_net(image)  # (B, D)
-        logits = []
-        step = max(int(self.config.image_chunk), 1)
-        for i in range(0, image.shape[0], step):
-            text = F.normalize(self.prompt.encode(shift[i:i + step]), dim=-1)  # (b, K, E)
-            logits.append(self.logit_scale * torch.einsum("be,bke->bk", image[i:i + step], text))
-        return torch.cat(logits)
+        grad = torch.is_grad_enabled() and shift.requires_grad
+        chunk = self.text_chunk(image.shape[0], grad)
+        # one call for the whole batch: its chunks (if any) are checkpointed, so saved memory stays in the budget
+        text = F.normalize(self.prompt.encode(shift, chunk_size=chunk), dim=-1)  # (B, K, E)
+        return self.logit_scale * torch.einsum("be,bke->bk", image, text)
 
     def forward_per_image(self, feats: Features) -> torch.Tensor:
         """The reference's computation, one image at a time and full-length prompts (for tests)."""
@@ -83,7 +140,7 @@ class CoCoOp(Method):
         rows = []
         for b in range(image.shape[0]):
             prefix, suffix, eot = self.prompt.prompt_embeddings(shift[b:b + 1])
-            text = self.backbone.text.encode_prompts(prefix, suffix, eot, mode="plain")[0]
+            text = self.backbone.text.encode_prompts(prefix, suffix, eot, mode="plain", chunk_size=None)[0]
             rows.append(self.logit_scale * F.normalize(text, dim=-1) @ image[b])
         return torch.stack(rows)
 

@@ -31,8 +31,8 @@ from .ordinal_parts import (RankEmbeddings, ordinal_metrics, ordinality_score, p
                             regression_logits, similarity_matrix)
 from .prompts import clean_init_words
 
-__all__ = ["PAPER_TRAIN", "DEFAULT_N_CTX", "TEXT_MODES", "OrdinalConfig", "OrdinalMethod", "RankPrompts",
-           "PromptPrototypes", "head_predictions"]
+__all__ = ["PAPER_TRAIN", "IMDB_WIKI", "MORPH_CONTEXT", "DEFAULT_N_CTX", "TEXT_MODES", "OrdinalConfig",
+           "OrdinalMethod", "RankPrompts", "PromptPrototypes", "head_predictions"]
 
 #: the OrdinalCLIP paper's optimiser recipe (RAdam, lr 1e-4, cosine over 100 epochs, batch 32, no warm-up; the
 #: reference's radam.yaml, lr_decay_cosine_max_epochs_100.yaml, default.yaml's batch size). Weight decay: the
@@ -41,6 +41,15 @@ __all__ = ["PAPER_TRAIN", "DEFAULT_N_CTX", "TEXT_MODES", "OrdinalConfig", "Ordin
 #: data) and the best epoch is kept (the reference's check_val_every_n_epoch: 1).
 PAPER_TRAIN = {"optimizer": "radam", "lr": 1e-4, "epochs": 100, "batch_size": 32, "weight_decay": 0.0,
                "warmup_epochs": 0, "scheduler": "cosine", "eval_every": 1}
+
+#: the named start of the reference's MORPH II comparison (``morph_compare.yaml`` line 4 / 21 / 37:
+#: ``imdb-vgg16.yaml``: ``image_encoder_name: vgg16``, ``init_image_encoder_weights: .cache/vgg/vgg_imdb_wiki.pth``),
+#: a VGG-16 trained for age on IMDB-WIKI as the OrdinalCLIP paper did for MORPH II -- not torchvision's ImageNet
+#: weights, and not downloadable: the user gives the file
+IMDB_WIKI = "imdb-wiki"
+#: the context of the MORPH II comparison (``morph_compare.yaml`` line 5 / 22: ``init-context-morph.yaml``; the
+#: value as in the repository's ``init-context-morph-additonal/init-context-morph-0-0.yaml``)
+MORPH_CONTEXT = "age estimation: the age of the person is"
 
 #: context vectors of a random context when n_ctx is not given (the reference's num_context_tokens: 10)
 DEFAULT_N_CTX = 10
@@ -60,8 +69,9 @@ class OrdinalConfig(MethodConfig):
                              "tower) or a torchvision network (vgg16: the paper's)", choices=IMAGE_ENCODERS)
     image_encoder_weights: Optional[str] = opt(
         "auto", "weights the torchvision image encoder starts from: auto (the paper's: torchvision's ImageNet "
-        "weights where they exist, random for resnet10; clip: the backbone's), imagenet, none (random) or a "
-        "state-dict file (e.g. the reference's IMDB-WIKI VGG-16)")
+        "weights where they exist, random for resnet10; clip: the backbone's), imagenet, none (random), a "
+        "state-dict file, or imdb-wiki (the MORPH II recipe's VGG-16 start: the reference's vgg_imdb_wiki.pth, "
+        "which you then give as the file)")
     image_encoder_input_norm: str = opt(
         "auto", "the pixel normalisation the torchvision encoder expects: auto (ImageNet's when it starts from "
         "trained weights, else CLIP's), clip or imagenet", choices=INPUT_NORMS)
@@ -77,6 +87,9 @@ class OrdinalConfig(MethodConfig):
             raise ConfigError("image_encoder_input_norm=imagenet: the 'clip' image encoder takes CLIP-normalised "
                               "images; the option applies to torchvision encoders")
         w = self.image_encoder_weights
+        if w == IMDB_WIKI and enc != "vgg16":
+            raise ConfigError(f"image_encoder_weights={IMDB_WIKI} (the MORPH II recipe's start) is a VGG-16's; with "
+                              f"--image-encoder {enc} give --image-encoder-weights auto, imagenet, none or a file")
         if enc == "clip" and w not in (None, "auto", "none"):
             raise ConfigError(f"image_encoder_weights={w!r}: the 'clip' image encoder starts from the backbone's "
                               f"weights; image_encoder_weights applies to torchvision encoders only")
@@ -132,6 +145,13 @@ class OrdinalMethod(Method):
                                   "image_encoder_weights_source": "the backbone's frozen image tower (cached features)",
                                   "image_encoder_input_norm": "clip"}
         else:
+            if config.image_encoder_weights == IMDB_WIKI:
+                raise ConfigError(
+                    f"image_encoder_weights={IMDB_WIKI}: the MORPH II recipe (OrdinalCLIP's morph_compare.yaml) starts "
+                    f"the VGG-16 from the IMDB-WIKI age weights the paper used (the reference's "
+                    f".cache/vgg/vgg_imdb_wiki.pth, not in torchvision): pass that file with --image-encoder-weights "
+                    f"/path/to/vgg_imdb_wiki.pth, or --image-encoder-weights imagenet to start from torchvision's "
+                    f"ImageNet VGG-16 instead (not the paper's start)")
             self.image_encoder = build_image_encoder(config.image_encoder, backbone, config.image_encoder_weights,
                                                      config.image_encoder_input_norm)
             self._encoder_info = describe_encoder(config.image_encoder, self.image_encoder)
@@ -144,12 +164,21 @@ class OrdinalMethod(Method):
     # -- the recipe and the hooks -------------------------------------------------------------------------
     @classmethod
     def preset(cls, data) -> dict:
-        """The paper's recipe (:data:`PAPER_TRAIN`); MORPH II gets the weight decay 5e-4 of the reference's
-        MORPH II comparison (``configs/meta_cfgs/morph_compare.yaml``: ``weight_decay_5e-4.yaml``)."""
+        """The paper's recipe (:data:`PAPER_TRAIN`). On MORPH II (``morph2``), the reference's MORPH II comparison
+        (xk-huang/OrdinalCLIP ``configs/meta_cfgs/morph_compare.yaml``): weight decay 5e-4
+        (``weight_decay_5e-4.yaml``, lines 15 / 31 / 43 of the compare config, one per model) and the method's
+        :meth:`morph_options` (its encoder, context...)."""
         train = dict(PAPER_TRAIN)
+        options: dict = {}
         if data.dataset == "morph2":
             train["weight_decay"] = 5e-4
-        return {"train": train, "method_options": {}}
+            options = cls.morph_options()
+        return {"train": train, "method_options": options}
+
+    @classmethod
+    def morph_options(cls) -> dict:
+        """Method options of the MORPH II comparison recipe (none unless the compare config has this model)."""
+        return {}
 
     @classmethod
     def trains_own_image_encoder(cls, config) -> bool:

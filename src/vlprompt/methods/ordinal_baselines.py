@@ -33,7 +33,8 @@ from torch import nn
 from ..data.templates import DEFAULT_TEMPLATE
 from ..errors import ConfigError, VLPromptError
 from .base import Features, MethodConfig, opt
-from .ordinal_base import TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes, RankPrompts, _check_rank_values
+from .ordinal_base import (IMDB_WIKI, MORPH_CONTEXT, TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes,
+                           RankPrompts, _check_rank_values)
 from .ordinal_parts import ordinal_loss, regression_decode, regression_logits, regression_units
 
 __all__ = ["RankLinear", "RankLinearConfig", "RankRegression", "RankRegressionConfig", "RankZeroShot",
@@ -65,6 +66,15 @@ class RankLinear(OrdinalMethod):
     name = "rank-linear"
     config_class = RankLinearConfig
     summary = "OrdinalCLIP's CNN baseline: a trained image encoder + a linear head over the ranks"
+
+    @classmethod
+    def morph_options(cls) -> dict:
+        """``morph_compare.yaml``'s ``cnn`` entry (its lines 34-44): the IMDB-WIKI VGG-16 (line 37) with the
+        reference's ``Baseline`` model (line 39, ``ordinalclip/models/baseline.py``: a bias-free linear layer over
+        the normalised features, cosine logits scaled by 100, trained with the default loss weights ce 1 + kl 1),
+        the whole encoder trained (line 40)."""
+        return {"image_encoder": "vgg16", "image_encoder_weights": IMDB_WIKI, "head": "cosine", "loss": "ordinal",
+                "lr_image_encoder": 1.0, "lr_head": 1.0}
 
     def __init__(self, config: RankLinearConfig, backbone, classnames: Sequence[str]):
         super().__init__(config, backbone, classnames)
@@ -257,6 +267,15 @@ class RankCoOp(PromptPrototypes, OrdinalMethod):
     name = "rank-coop"
     config_class = RankCoOpConfig
     summary = "CoOp on ranks: a learned context shared by all ranks before each rank's words"
+
+    @classmethod
+    def morph_options(cls) -> dict:
+        """``morph_compare.yaml``'s ``coop`` entry (its lines 18-32): the IMDB-WIKI VGG-16 (line 21), the context
+        from "age estimation: the age of the person is" (line 22), the rank words of the class names
+        (``init-rank-morph.yaml``, line 23: ``data/MORPH/classnames.txt``), context and rank words both trained
+        (``tune-ctx-rank.yaml``, line 28), and the image encoder (line 27)."""
+        return {"image_encoder": "vgg16", "image_encoder_weights": IMDB_WIKI, "init": MORPH_CONTEXT,
+                "lr_image_encoder": 1.0, "lr_context": 1.0, "lr_ranks": 1.0}
 
     def __init__(self, config: RankCoOpConfig, backbone, classnames: Sequence[str]):
         super().__init__(config, backbone, classnames)

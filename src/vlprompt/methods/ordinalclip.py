@@ -27,7 +27,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import opt
-from .ordinal_base import TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes, RankPrompts, _word_embeddings
+from .ordinal_base import (IMDB_WIKI, MORPH_CONTEXT, TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes,
+                           RankPrompts, _word_embeddings)
 from .ordinal_parts import INTERPOLATION_KINDS, RankEmbeddings, ordinal_loss
 
 __all__ = ["OrdinalCLIPConfig", "OrdinalCLIP"]
@@ -73,6 +74,17 @@ class OrdinalCLIP(PromptPrototypes, OrdinalMethod):
     name = "ordinalclip"
     config_class = OrdinalCLIPConfig
     summary = "OrdinalCLIP: learned rank prompts (interpolated rank embeddings) + a trained image encoder"
+
+    @classmethod
+    def morph_options(cls) -> dict:
+        """``morph_compare.yaml``'s ``ordinalclip`` entry (its lines 2-16): the IMDB-WIKI VGG-16
+        (``imdb-vgg16.yaml``, line 4), the context from "age estimation: the age of the person is"
+        (``init-context-morph.yaml``, line 5), rank embeddings interpolated linearly from 3 bases (lines 6-8:
+        ``rank-prompt-learner.yaml``, ``rank-interp-linear.yaml``, ``num-base-rank-3.yaml``), the image encoder,
+        context and ranks all trained at the base lr (lines 11-12: ``tune-image.yaml``, ``tune-ctx-rank.yaml``, lr
+        1e-4 each); the text tower is CLIP RN50's (line 9, the default backbone)."""
+        return {"image_encoder": "vgg16", "image_encoder_weights": IMDB_WIKI, "init": MORPH_CONTEXT, "num_base": 3,
+                "interpolation": "linear", "lr_image_encoder": 1.0, "lr_context": 1.0, "lr_ranks": 1.0}
 
     def __init__(self, config: OrdinalCLIPConfig, backbone, classnames: Sequence[str]):
         super().__init__(config, backbone, classnames)
