@@ -278,6 +278,47 @@ def test_word_init_learns_one_vector_per_token(tiny_vit):
     torch.testing.assert_close(coop.prompt.ctx[0, 0], te.embed(te.tokenize([words]))[0, 1:1 + n_tokens])
 
 
+@pytest.mark.parametrize("position", POSITIONS)
+def test_word_count_init_keeps_the_further_init_tokens_fixed_as_the_reference(tiny_vit, position):
+    """The reference's count (``n_ctx = len(ctx_init.split(" "))``): "itap of a" learns the first 3 token vectors
+    and its 4th token stays in the fixed suffix of ``"itap of a {name}."`` tokenized whole, at every position."""
+    model = tiny_vit.model
+    words = "itap of a"
+    assert len(_tokenizer.encode(words)) == 4
+    coop = CoOp(CoOpConfig(init=words, init_length="words", class_position=position, text_mode="plain"),
+                tiny_vit, NAMES)
+    assert coop.prompt.n_ctx == coop.config.n_ctx == 3
+    with torch.no_grad():
+        first = model.token_embedding(_tokenizer(words))[0, 1:4]
+    torch.testing.assert_close(coop.prompt.ctx[0, 0].detach(), first, rtol=0, atol=0)
+    with torch.no_grad():  # a context far from the init: the fixed 4th token must not move with it
+        coop.prompt.ctx.normal_(0, 0.5)
+    expected, tokenized = reference_prompts(model, NAMES, coop.prompt.ctx[0, 0].detach(), position,
+                                            prompt_prefix=words)
+    torch.testing.assert_close(coop.prompt.full_embeddings()[0], expected, rtol=0, atol=0)
+    image = images(6, tiny_vit.embed_dim)
+    ref = reference_logits(model, image, reference_text(model, expected, tokenized))
+    coop.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(coop(Features(global_=image)), ref, rtol=0, atol=1e-5)
+        coop.config.text_mode = coop.prompt.text_mode = "auto"
+        torch.testing.assert_close(coop(Features(global_=image)), ref, rtol=0, atol=2e-5)
+    # the recorded config rebuilds the same layout (method.json), PLOT's prompt sets too
+    rebuilt = build_method("coop", coop.config.to_dict(), tiny_vit, NAMES)
+    assert rebuilt.prompt.n_ctx == 3 and torch.equal(rebuilt.prompt.tail, coop.prompt.tail)
+    plot = PLOT(PLOTConfig(init=words, init_length="words", n_prompts=2, class_position=position), tiny_vit, NAMES)
+    assert plot.prompt.n_ctx == 3 and torch.equal(plot.prompt.tail, coop.prompt.tail)
+
+
+def test_word_count_init_is_refused_where_it_means_nothing(tiny_vit):
+    with pytest.raises(ConfigError, match="init_length.*--init"):
+        CoOp(CoOpConfig(init_length="words"), tiny_vit, CLASSES)
+    with pytest.raises(ConfigError, match=r"n_ctx.*4 but.*3 words"):
+        CoOp(CoOpConfig(init="itap of a", init_length="words", n_ctx=4), tiny_vit, CLASSES)
+    with pytest.raises(ConfigError, match="repeated spaces"):
+        CoOp(CoOpConfig(init="a  photo", init_length="words"), tiny_vit, CLASSES)
+
+
 # -- 4. prompts that do not fit --------------------------------------------------------------------------
 def test_check_prompts_fit_names_the_first_text_too_long():
     tok = _tokenizer

@@ -36,8 +36,11 @@ class CoOpConfig(MethodConfig):
                                "number with --init is an error)", min=1)
     csc: bool = opt(False, "class-specific context (it then belongs to the training class list)")
     class_position: str = opt("end", "where the class name goes in the prompt", choices=POSITIONS)
-    init: Optional[str] = opt(None, "initialise the context from words, one vector per token (e.g. 'a photo of "
-                              "a'); default: random N(0, init_std)")
+    init: Optional[str] = opt(None, "initialise the context from words, e.g. 'a photo of a' (one vector per token, "
+                              "or per word: --init-length); default: random N(0, init_std)")
+    init_length: str = opt("tokens", "how --init's length is counted: tokens (one learned vector per BPE token) or "
+                           "words (the original CoOp: one per space-separated word; the init's further tokens "
+                           "stay fixed before the class name)", choices=("tokens", "words"))
     init_std: float = opt(0.02, "standard deviation of the random context init", gt=0)
     text_mode: str = opt("auto", "text path (all exact; auto picks the fastest)", choices=TEXT_MODES)
     chunk_size: int = opt(256, "prompts per text-tower chunk (bounds memory for large class lists)", min=1)
@@ -59,7 +62,7 @@ class CoOp(Method):
         self.prompt = PromptContext(backbone.text, classnames, n_ctx=config.n_ctx, csc=config.csc,
                                     position=config.class_position, init_words=config.init,
                                     n_prompts=n_prompts, init_std=config.init_std, text_mode=config.text_mode,
-                                    chunk_size=config.chunk_size)
+                                    chunk_size=config.chunk_size, init_length=config.init_length)
         # record what was learned (method.json / config.yaml write this config); the caller's object is left alone
         self.config = dataclasses.replace(config, n_ctx=self.prompt.n_ctx)
 

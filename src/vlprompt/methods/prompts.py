@@ -12,6 +12,12 @@ The token layout is the reference's (KaiyangZhou/CoOp ``PromptLearner``): the se
 ``len(encode(name))`` tokens after the context (the name encoded alone). CLIP's BPE merges a trailing
 punctuation run with the full stop (``"cup (drinking)."`` ends in the token ``")."``), so the block is not
 "the sentence's tokens minus the full stop": it is cut exactly where the reference cuts it.
+
+A word init learns one vector per BPE token by default (``init_length="tokens"``). The reference counts words
+instead (``n_ctx = len(ctx_init.split(" "))``): it learns the first ``n_ctx`` token vectors of the init and
+tokenizes ``"<init> {name}."`` whole, so an init with more tokens than words ("itap of a": 3 words, 4 tokens)
+keeps its further tokens fixed, before the class name. ``init_length="words"`` does exactly that (the imported
+original checkpoints need it); where every word is one token the two are the same prompt.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ from torch import nn
 from ..errors import ConfigError, VLPromptError
 
 DEFAULT_N_CTX = 16  # context vectors of a random init when n_ctx is not given (CoOp's and PLOT's papers)
+
+INIT_LENGTHS = ("tokens", "words")  # how a word init's length is counted (see the module doc)
 
 
 class ClassTokenPosition(str, Enum):
@@ -98,7 +106,7 @@ class PromptContext(nn.Module):
     def __init__(self, text_encoder, classnames: Sequence[str], *, n_ctx: Optional[int] = None, csc: bool = False,
                  position: str | ClassTokenPosition = ClassTokenPosition.END, init_words: Optional[str] = None,
                  n_prompts: int = 1, init_std: float = 0.02, text_mode: str = "auto",
-                 chunk_size: Optional[int] = 256):
+                 chunk_size: Optional[int] = 256, init_length: str = "tokens"):
         super().__init__()
         self.text = text_encoder
         self.position = ClassTokenPosition(position)
@@ -112,15 +120,27 @@ class PromptContext(nn.Module):
             raise VLPromptError(f"n_prompts must be >= 1, got {n_prompts}")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int)):
             raise ConfigError(f"n_ctx (--n-ctx) must be an integer, got {n_ctx!r}")
+        if init_length not in INIT_LENGTHS:
+            raise ConfigError(f"init_length (--init-length) must be one of {', '.join(INIT_LENGTHS)}, got "
+                              f"{init_length!r}")
+        if init_length == "words" and self.init_words is None:
+            raise ConfigError("init_length (--init-length) = words counts the words of a word init: give --init")
+        self.init_length = init_length
         if self.init_words is not None:
             check_prompts_fit(text_encoder.tokenizer, [self.init_words], text_encoder.context_length,
                               what="init (--init) words")
             tokens = text_encoder.tokenize([self.init_words])
-            # their BPE tokens, one vector each (the reference counts words, wrong for multi-token words)
-            n_words = int(text_encoder.eot_positions(tokens)[0]) - 1
+            n_tokens = int(text_encoder.eot_positions(tokens)[0]) - 1
+            if init_length == "words":  # the reference's count; the init's further tokens stay fixed
+                n_words, unit = len(self.init_words.split(" ")), "words"
+                if n_words > n_tokens:  # e.g. a double space: the reference would learn <eot> and padding
+                    raise ConfigError(f"init (--init) {self.init_words!r} has {n_words} space-separated words but "
+                                      f"{n_tokens} tokens; remove the repeated spaces")
+            else:  # their BPE tokens, one vector each
+                n_words, unit = n_tokens, "tokens"
             if n_ctx is not None and n_ctx != n_words:
                 raise ConfigError(f"n_ctx (--n-ctx) = {n_ctx} but init (--init) {self.init_words!r} is {n_words} "
-                                  f"tokens: word init learns one vector per token; drop n_ctx or set it to {n_words}")
+                                  f"{unit} (init_length={init_length}): drop n_ctx or set it to {n_words}")
             n_ctx = n_words
             words = text_encoder.embed(tokens)[0, 1:1 + n_ctx]  # (M, D)
         elif n_ctx is None:
@@ -161,8 +181,13 @@ class PromptContext(nn.Module):
         te = self.text
         m = self.n_ctx
         length = te.context_length
-        placeholder = " ".join(["X"] * m)  # "X" is one token; the reference writes the init words there instead,
-        # which gives the same tokens after the context (the name follows a space)
+        if self.init_length == "words":
+            # the reference's sentence: the init's tokens beyond the m learned ones stay in the fixed tail
+            placeholder = self.init_words
+        else:
+            placeholder = " ".join(["X"] * m)  # "X" is one token; the reference writes the init words there
+            # instead, which gives the same tokens after the context when each is one token (the name follows
+            # a space)
         tokens, overflow = _tokenize_flagging_overflow(te.tokenizer, [f"{placeholder} {n}." for n in classnames],
                                                        length)
         if bool(overflow.any()):
