@@ -35,7 +35,7 @@ def test_few_shot_counts_and_val_min_k_4():
         assert fs.test == ds.test
         assert set(fs.train) <= set(ds.train) and set(fs.val) <= set(ds.val)
         assert len(set(fs.train)) == len(fs.train)
-        assert fs.extra["few_shot"] == {"shots": k, "seed": 1, "val_shots": val_k}
+        assert fs.extra["few_shot"] == {"shots": k, "seed": 1, "val_shots": val_k, "sampler": "dassl"}
     assert ds.extra == {}  # the input is not modified
 
 
@@ -43,10 +43,18 @@ def test_few_shot_deterministic_and_seed_dependent():
     ds = synthetic()
     a = few_shot_split(ds, 4, seed=1)
     assert few_shot_split(ds, 4, seed=1).train == a.train
-    shuffled = ds.with_splits(train=list(reversed(ds.train)))  # input order does not matter
-    assert few_shot_split(shuffled, 4, seed=1).train == a.train
     others = [few_shot_split(ds, 4, seed=s).train for s in (2, 3)]
     assert all(o != a.train for o in others) and others[0] != others[1]
+
+
+def test_default_sampler_follows_the_split_order_and_sorted_does_not():
+    ds = synthetic()
+    shuffled = ds.with_splits(train=list(reversed(ds.train)))
+    # Dassl's rule walks the split file as it is (that is how it reproduces the original images)...
+    assert few_shot_split(shuffled, 4, seed=1).train != few_shot_split(ds, 4, seed=1).train
+    # ...the earlier rule sorted each class first
+    assert (few_shot_split(shuffled, 4, seed=1, sampler="sorted").train
+            == few_shot_split(ds, 4, seed=1, sampler="sorted").train)
 
 
 _CHILD = """

@@ -1,7 +1,10 @@
 """The evaluation protocols of CoOp / CoCoOp on top of a loaded dataset.
 
 - Few-shot learning: :func:`few_shot_split` samples K training images per class and a val set of
-  ``min(K, 4)`` per class (CoOp's ``generate_fewshot_dataset``), reproducibly for a seed.
+  ``min(K, 4)`` per class (CoOp's ``generate_fewshot_dataset``), reproducibly for a seed: by default the very
+  images CoOp / CoCoOp's code draws for that seed from the same split file (Dassl's rule), or those of CoOp's
+  linear-probe script. :func:`read_dassl_few_shot` reads the few-shot samples Dassl cached
+  (``split_fewshot/shot_K-seed_S.pkl``) without running code from them.
 - Base-to-new generalisation (CoCoOp): :func:`subsample_classes` keeps the first ``ceil(n/2)`` labels
   (``"base"``) or the rest (``"new"``), relabelled from 0. Train on ``subsample_classes(fs, "base")``,
   evaluate on the test sets of both halves.
@@ -56,53 +59,122 @@ def require_split(splits: DatasetSplits, which: Literal["train", "val", "test"])
     raise DataError(why or f"dataset {splits.name} has no {which} images")
 
 
-def _sample_per_class(samples: Sequence[Sample], num_classes: int, k: int, rng: random.Random, split: str,
-                      classnames: Sequence[str], allow_fewer: bool) -> tuple[list[Sample], dict[str, list[int]]]:
-    groups = group_by_label(samples)
+SAMPLERS = ("dassl", "lpclip", "sorted")
+SAMPLER_HELP = ("few-shot sampler: dassl = CoOp/CoCoOp's Dassl (random.seed(seed), random.sample per class in the "
+                "split file's order: the very images of the original runs of a seed); lpclip = CoOp's linear-probe "
+                "script (np.random.seed(seed), np.random.choice per class); sorted = the rule of vlprompt before "
+                "dassl became the default (each class sorted by path: the images of runs made with it)")
+
+
+def _shortfalls(samples: Sequence[Sample], num_classes: int, k: int, classnames: Sequence[str]) -> dict[str, list[int]]:
+    return {classnames[label]: [have, k] for label, have in enumerate(samples_per_class(samples, num_classes))
+            if have < k}
+
+
+def _refuse_short(short: dict[str, list[int]], k: int, split: str) -> None:
+    named = ", ".join(f"{c!r} has {have}" for c, (have, _) in list(short.items())[:MAX_NAMED])
+    more = f" (and {len(short) - MAX_NAMED} more classes)" if len(short) > MAX_NAMED else ""
+    raise DataError(f"few-shot sampling: {len(short)} class(es) have fewer than {k} {split} images: "
+                    f"{named}{more}. Lower the shots or pass allow_fewer=True to take what there is")
+
+
+def _draw_dassl(samples: Sequence[Sample], k: int, rng: random.Random) -> list[Sample]:
+    """Dassl's ``generate_fewshot_dataset``: classes in the order they first appear, each class's images in the
+    input (split file) order, ``random.sample(items, k)``. A short class (``allow_fewer``) gives all its images;
+    Dassl would draw ``random.choices(items, k=k)`` (repeats) there, and that draw is made and discarded so the
+    classes after it still get Dassl's images."""
     out: list[Sample] = []
-    short: dict[str, list[int]] = {}
-    for label in range(num_classes):
-        items = sorted(groups.get(label, []), key=lambda s: s.path)  # sorted: independent of input order
+    for items in group_by(samples, lambda s: s.label).values():  # insertion order = first appearance
         if len(items) >= k:
             out += rng.sample(items, k)
         else:
-            short[classnames[label]] = [len(items), k]
-            out += rng.sample(items, len(items))
-    if short and not allow_fewer:
-        named = ", ".join(f"{c!r} has {have}" for c, (have, _) in list(short.items())[:MAX_NAMED])
-        more = f" (and {len(short) - MAX_NAMED} more classes)" if len(short) > MAX_NAMED else ""
-        raise DataError(f"few-shot sampling: {len(short)} class(es) have fewer than {k} {split} images: "
-                        f"{named}{more}. Lower the shots or pass allow_fewer=True to take what there is")
-    return out, short
+            rng.choices(items, k=k)
+            out += items
+    return out
+
+
+def _draw_lpclip(samples: Sequence[Sample], k: int, rng, labels) -> list[Sample]:
+    """CoOp's ``lpclip/linear_probe.py``: for each label of ``np.unique(train_label)``, ``np.random.choice`` of
+    that class's indices (input order), ``size=k, replace=False``. A short class gives all its images in the
+    order of ``rng.permutation``, the draw ``choice`` itself makes (legacy ``RandomState.choice`` takes
+    ``permutation(n)[:k]``)."""
+    import numpy as np
+
+    all_labels = np.array([s.label for s in samples], dtype=np.int64)
+    out: list[Sample] = []
+    for label in labels:
+        idx = np.flatnonzero(all_labels == label)
+        pick = rng.choice(idx, size=k, replace=False) if len(idx) >= k else idx[rng.permutation(len(idx))]
+        out += [samples[i] for i in pick]
+    return out
+
+
+def _draw_sorted(samples: Sequence[Sample], num_classes: int, k: int, rng: random.Random) -> list[Sample]:
+    """vlprompt's rule before ``dassl`` became the default: labels 0..K-1, each class's images sorted by path,
+    ``random.sample`` (independent of the input order, but not the images the original code drew)."""
+    groups = group_by_label(samples)
+    out: list[Sample] = []
+    for label in range(num_classes):
+        items = sorted(groups.get(label, []), key=lambda s: s.path)
+        out += rng.sample(items, min(k, len(items)))
+    return out
 
 
 def few_shot_split(splits: DatasetSplits, shots: int, seed: int, *, allow_fewer: bool = False,
-                   max_val_shots: int = 4) -> DatasetSplits:
+                   max_val_shots: int = 4, sampler: str = "dassl") -> DatasetSplits:
     """K-shot training set and a ``min(K, 4)``-per-class val set, as CoOp's
     ``generate_fewshot_dataset(train, K)`` and ``generate_fewshot_dataset(val, min(K, 4))``.
 
-    Deterministic and identical across processes for a ``seed``: each class's images are sorted by
-    path and drawn with ``random.Random(seed)`` (train first, then val), never with ``hash()``.
-    Returns a copy with ``train`` and ``val`` replaced (``test`` unchanged) and the sampling recorded
-    in ``extra["few_shot"]``. A class with fewer than K images (or fewer val images than needed) is a
-    DataError naming it; with ``allow_fewer=True`` all its images are taken and the shortfall is
-    reported in ``extra["few_shot"]["short"]`` and a warning. An empty val split stays empty
-    (ImageNet, whose val set CoOp does not subsample). ``train`` must not be empty.
+    ``sampler`` (:data:`SAMPLER_HELP`): ``"dassl"`` (default) draws exactly the images CoOp / CoCoOp's code draws
+    for this seed from the same split file: one ``random.Random(seed)`` stream (Dassl's ``random.seed(seed)``),
+    train then val, classes in the order they first appear and each class in the input order -- so the result
+    depends on the order of ``splits.train`` / ``splits.val`` (a CoOp split file's order). ``"lpclip"``: CoOp's
+    linear-probe script (``np.random.seed(seed)``, sorted labels, ``np.random.choice`` per class, train then val).
+    ``"sorted"``: vlprompt's rule before ``dassl`` became the default (each class sorted by path, labels in
+    order), independent of the input order. Never uses ``hash()``: identical across processes.
+
+    Returns a copy with ``train`` and ``val`` replaced (``test`` unchanged) and the sampling recorded in
+    ``extra["few_shot"]``. A class with fewer than K images (or fewer val images than needed) is a DataError
+    naming it; with ``allow_fewer=True`` all its images are taken and the shortfall is reported in
+    ``extra["few_shot"]["short"]`` and a warning. An empty val split stays empty (ImageNet, whose val set CoOp
+    does not subsample). ``train`` must not be empty.
     """
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise DataError(f"shots must be a positive integer, got {shots!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise DataError(f"seed must be an integer, got {seed!r}")
+    if sampler not in SAMPLERS:
+        raise DataError(f"unknown few-shot sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if sampler == "lpclip" and not 0 <= seed < 2 ** 32:
+        raise DataError(f"the lpclip sampler seeds numpy (np.random.seed): seed must be in 0..2**32-1, got {seed}")
     train_all = require_split(splits, "train")
-    rng = random.Random(seed)
     n = splits.num_classes
-    train, short_train = _sample_per_class(train_all, n, shots, rng, "train", splits.classnames, allow_fewer)
     val_k = min(shots, max_val_shots)
-    short_val: dict[str, list[int]] = {}
+    short_train = _shortfalls(train_all, n, shots, splits.classnames)
+    short_val = _shortfalls(splits.val, n, val_k, splits.classnames) if splits.val else {}
+    for short, k, split in ((short_train, shots, "train"), (short_val, val_k, "val")):
+        if short and not allow_fewer:
+            _refuse_short(short, k, split)
     val: list[Sample] = []
-    if splits.val:
-        val, short_val = _sample_per_class(splits.val, n, val_k, rng, "val", splits.classnames, allow_fewer)
-    info = {"shots": shots, "seed": seed, "val_shots": val_k if splits.val else 0}
+    if sampler == "lpclip":
+        import numpy as np
+
+        rng = np.random.RandomState(seed)  # the legacy global stream np.random.seed(seed) sets
+        labels = np.unique([s.label for s in train_all])  # the script walks the train labels for val too
+        train = _draw_lpclip(train_all, shots, rng, labels)
+        if splits.val:
+            val = _draw_lpclip(splits.val, val_k, rng, labels)
+    else:
+        rng = random.Random(seed)  # the stream random.seed(seed) gives the module-level functions Dassl calls
+        if sampler == "dassl":
+            train = _draw_dassl(train_all, shots, rng)
+            if splits.val:
+                val = _draw_dassl(splits.val, val_k, rng)
+        else:
+            train = _draw_sorted(train_all, n, shots, rng)
+            if splits.val:
+                val = _draw_sorted(splits.val, n, val_k, rng)
+    info = {"shots": shots, "seed": seed, "val_shots": val_k if splits.val else 0, "sampler": sampler}
     if short_train or short_val:
         info["short"] = {"train": short_train, "val": short_val}
         parts = [f"{split}: " + ", ".join(f"{c!r} {have}/{want}" for c, (have, want) in list(d.items())[:MAX_NAMED])
@@ -112,6 +184,86 @@ def few_shot_split(splits: DatasetSplits, shots: int, seed: int, *, allow_fewer:
     extra = dict(splits.extra)
     extra["few_shot"] = info
     return replace(splits, train=train, val=val, extra=extra)
+
+
+DASSL_DATUM = "dassl.data.datasets.base_dataset.Datum"
+
+
+def _datum_fields(item, source: str) -> tuple[str, int, str]:
+    from ..safe_pickle import Placeholder
+
+    attrs = item.attrs if isinstance(item, Placeholder) and item.global_name == DASSL_DATUM else None
+    attrs = attrs or {}
+    impath, label, classname = attrs.get("_impath"), attrs.get("_label"), attrs.get("_classname")
+    if (not isinstance(impath, str) or isinstance(label, bool) or not isinstance(label, int)
+            or not isinstance(classname, str)):
+        raise DataError(f"{source} is not a Dassl Datum with a string impath, an integer label and a classname: "
+                        f"{item!r}"[:300])
+    return impath, label, classname
+
+
+def read_dassl_few_shot(path: str | os.PathLike, splits: DatasetSplits, shots: int | None = None) -> DatasetSplits:
+    """Train and val exactly as a Dassl few-shot cache holds them: ``split_fewshot/shot_K-seed_S.pkl``, which
+    CoOp's datasets write on the first run of a shots / seed and read on every later one (a pickle of
+    ``{"train": [Datum], "val": [Datum]}``; ImageNet's has no val). Parsed without running code from the file
+    (:func:`vlprompt.safe_pickle.load_pickle`: Datum objects become inert placeholders).
+
+    The file holds the original machine's absolute paths: each image is found among ``splits``' own train (val)
+    images by the part of its path after the folder all local images share (the dataset's image folder), and its
+    label must be the local one (a DataError names the first image that is not found or disagrees). ``shots``
+    (when given) must be the file's number of images per class. Returns a copy of ``splits`` with train and val
+    replaced, in the file's order (a class Dassl sampled with repeats keeps them); ``extra["few_shot"]`` records
+    the file."""
+    from ..safe_pickle import load_pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"few-shot file {path} not found")
+    obj = load_pickle(path, error=DataError)
+    if not isinstance(obj, dict) or not isinstance(obj.get("train"), list):
+        raise DataError(f"few-shot file {path} is not a Dassl few-shot cache (a dict with 'train' and 'val' lists "
+                        f"of Datum objects)")
+    if obj.get("val") is None and splits.val:
+        raise DataError(f"few-shot file {path} has no 'val' list but {splits.name} has a val split")
+    local = [s for part in (splits.train, splits.val, splits.test) for s in part]
+    if not local:
+        raise DataError(f"few-shot file {path}: dataset {splits.name} has no images to find its images among")
+    base = os.path.commonpath([os.path.dirname(s.path) for s in local])
+    out: dict[str, list[Sample]] = {}
+    for split, own in (("train", splits.train), ("val", splits.val)):
+        items = obj.get(split) or []
+        if not isinstance(items, list):
+            raise DataError(f"few-shot file {path}: {split!r} must be a list of Datum objects")
+        index = {Path(os.path.relpath(s.path, base)).as_posix(): s for s in own}
+        depths = sorted({key.count("/") + 1 for key in index}, reverse=True)
+        found = []
+        for i, item in enumerate(items):
+            impath, label, classname = _datum_fields(item, f"few-shot file {path}: {split}[{i}]")
+            parts = impath.replace("\\", "/").split("/")
+            sample = next((index[k] for k in ("/".join(parts[-d:]) for d in depths) if k in index), None)
+            if sample is None:
+                raise DataError(f"few-shot file {path}: {split} image {impath} is not among the {split} images of "
+                                f"{splits.name} under {base} (matched by the path after that folder); is --root "
+                                f"the dataset the file was made for?")
+            if sample.label != label:
+                raise DataError(f"few-shot file {path}: {split} image {impath} has label {label} ({classname!r}) "
+                                f"but {sample.path} is label {sample.label} ({sample.classname!r}) here")
+            found.append(sample)
+        out[split] = found
+    counts = Counter(s.label for s in out["train"])
+    missing = [splits.classnames[label] for label in sorted({s.label for s in splits.train} - set(counts))]
+    if missing:
+        raise DataError(f"few-shot file {path} has no train image of class(es) {missing[:MAX_NAMED]}")
+    per_class = sorted(set(counts.values()))
+    if shots is not None and per_class != [shots]:
+        raise DataError(f"few-shot file {path} holds {'/'.join(map(str, per_class))} train images per class, "
+                        f"not --shots {shots}")
+    val_counts = Counter(s.label for s in out["val"])
+    info = {"shots": per_class[-1] if per_class else 0, "val_shots": max(val_counts.values(), default=0),
+            "sampler": "dassl", "file": str(path)}
+    extra = dict(splits.extra)
+    extra["few_shot"] = info
+    return replace(splits, train=out["train"], val=out["val"], extra=extra)
 
 
 def subsample_classes(splits: DatasetSplits, which: Literal["base", "new", "all"] = "all") -> DatasetSplits:

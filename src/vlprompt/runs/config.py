@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..data.protocol import SAMPLER_HELP, SAMPLERS
 from ..engine.trainer import TrainConfig
 from ..errors import ConfigError
 from ..methods import build_config, method_class
@@ -53,6 +54,9 @@ class DataConfig:
     allow_fewer: bool = opt(False, "take all images of classes with fewer than --shots")
     on_bad_image: str = opt("error", "unreadable images stop the run (error) or are skipped and counted (skip)",
                             choices=("error", "skip"))
+    sampler: str = opt("dassl", SAMPLER_HELP, choices=SAMPLERS)
+    fewshot_file: Optional[str] = opt(None, "a Dassl few-shot cache (CoOp's split_fewshot/shot_K-seed_S.pkl): train "
+                                      "and val are exactly its images, found under --root")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,6 +226,16 @@ def resolve(request: dict | RunConfig) -> RunConfig:
         raise ConfigError(f"{name} uses no training images: --shots must be 0, got {data.shots}")
     if data.shots == 0 and data.allow_fewer:
         raise ConfigError("--allow-fewer applies to few-shot sampling (--shots > 0)")
+    if data.shots == 0 and data.sampler != "dassl":
+        raise ConfigError(f"--sampler {data.sampler} applies to few-shot sampling (--shots > 0)")
+    if data.fewshot_file:
+        if data.shots == 0:
+            raise ConfigError("--fewshot-file is a few-shot sample: give its number of shots (--shots > 0)")
+        for flag, given in ((f"--sampler {data.sampler}", data.sampler != "dassl"),
+                            ("--allow-fewer", data.allow_fewer)):
+            if given:
+                raise ConfigError(f"{flag} does not apply with --fewshot-file: its images (Dassl's sample) are used "
+                                  f"as they are")
 
     model = resolve_model(request)
     tensorboard = request.get("tensorboard", False)
@@ -247,6 +261,8 @@ def resolve_data(data_req: dict) -> DataConfig:
 
     get_dataset_info(data.dataset)  # an unknown dataset fails here, naming the known ones
     data.root = _abs(data.root)
+    if data.fewshot_file:
+        data.fewshot_file = _abs(data.fewshot_file)
     return data
 
 

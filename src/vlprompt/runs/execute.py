@@ -61,16 +61,21 @@ def prepare_data(data: DataConfig, seed: Optional[int], needs: Sequence[str] = (
     images for every method -- CoOp, CoCoOp, PLOT, the linear probe -- of the same data, shots and seed. The
     splits not in ``needs`` are emptied (their images are never opened); the images of the others are checked
     up front (a bad file stops the run at once, or is skipped and counted with ``on_bad_image="skip"``).
-    ``split_file`` (a resumed run's ``split.json``) is read instead when given. Returns (splits, skipped images
-    per split)."""
+    ``split_file`` (a resumed run's ``split.json``: it keeps the images it started with, whatever sampler drew
+    them) is read instead when given; ``data.fewshot_file`` (Dassl's pkl) replaces the sampling. Returns (splits,
+    skipped images per split)."""
+    from ..data.protocol import read_dassl_few_shot
+
     if split_file is not None:
         return load_split(split_file), {}
     if not data.dataset.startswith("torchvision:") and not os.path.exists(data.root):
         raise DataError(f"data root {data.root} does not exist (`vlprompt datasets` shows the layout each dataset "
                         f"expects)")
     splits = load_dataset(data.dataset, data.root, **data.options)
-    if data.shots > 0:
-        splits = few_shot_split(splits, data.shots, seed, allow_fewer=data.allow_fewer)
+    if data.shots > 0 and data.fewshot_file:
+        splits = read_dassl_few_shot(data.fewshot_file, splits, data.shots)
+    elif data.shots > 0:
+        splits = few_shot_split(splits, data.shots, seed, allow_fewer=data.allow_fewer, sampler=data.sampler)
     if data.classes != "all":
         splits = subsample_classes(splits, data.classes)
     splits = splits.with_splits(**{name: [] for name in ("train", "val", "test") if name not in needs})
