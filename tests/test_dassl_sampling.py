@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 from conftest import require_shared
-from vlprompt.data import DatasetSplits, Sample, few_shot_split, load_dataset, load_split, samples_per_class
+from vlprompt.data import DatasetSplits, Sample, few_shot_split, load_dataset, load_split
 from vlprompt.data.protocol import read_dassl_few_shot
 from vlprompt.errors import ConfigError, DataError
 from vlprompt.runs import resolve, run
@@ -146,7 +146,8 @@ def test_lpclip_sampler_draws_the_linear_probe_scripts_images_for_seeds_1_to_3(s
 def test_sorted_sampler_is_the_earlier_rule_independent_of_input_order():
     ds = scrambled()
     a = few_shot_split(ds, 4, 1, sampler="sorted")
-    assert few_shot_split(ds.with_splits(train=ds.train[::-1], val=ds.val[::-1]), 4, 1, sampler="sorted").train == a.train
+    reordered = ds.with_splits(train=ds.train[::-1], val=ds.val[::-1])
+    assert few_shot_split(reordered, 4, 1, sampler="sorted").train == a.train
     # the earlier rule, as it was: labels in order, each class sorted by path, one random.Random(seed) stream
     rng, expected = random.Random(1), []
     for c in range(ds.num_classes):
@@ -327,12 +328,13 @@ def test_sampler_is_part_of_the_identity_and_refused_where_it_does_not_apply(mod
 def test_a_run_trains_on_the_images_of_a_dassl_pickle(dassl_datum, model_files, folder, tmp_path):
     ds = load_dataset("folder", str(folder))
     _write_dassl_pickle(tmp_path / "shot_2-seed_3.pkl", dassl_datum, ds, 2, 3)
-    req = _request(model_files, folder, tmp_path, method="linear-probe", fewshot_file=str(tmp_path / "shot_2-seed_3.pkl"))
+    pkl = str(tmp_path / "shot_2-seed_3.pkl")
+    req = _request(model_files, folder, tmp_path, method="linear-probe", fewshot_file=pkl)
     res = run(resolve(req), tmp_path / "run", progress=False)
     split = load_split(tmp_path / "run" / "split.json")
     expected = few_shot_split(ds, 2, 3)
     assert split.train == expected.train and split.val == expected.val
-    assert res["identity"]["data"]["fewshot_file"] == str(tmp_path / "shot_2-seed_3.pkl")
+    assert res["identity"]["data"]["fewshot_file"] == pkl
 
 
 def _unfinish(run_dir: Path) -> None:
