@@ -1,4 +1,5 @@
-"""``vlprompt table``: results of many runs as one table (one row per configuration, never merging two)."""
+"""``vlprompt table`` and ``vlprompt report``: results of many runs as tables (one row per configuration, never
+merging two), and the report of a grid with the papers' published numbers beside the measured ones."""
 from __future__ import annotations
 
 from .common import print_json
@@ -13,6 +14,18 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print JSON instead (every row with its full configuration identity, seeds and run paths)")
     p.set_defaults(func=cmd_table)
+
+    from ..reporting import FORMATS
+
+    r = sub.add_parser("report", help="the report of a grid: few-shot mean ± std and 11-dataset averages, "
+                                      "base-to-new, transfer, ordinal folds, collapsed seeds flagged, the papers' "
+                                      "published numbers beside (same protocol and backbone only) and few-shot curves")
+    r.add_argument("paths", nargs="+", metavar="DIR", help="grid folders, run directories or folders holding runs")
+    r.add_argument("--format", choices=FORMATS, default="md", help="md (default), csv (one line per number) or tex")
+    r.add_argument("--output", default=None, help="write the report to this file instead of printing it")
+    r.add_argument("--figures", default=None, metavar="DIR",
+                   help="also write the few-shot curves (fewshot_curves.png and .pdf) into this folder")
+    r.set_defaults(func=cmd_report)
 
 
 def cmd_table(args) -> int:
@@ -29,4 +42,22 @@ def cmd_table(args) -> int:
         print(text, end="")
     if args.output:
         atomic_write_text(args.output, text)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .._io import atomic_write_text
+    from ..errors import VLPromptError
+    from ..reporting import build_report, curve_data, fewshot_curves, render
+
+    report = build_report(args.paths)
+    if args.figures and not curve_data(report)["datasets"]:  # refused before anything is written
+        raise VLPromptError("--figures: the runs hold no few-shot results (classes all) to draw")
+    text = render(report, args.format)
+    if args.output:
+        atomic_write_text(args.output, text)
+    else:
+        print(text, end="")
+    if args.figures:
+        fewshot_curves(report, args.figures)
     return 0
