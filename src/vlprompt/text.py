@@ -17,6 +17,12 @@ Groups: the prefix may be shared by all prompts ``(P, D)`` or differ per group `
 image for CoCoOp, per prompt set for PLOT), with suffixes shared by the groups ``(K, S, D)`` or per group
 ``(G, K, S, D)``. Many prompts are encoded in chunks; under autograd each chunk is checkpointed, so memory stays
 bounded for K = 1000+ while gradients stay exact.
+
+Under ``torch.distributed`` (a torchrun job), inside :meth:`TextEncoder.class_sharded`, the K prompts are split
+over the ranks: rank r encodes its contiguous share and the features are gathered with
+``torch.distributed.nn.functional.all_gather``, whose backward returns to each rank the gradient of every
+rank's loss for its share; summing the learned tensors' gradients over the ranks then gives the same gradient as
+every rank encoding all K prompts, with the text tower's work and memory per rank divided by N.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import contextlib
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -55,6 +62,7 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.autocast = autocast
         self.unsupported = unsupported
+        self._class_sharded = False
         blocks = list(getattr(transformer, "resblocks", []))
         self._blocks = blocks
         self.causal = attn_mask is not None
@@ -158,6 +166,68 @@ class TextEncoder:
             (K, E) for a shared prefix, (G, K, E) for a grouped one.
         """
         self._require()
+        if self._class_sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            out = self._encode_sharded(prefix, suffix, eot, mode, chunk_size)
+            if out is not None:
+                return out
+        return self._encode_local(prefix, suffix, eot, mode, chunk_size)
+
+    # -- class sharding over ranks ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def class_sharded(self, enabled: bool = True):
+        """Within this block, with several ranks, :meth:`encode_prompts` splits the prompts over the ranks (see
+        the module doc). Every rank must make the same calls in the same order (each call runs collectives).
+        Prompts that differ between ranks (CoCoOp's are conditioned on each rank's images) are detected by a
+        fingerprint exchanged first, and then encoded whole on each rank."""
+        previous = self._class_sharded
+        self._class_sharded = bool(enabled)
+        try:
+            yield self
+        finally:
+            self._class_sharded = previous
+
+    @staticmethod
+    def _fingerprint(*tensors: torch.Tensor) -> torch.Tensor:
+        """(7 per tensor,) float64: the shape (padded to 4 dims) and three sums (plain, L2 norm, position
+        weighted): equal on two ranks only when the tensors are (for any practical purpose) equal."""
+        rows = []
+        for t in tensors:
+            t = t.detach()
+            shape = list(t.shape) + [-1] * (4 - t.dim())
+            with torch.autocast(device_type=t.device.type, enabled=False):
+                x = t.double() if not t.is_floating_point() else t
+                flat = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+                w_col = torch.linspace(-1.0, 1.0, flat.shape[1], device=t.device, dtype=flat.dtype)
+                w_row = torch.linspace(-1.0, 1.0, flat.shape[0], device=t.device, dtype=torch.float64)
+                stats = [flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64),
+                         ((flat @ w_col).double() * w_row).sum()]
+            rows.append(torch.cat([torch.tensor(shape, dtype=torch.float64, device=t.device), torch.stack(stats)]))
+        return torch.cat(rows)
+
+    def _encode_sharded(self, prefix, suffix, eot, mode, chunk_size) -> Optional[torch.Tensor]:
+        """This rank's share of the prompts encoded, all shares gathered with gradients; None (encode locally)
+        when the prompts differ between ranks or there are fewer prompts than ranks."""
+        from torch.distributed.nn.functional import all_gather
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        mine = self._fingerprint(prefix, suffix, eot)
+        prints = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(prints, mine)
+        k = suffix.shape[-3]
+        if k < world or not all(torch.equal(p, prints[0]) for p in prints):  # the same decision on every rank
+            return None
+        bounds = [(q * k) // world for q in range(world + 1)]
+        lo, hi = bounds[rank], bounds[rank + 1]
+        part = self._encode_local(prefix, suffix[..., lo:hi, :, :], eot[..., lo:hi], mode, chunk_size)
+        kdim = part.dim() - 2  # (K_r, E) or (G, K_r, E)
+        top = -(-k // world)
+        if hi - lo < top:  # all_gather needs equal shapes: pad with zeros (no gradient flows to them)
+            part = torch.cat([part, part.new_zeros(*part.shape[:kdim], top - (hi - lo), part.shape[-1])], dim=kdim)
+        parts = all_gather(part.contiguous())
+        return torch.cat([t.narrow(kdim, 0, bounds[q + 1] - bounds[q]) for q, t in enumerate(parts)], dim=kdim)
+
+    def _encode_local(self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor, mode: str,
+                      chunk_size: Optional[int]) -> torch.Tensor:
         grouped = prefix.dim() == 3
         prefix3 = prefix if grouped else prefix[None]
         g, p, _ = prefix3.shape

@@ -11,9 +11,19 @@ The engine knows a method only through :class:`vlprompt.methods.base.Method`. In
 Every epoch's data order, view choice and augmentation are seeded from ``(seed, epoch)``, and a checkpoint is
 written at the end of every ``checkpoint_every`` epochs, so a run killed at any point resumes from the last
 checkpoint and finishes with the same numbers as an uninterrupted run.
+
+Under torchrun (:mod:`vlprompt.engine.distributed`) every rank draws the same global batches and keeps its
+slice; the loss is weighted by the slice's share of the batch, the learned tensors' gradients are summed over
+the ranks before the optimiser step (so all ranks take the same step), class prompts are encoded sharded over
+the ranks, and only rank 0 writes checkpoints and calls ``on_epoch``.
+
+Mixed precision (``precision="amp"`` on CUDA): the forward runs under autocast (bf16 where the GPU supports it,
+else fp16 with a gradient scaler: steps with inf/NaN gradients are skipped by the scaler and counted); the
+learned tensors and the optimiser state stay float32; batches are copied from pinned memory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +38,7 @@ import torch
 
 from ..errors import ConfigError, NonFiniteError, VLPromptError
 from ..methods.base import Method, check_fields, opt
+from . import distributed
 from .checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .schedule import lr_at_epoch
 from .sources import CachedViews, OnlineImages  # noqa: F401  (the inputs of fit(); re-exported)
@@ -126,9 +137,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group.setdefault("lr_scale", group["lr"] / train_cfg.lr if train_cfg.lr else 1.0)
         self.state = TrainState()
-        amp = method.backbone.device.type == "cuda" and method.backbone.precision == "amp"
+        for p in method.trainable_parameters():  # autocast computes in half precision; the masters stay fp32
+            if p.dtype != torch.float32:
+                raise VLPromptError(f"{type(method).__name__}: a learned tensor of shape {tuple(p.shape)} is "
+                                    f"{p.dtype}; learned tensors must be float32 (autocast handles half precision)")
+        amp = self.device.type == "cuda" and method.backbone.precision == "amp"
         self.fp16 = amp and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.fp16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.fp16)
 
     # -- checkpoints --
     def _state_dict(self) -> dict:
@@ -150,7 +165,9 @@ class Trainer:
         log.info("resumed from %s (epoch %d of %d)", path, self.state.epoch, self.cfg.epochs)
         return True
 
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
+        if not distributed.is_main():  # rank 0 writes; every rank holds the same state
+            return None
         return save_checkpoint(self.run_dir, self.state.epoch, self.method.learned_state(), self._state_dict(),
                                self.config_hash)
 
@@ -170,6 +187,13 @@ class Trainer:
         if n == 0:
             raise VLPromptError("no training images")
         method = self.method
+        parallel = distributed.active()
+        if parallel:
+            distributed.check_supported(method, cfg, n)
+        text = getattr(method.backbone, "text", None)
+        sharded = text.class_sharded if (parallel and hasattr(text, "class_sharded")) else contextlib.nullcontext
+        params = method.trainable_parameters()
+        pin = self.device.type == "cuda"
         for epoch in range(self.state.epoch, cfg.epochs):
             lr = lr_at_epoch(epoch, base_lr=cfg.lr, epochs=cfg.epochs, scheduler=cfg.scheduler,
                              warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr)
@@ -184,22 +208,37 @@ class Trainer:
             batches = self._batches(n, gen)
             bar = _progress(batches, f"epoch {epoch + 1}/{cfg.epochs}", self.progress)
             for idx in bar:
-                feats = source.batch(idx, gen).to(self.device)
-                y = labels[idx].to(self.device)
-                t = None if targets is None else targets[idx].to(self.device)
-                with method.backbone.autocast():
+                feats = source.batch(idx, gen)  # the global batch: the generator advances as in one process
+                if parallel:
+                    sl = distributed.share(len(idx))
+                    feats, idx_here = distributed.batch_slice(feats, sl), idx[sl]
+                else:
+                    idx_here = idx
+                if pin:
+                    feats = _pinned(feats)
+                feats = feats.to(self.device)
+                y = labels[idx_here].to(self.device)
+                t = None if targets is None else targets[idx_here].to(self.device)
+                with method.backbone.autocast(), sharded():
                     logits = method(feats)
                     loss, parts = method.loss(logits.float(), y, t)
-                if not torch.isfinite(loss):
+                if parallel:  # this slice's share of the global batch's mean loss
+                    loss = loss * (len(idx_here) / len(idx))
+                    global_loss = distributed.all_reduce_sum(loss.detach().clone())
+                else:
+                    global_loss = loss.detach()
+                if not torch.isfinite(global_loss):  # the same decision on every rank
                     if self.fp16 or cfg.nonfinite == "skip":
                         self.state.skipped_steps += 1
                         self.optimizer.zero_grad(set_to_none=True)
                         continue
-                    raise NonFiniteError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step "
+                    raise NonFiniteError(f"non-finite loss ({global_loss.item()}) at epoch {epoch + 1}, step "
                                          f"{self.state.step + 1} (lr {lr:g}); lower --lr, or pass "
                                          f"--nonfinite skip to skip such steps and count them")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
+                if parallel:
+                    distributed.all_reduce_gradients(params)
                 if cfg.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), cfg.grad_clip)
@@ -209,13 +248,16 @@ class Trainer:
                 if self.fp16 and self.scaler.get_scale() < scale_before:
                     self.state.skipped_steps += 1  # inf/NaN gradients: the scaler skipped this step
                 self.state.step += 1
-                losses.append(loss.item())
+                losses.append(global_loss.item())
                 correct += int((logits.argmax(-1) == y).sum())
                 seen += len(y)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if cfg.max_steps and self.state.step >= cfg.max_steps:
                     break
+            if parallel:
+                counts = distributed.all_reduce_sum(torch.tensor([correct, seen], device=self.device))
+                correct, seen = (int(c) for c in counts)
             record = {"epoch": epoch + 1, "lr": lr, "loss": float(np.mean(losses)) if losses else float("nan"),
                       "train_accuracy": 100.0 * correct / max(seen, 1), "steps": len(losses),
                       "skipped_steps": self.state.skipped_steps, "seconds": time.perf_counter() - t0}
@@ -225,7 +267,7 @@ class Trainer:
             self.state.epoch = epoch + 1
             log.info("epoch %d/%d  loss %.4f  train acc %.2f%%  lr %.2e  %.1fs", epoch + 1, cfg.epochs,
                      record["loss"], record["train_accuracy"], lr, record["seconds"])
-            if self.on_epoch:
+            if self.on_epoch and distributed.is_main():  # it writes the run's files
                 self.on_epoch(record)
             done = self.state.epoch == cfg.epochs or (cfg.max_steps and self.state.step >= cfg.max_steps)
             if cfg.checkpoint_every and (self.state.epoch % cfg.checkpoint_every == 0 or done):
@@ -251,6 +293,14 @@ def predict_logits(method: Method, source, n: int, batch_size: int = 256, progre
     finally:
         method.end_eval()
     return torch.cat(out) if out else torch.empty(0, method.num_classes)
+
+
+def _pinned(feats):
+    """The batch in page-locked memory, so that the copy to the GPU is asynchronous."""
+    from ..methods.base import Features
+
+    return Features(*(t if t is None or t.is_pinned() else t.pin_memory()
+                      for t in (feats.global_, feats.local, feats.images)))
 
 
 def _progress(it, desc: str, enabled: bool):

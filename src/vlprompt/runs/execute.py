@@ -9,6 +9,11 @@ closed-form fit, or not at all), and ``results.json`` closes the run. A run dire
 ``method.json`` (the learned tensors and what rebuilds the method on any class list), ``results.json`` (the
 configuration, its identity and hash, the metrics), and for trained methods ``metrics.jsonl``,
 ``training_curve.png`` and ``checkpoints/``.
+
+Under torchrun every rank calls :func:`run` with the same arguments (``torchrun --nproc-per-node N -m vlprompt
+train ...``): all ranks resolve and check the same things, rank 0 alone writes the run directory, the training
+and the evaluations are split over the ranks (:mod:`vlprompt.engine.distributed`), and every rank returns rank
+0's results.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from ..cache import FeatureCache
 from ..data import (DatasetSplits, ImageDataset, check_samples, few_shot_split, load_dataset, load_split,
                     save_split, subsample_classes, transform_id)
 from ..data.transforms import build_transforms
+from ..engine import distributed
 from ..engine.trainer import CachedViews, OnlineImages, Trainer, TrainState, predict_logits, seed_everything
 from ..errors import CheckpointError, ConfigError, DataError, VLPromptError
 from ..methods import Method, build_method, method_class
@@ -120,9 +126,28 @@ def evaluate(method: Method, backbone: Backbone, samples, transform, cache: Feat
     if method.trains_image_encoder:
         source = OnlineImages(ImageDataset(samples, transform), backbone, local=False, encode=False)
     else:
+        if distributed.active() and not isinstance(cache, distributed.RankSharedCache):
+            cache = distributed.RankSharedCache(cache)
         source = eval_features(backbone, samples, transform, cache, method.needs_local)
-    logits = predict_logits(method, source, len(samples), batch_size, progress)
+    if distributed.active():  # each rank a contiguous share of the images, gathered in order
+        share = distributed.share(len(samples))
+        mine = predict_logits(method, _Offset(source, share.start), share.stop - share.start, batch_size,
+                              progress and distributed.is_main())
+        logits = distributed.gather_rows(mine)
+    else:
+        logits = predict_logits(method, source, len(samples), batch_size, progress)
     return method.metrics(logits, labels, _targets(samples)), logits
+
+
+class _Offset:
+    """A source whose item i is item ``offset + i`` of another (a rank's share of an evaluation)."""
+
+    def __init__(self, source, offset: int):
+        self.source = source
+        self.offset = offset
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Features:
+        return self.source.batch(idx + self.offset, gen)
 
 
 def train_source(cfg: RunConfig, method: Method, backbone: Backbone, splits: DatasetSplits, cache: FeatureCache,
@@ -188,10 +213,17 @@ def run(cfg: RunConfig | dict, output: str | Path, *, resume: bool = False, forc
         progress: bool = True) -> dict:
     """Run a configuration (resolved, or a request that :func:`resolve` resolves) into ``output``; returns its
     results (also ``results.json``). See :mod:`vlprompt.runs.directory` for what happens to an existing
-    directory."""
+    directory. Under torchrun, every rank calls it (see the module doc)."""
     if not isinstance(cfg, RunConfig):
         cfg = resolve(cfg)
-    run_dir = Path(output)
+    with distributed.session(cfg.device) as session:
+        results = _run(cfg, Path(output), resume=resume, force=force, progress=progress and distributed.is_main(),
+                       device=session.device)
+        return distributed.broadcast_object(results)
+
+
+def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: bool, device: Optional[str]) -> dict:
+    main = distributed.is_main()
     request_hash = cfg.identity_hash()
     marker = directory.read_marker(run_dir) if run_dir.is_dir() else None
     if (not force and marker and marker.get("request_hash") == request_hash
@@ -208,6 +240,7 @@ def run(cfg: RunConfig | dict, output: str | Path, *, resume: bool = False, forc
     cls = method_class(cfg.method)
     needs = needed_splits(cls)
     same_request = bool(marker and marker.get("request_hash") == request_hash and not force)
+
     split_file = run_dir / "split.json"
     splits, skipped = prepare_data(cfg.data, cfg.seed, needs,
                                    split_file if (same_request and split_file.is_file()) else None)
@@ -215,7 +248,7 @@ def run(cfg: RunConfig | dict, output: str | Path, *, resume: bool = False, forc
         raise DataError(f"{cfg.data.dataset}: no training images")
     if not splits.test:
         raise DataError(f"{cfg.data.dataset}: no test images to evaluate on")
-    backbone = load_backbone(cfg.backbone, cfg.pretrained, cfg.device, precision=cfg.precision)
+    backbone = load_backbone(cfg.backbone, cfg.pretrained, device or cfg.device, precision=cfg.precision)
     train_tf, test_tf = transforms_for(cfg.preprocess, backbone)
     seed_everything(cfg.seed or 0)  # the method's initial values (random contexts) follow the seed
     method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template)
@@ -223,25 +256,41 @@ def run(cfg: RunConfig | dict, output: str | Path, *, resume: bool = False, forc
     cfg = dataclasses.replace(cfg, method_options=method.config.to_dict())
     if cfg.train is not None and method.trains_image_encoder != cls.trains_own_image_encoder(method.config):
         raise VLPromptError(f"{cfg.method}: trains_own_image_encoder() disagrees with the built method")
+    if method.learns == "gradient":
+        distributed.check_supported(method, cfg.train, len(splits.train))
+    adopted = None
+    if not same_request and not force and directory.is_run_dir(run_dir):
+        adopted = directory.adopt_earlier(run_dir, cfg)  # a run an earlier version wrote: it goes on as it was
+        if adopted is not None:
+            held_splits = load_split(split_file)
+            if list(held_splits.classnames) != list(splits.classnames):
+                adopted = None
+            else:
+                log.info("%s: a run written by an earlier version (data.sampler=%s); continuing it on its own "
+                         "split.json", run_dir, adopted.data.sampler)
+                cfg, splits, skipped = adopted, held_splits, {}
     identity = cfg.identity()
-    state = directory.inspect(run_dir, config_hash(identity), resume=resume, force=force)
+    state = directory.inspect(run_dir, config_hash(identity), resume=resume, force=force,
+                              adopted=adopted is not None)
+    distributed.barrier()  # every rank has read the directory as it was; rank 0 may now write it
     if state.action == "done":
         log.info("%s is already finished (pass --force to run it again)", run_dir)
         return json.loads((run_dir / "results.json").read_text())
-    if state.action == "replace":
-        log.info("%s: replacing the run it held", run_dir)
-        directory.clear(run_dir)
-    elif state.action == "restart":
-        for name in ("metrics.jsonl", "results.json", "best.safetensors"):
-            (run_dir / name).unlink(missing_ok=True)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    directory.write_marker(run_dir, status="running", request_hash=request_hash, config_hash=config_hash(identity),
-                           method=cfg.method)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    if not split_file.is_file() or state.action != "resume":
-        save_split(splits, split_file)
-    handler = attach_log_file(run_dir)
+    if main:
+        if state.action == "replace":
+            log.info("%s: replacing the run it held", run_dir)
+            directory.clear(run_dir)
+        elif state.action == "restart":
+            for name in ("metrics.jsonl", "results.json", "best.safetensors"):
+                (run_dir / name).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        directory.write_marker(run_dir, status="running", request_hash=request_hash,
+                               config_hash=config_hash(identity), method=cfg.method)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        if not split_file.is_file() or state.action != "resume":
+            save_split(splits, split_file)
+    distributed.barrier()  # the run directory is ready
+    handler = attach_log_file(run_dir) if main else None
     try:
         for name, n in skipped.items():
             log.warning("%s split: %d unreadable image(s) skipped (--skip-bad-images)", name, n)
@@ -251,17 +300,20 @@ def run(cfg: RunConfig | dict, output: str | Path, *, resume: bool = False, forc
         results["config"] = cfg.to_dict()
         results["identity"] = identity
         results["config_hash"] = config_hash(identity)
-        atomic_write_json(run_dir / "results.json", results)
-        directory.write_marker(run_dir, status="done")
+        if main:
+            atomic_write_json(run_dir / "results.json", results)
+            directory.write_marker(run_dir, status="done")
         metrics = results["metrics"]
         log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
         return results
     except BaseException as e:
-        directory.write_marker(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
+        if main:
+            directory.write_marker(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
         raise
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
 
 
 def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, splits: DatasetSplits, train_tf,
@@ -272,6 +324,8 @@ def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, 
     for k, v in described.items():
         log.info("%s: %s = %s", cfg.method, k, v)
     cache = FeatureCache(cfg.cache_dir, progress=progress)
+    if distributed.active():  # each rank encodes its share of the images
+        cache = distributed.RankSharedCache(cache)
     timings: dict = {}
     results: dict = {}
     state = TrainState()
@@ -298,7 +352,8 @@ def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, 
                          None if val is None else torch.tensor([s.label for s in splits.val]), progress=progress)
         timings["fit_s"] = time.perf_counter() - t0
         results["fit"] = fit
-    save_method(run_dir, cfg, method, splits)
+    if distributed.is_main():
+        save_method(run_dir, cfg, method, splits)
     t0 = time.perf_counter()
     metrics, test_logits = evaluate(method, backbone, splits.test, test_tf, cache, progress=progress)
     timings["eval_s"] = time.perf_counter() - t0
@@ -306,8 +361,9 @@ def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, 
     out = {"method": cfg.method, "dataset": cfg.data.dataset, "classes": cfg.data.classes,
            "num_classes": splits.num_classes, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
            "shots": cfg.data.shots, "seed": cfg.seed, "metrics": metrics, **results, "method_info": described,
-           "timings": timings}
-    out.update(method.after_training(run_dir, test_logits, splits.test) or {})
+           "timings": timings, "world_size": distributed.world_size()}
+    if distributed.is_main():  # it writes files
+        out.update(method.after_training(run_dir, test_logits, splits.test) or {})
     return out
 
 
@@ -326,9 +382,11 @@ def _train(cfg, run_dir, method, backbone, splits, cache, train_tf, test_tf, res
     trainer = Trainer(method, tc, run_dir, seed=cfg.seed, config_hash=cfg.identity_hash(), progress=progress,
                       on_epoch=lambda rec: (_on_epoch(run_dir, rec, writer),
                                             selection and selection.update(trainer.state.history)))
+    main = distributed.is_main()
     if resume and trainer.resume():
-        _rewrite_metrics(run_dir, trainer.state.history)
-    else:
+        if main:
+            _rewrite_metrics(run_dir, trainer.state.history)
+    elif main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     def val_metrics():
@@ -341,8 +399,10 @@ def _train(cfg, run_dir, method, backbone, splits, cache, train_tf, test_tf, res
         if writer is not None:
             writer.close()
     timings["train_s"] = time.perf_counter() - t0
+    distributed.barrier()  # rank 0 has written the selected epoch's tensors
     selected = selection.restore(trainer.state.history) if selection is not None else None
-    plot_curve(run_dir, trainer.state.history)
+    if main:
+        plot_curve(run_dir, trainer.state.history)
     return trainer.state, selected
 
 
