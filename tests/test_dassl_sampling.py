@@ -360,8 +360,6 @@ def test_a_resumed_run_keeps_its_own_split_json(model_files, folder, tmp_path, m
     assert (tmp_path / "run" / "split.json").read_text() == before and res["config"]["data"]["sampler"] == "sorted"
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason="needs runs.execute.run to recognise a run directory "
-                   "written before data.sampler existed (see the report of issue 13 part 3)")
 def test_a_run_written_before_the_sampler_existed_resumes_on_its_own_images(model_files, folder, tmp_path):
     req = _request(model_files, folder, tmp_path)
     old = {**req, "data": {**req["data"], "sampler": "sorted"}}

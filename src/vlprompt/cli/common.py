@@ -42,6 +42,12 @@ def add_data_options(p: argparse.ArgumentParser, fewshot: bool = True, required:
         g.add_argument("--seed", type=int, default=S, help="few-shot sampling and training seed (default 1)")
         g.add_argument("--allow-fewer", action="store_true", default=S,
                        help="take all images of classes with fewer than --shots")
+        from ..data.protocol import SAMPLER_HELP, SAMPLERS
+
+        g.add_argument("--sampler", default=S, choices=list(SAMPLERS), help=SAMPLER_HELP)
+        g.add_argument("--fewshot-file", default=S, metavar="PKL",
+                       help="the few-shot images of the original code: a Dassl split_fewshot/shot_K-seed_S.pkl "
+                            "(read without running code; its images found under --root)")
     g.add_argument("--classes", default=S, choices=["all", "base", "new"],
                    help="base-to-new protocol: the first ceil(n/2) sorted labels are base (default all)")
     g.add_argument("--dataset-option", action="append", default=S, metavar="KEY=VALUE",
@@ -66,7 +72,8 @@ def parse_kv(items, flag: str = "--dataset-option") -> dict:
 def data_request(args) -> dict:
     """The ``data`` section of a request from the options given."""
     a = vars(args)
-    out = {k: a[k] for k in ("dataset", "root", "shots", "classes", "allow_fewer") if k in a}
+    out = {k: a[k] for k in ("dataset", "root", "shots", "classes", "allow_fewer", "sampler", "fewshot_file")
+           if k in a}
     if "dataset_option" in a:
         out["options"] = parse_kv(a["dataset_option"])
     if a.get("skip_bad_images"):

@@ -21,7 +21,8 @@ _EXPORTS: dict[str, str] = {
     # protocol
     "few_shot_split": "protocol", "subsample_classes": "protocol", "save_split": "protocol",
     "load_split": "protocol", "split_to_json": "protocol", "require_split": "protocol",
-    "samples_per_class": "protocol", "group_by_label": "protocol",
+    "samples_per_class": "protocol", "group_by_label": "protocol", "SAMPLERS": "protocol",
+    "read_dassl_few_shot": "protocol",
     # images
     "load_image": "images", "to_rgb": "images", "verify_image": "images", "check_samples": "images",
     "ImageDataset": "images",

@@ -344,3 +344,43 @@ def dump_config(cfg: RunConfig) -> str:
 
 def as_dict(obj: Any) -> Any:
     return asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def upgrade_request(old: dict) -> dict:
+    """The request of a configuration written by an earlier version of vlprompt, in today's keys: the layout
+    of the first release (``data.seed`` / ``train.seed``, the baselines' ``templates`` / ``probe`` /
+    ``batch_size`` / ``resolved`` sections, ``linear_probe``), and fields added since with the value those
+    versions used (``data.sampler``: ``sorted``, the rule they sampled with). Used to recognise, and resume on
+    its own images, a run directory an earlier version wrote."""
+    d = copy.deepcopy(old)
+    d.pop("version", None)
+    data = dict(d.get("data") or {})
+    train = d.get("train")
+    train = dict(train) if isinstance(train, dict) else None
+    if "seed" in data:  # the first layout: the seed in data and in train
+        seed = data.pop("seed")
+        if train is not None:
+            train.pop("seed", None)
+        d.setdefault("seed", seed)
+    if d.get("method") == "linear_probe":
+        d["method"] = "linear-probe"
+    opts = dict(d.get("method_options") or {})
+    if "templates" in d:
+        opts.setdefault("templates", d.pop("templates"))
+    if isinstance(d.get("probe"), dict):
+        opts.update(d.pop("probe"))
+    for key in ("resolved", "batch_size"):
+        d.pop(key, None)
+    if opts:
+        d["method_options"] = opts
+    data.setdefault("sampler", "sorted")
+    d["data"] = data
+    if train is not None:
+        if train.get("online") or not train.get("augment", True):
+            train.pop("views", None)  # recorded then, meaningless (and refused) now
+        d["train"] = train
+    else:
+        d.pop("train", None)
+    if d.get("seed") is None:
+        d.pop("seed", None)
+    return d

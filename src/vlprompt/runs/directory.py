@@ -83,8 +83,43 @@ def held_identity_hash(run_dir: Path) -> Optional[str]:
         return None  # a config of an older layout: another run
 
 
-def inspect(run_dir: Path, identity_hash: str, *, resume: bool, force: bool) -> DirState:
-    """What a run of ``identity_hash`` may do with ``run_dir`` (see the module doc). Writes nothing."""
+def held_config(run_dir: Path) -> Optional[dict]:
+    """The config.yaml a run directory holds (as written, any version), or None."""
+    cfg = Path(run_dir) / "config.yaml"
+    try:
+        obj = yaml.safe_load(cfg.read_text()) if cfg.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def adopt_earlier(run_dir: Path, cfg):
+    """The configuration of the run an earlier version of vlprompt wrote in ``run_dir``, upgraded to today's
+    keys, when it is ``cfg`` but for what that version did not have (``data.sampler``: it sampled the shots
+    with the rule now called ``sorted``): the run then continues as what it is, on its own split.json, instead
+    of being refused as another run. None otherwise."""
+    import dataclasses
+
+    from .config import resolve, upgrade_request
+
+    held = held_config(run_dir)
+    if held is None or not (Path(run_dir) / "split.json").is_file():
+        return None
+    try:
+        old = resolve(upgrade_request(held))
+    except ConfigError:
+        return None
+    if old.identity() == cfg.identity():
+        return None  # the very same run: nothing to adopt
+    mine = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sampler=old.data.sampler))
+    if old.data.sampler != cfg.data.sampler and mine.identity() == old.identity():
+        return dataclasses.replace(old, device=cfg.device, cache_dir=cfg.cache_dir, tensorboard=cfg.tensorboard)
+    return None
+
+
+def inspect(run_dir: Path, identity_hash: str, *, resume: bool, force: bool, adopted: bool = False) -> DirState:
+    """What a run of ``identity_hash`` may do with ``run_dir`` (see the module doc); ``adopted``: the run is
+    the one the directory holds, written by an earlier version (:func:`adopt_earlier`). Writes nothing."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--output {run_dir} is a file, not a directory")
@@ -98,7 +133,7 @@ def inspect(run_dir: Path, identity_hash: str, *, resume: bool, force: bool) -> 
     finished = (run_dir / "results.json").is_file()
     if force:
         return DirState("replace", held, ckpts)
-    if held == identity_hash:
+    if held == identity_hash or adopted:
         if finished:
             return DirState("done", held, ckpts)
         if ckpts and not resume:
