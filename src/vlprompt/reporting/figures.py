@@ -36,13 +36,23 @@ def curve_data(report: dict) -> dict:
         fl = [f for r, f in zip(rows, idents) if r["method"] == method]
         keys = sorted({k for f in fl for k in f} - {"method"})
         varying[method] = [k for k in keys if len({table.canonical(f.get(k)) for f in fl}) > 1]
+    # a panel per dataset; datasets of one reader on several folders (``folder``, ``csv``) are told apart by root
+    roots: dict[str, set] = {}
+    for r in rows:
+        roots.setdefault(r["dataset"], set()).add((r["identity"].get("data") or {}).get("root"))
+
+    def panel(r: dict) -> str:
+        if len(roots[r["dataset"]]) == 1:
+            return r["dataset"]
+        return f"{r['dataset']} ({Path(str(r['identity']['data'].get('root'))).name})"
+
     lines: dict[str, dict[str, list]] = {}
     labels: dict[str, str] = {}
     for r in rows:
         label = labels.setdefault(r["recipe"], _label(r, varying[r["method"]]))
-        lines.setdefault(label, {}).setdefault(r["dataset"], []).append((r["shots"], r["mean"], r["std"]))
-    datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (COOP_DATASETS.index(d) if d in COOP_DATASETS
-                                                                    else len(COOP_DATASETS), d))
+        lines.setdefault(label, {}).setdefault(panel(r), []).append((r["shots"], r["mean"], r["std"]))
+    datasets = sorted({panel(r) for r in rows}, key=lambda d: (COOP_DATASETS.index(d) if d in COOP_DATASETS
+                                                                else len(COOP_DATASETS), d))
     average = {}
     for label, per in lines.items():
         shots = sorted({s for pts in per.values() for s, _, _ in pts})
@@ -52,7 +62,7 @@ def curve_data(report: dict) -> dict:
             if all(len(v) == 1 for v in vals):  # every dataset, one configuration each
                 pts.append((s, float(np.mean([v[0] for v in vals]))))
         average[label] = pts
-    complete = set(datasets) >= set(COOP_DATASETS) and len(datasets) == len(COOP_DATASETS)
+    complete = sorted(datasets) == sorted(COOP_DATASETS)
     title = ("Average over 11 datasets" if complete else
              f"Mean of {len(datasets)} dataset(s) (not the 11-dataset average)")
     for per in lines.values():
