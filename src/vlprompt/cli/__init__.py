@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 from ..errors import ConfigError, VLPromptError
 
 COMMAND_MODULES = ("vlprompt.cli.data", "vlprompt.cli.baselines", "vlprompt.cli.train", "vlprompt.cli.plot",
-                   "vlprompt.cli.ordinal", "vlprompt.cli.report")
+                   "vlprompt.cli.ordinal", "vlprompt.cli.report",
+                   "vlprompt.cli.importer",
+                   "vlprompt.cli.grid")
 
 
 class _Parser(argparse.ArgumentParser):
