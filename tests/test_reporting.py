@@ -285,3 +285,13 @@ def test_cli_report_refuses_figures_without_fewshot_rows_before_writing(tmp_path
     assert main(["report", str(tmp_path / "runs"), "--output", str(out), "--figures", str(tmp_path / "f")]) == 2
     assert "--figures" in capsys.readouterr().err and not out.exists() and not (tmp_path / "f").exists()
     assert main(["report", str(tmp_path / "empty-does-not-exist")]) == 2
+
+
+def test_curves_tell_folder_datasets_apart_by_their_root(tmp_path):
+    for name, acc in (("birds", 40.0), ("cars", 80.0)):
+        ident = _identity(1, dataset="folder", shots=2)
+        ident["data"]["root"] = f"/data/{name}"
+        _write_run(tmp_path / name, ident, acc)
+    data = curve_data(build_report([tmp_path]))
+    assert data["datasets"] == ["folder (birds)", "folder (cars)"]
+    assert data["average"]["coop"] == [(2, 60.0)]
