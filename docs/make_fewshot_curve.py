@@ -49,7 +49,8 @@ def main() -> int:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="vlprompt-curve-"))
     try:
         cfg, weights = make_tiny_checkpoint(work / "model", "tiny-vit", seed=0, sharpen=True)
-        data = {"colours": _dataset(work / "data" / "colours", 0, 0), "stripes": _dataset(work / "data" / "stripes", 1, 1)}
+        data = {"colours": _dataset(work / "data" / "colours", 0, 0),
+                "stripes": _dataset(work / "data" / "stripes", 1, 1)}
         grid = work / "grid"
         common = {"backbone": str(cfg), "pretrained": str(weights), "cache_dir": str(work / "cache"), "device": "cpu"}
         for name, root in data.items():
