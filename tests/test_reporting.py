@@ -4,6 +4,7 @@ import csv
 import io
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,8 +81,7 @@ def test_report_mean_std_equal_the_values_computed_from_the_cells_results_json(t
     report = build_report([tmp_path])
     assert len(report["fewshot"]) == len(direct) == 2 * 2 * 3 + 2
     for row in report["fewshot"]:
-        parents = {str(__import__("pathlib").Path(p).parent) if "seed" in p.rsplit("/", 1)[-1] else p
-                   for p in row["paths"]}
+        parents = {str(Path(p).parent) if Path(p).name.startswith("seed") else p for p in row["paths"]}
         (cell,) = parents
         assert row["mean"] == pytest.approx(np.mean(direct[cell]), abs=1e-12)
         assert row["std"] == pytest.approx(np.std(direct[cell]), abs=1e-12)  # population std, as CoOp
