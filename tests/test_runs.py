@@ -467,3 +467,14 @@ def test_a_bad_pretrained_file_is_one_line_naming_the_flag(content, model_files,
                         str(tmp_path / "run")], capsys)
     assert rc == 2 and err.startswith(f"vlprompt: error: --pretrained {bad}") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    from vlprompt._io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # readable by others, as any file open() writes
