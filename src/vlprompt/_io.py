@@ -12,14 +12,13 @@ from typing import Any, Iterator, Mapping
 import torch
 
 
-@contextmanager
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-@contextlib.contextmanager
+@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
     path = Path(path)
