@@ -120,6 +120,28 @@ def index_of(directory):
     return json.loads((directory / "index.json").read_text())
 
 
+def journal_of(directory):
+    """(live shard -> record, file key -> (shard, row)) as the cache replays its journal."""
+    return cache_mod._read_journal(directory, None)
+
+
+def rerecord(directory, name):
+    """Re-record a shard rewritten by hand (bytes and header checksum), as a writer bug would have left it."""
+    import hashlib
+
+    path = directory / name
+    data = path.read_bytes()
+    header = data[8:8 + int.from_bytes(data[:8], "little")]
+    lines = (directory / "shards.jsonl").read_text().splitlines()
+    out = []
+    for line in lines:
+        rec = json.loads(line)
+        if rec.get("add") == name:
+            rec.update(bytes=len(data), header_sha256=hashlib.sha256(header).hexdigest())
+        out.append(json.dumps(rec))
+    (directory / "shards.jsonl").write_text("\n".join(out) + "\n")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # hit / miss
 # ------------------------------------------------------------------------------------------------------------
@@ -353,10 +375,7 @@ def test_wrong_shape_shard_is_detected(fix_checksum, vit, images, root, caplog):
     keys = json.dumps([k for k in first.keys[:2]])
     save_file({"global": torch.zeros(2, 32)}, str(path), metadata={"keys": keys})
     if fix_checksum:  # a writer bug, not disk damage: only the shape check can tell
-        from vlprompt._io import sha256_file
-        index = index_of(d)
-        index["shards"]["shard-00000.safetensors"].update(bytes=path.stat().st_size, sha256=sha256_file(path))
-        (d / "index.json").write_text(json.dumps(index))
+        rerecord(d, "shard-00000.safetensors")
     with caplog.at_level(logging.WARNING, logger="vlprompt.cache"):
         again = get(root, vit, images, shard_size=2, batch_size=2)
     assert "shard-00000.safetensors" in caplog.text
@@ -366,16 +385,16 @@ def test_wrong_shape_shard_is_detected(fix_checksum, vit, images, root, caplog):
 
 def test_shard_with_other_keys_is_detected(vit, images, root, caplog):
     """A valid shard whose rows belong to other images (index and shard out of step) is never used."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-    from vlprompt._io import sha256_file
 
     first = get(root, vit, images, shard_size=2, batch_size=2)
     d = first.directory
     path = d / "shard-00000.safetensors"
-    save_file(load_file(str(path)), str(path), metadata={"keys": json.dumps(first.keys[2:4])})
-    index = index_of(d)
-    index["shards"]["shard-00000.safetensors"].update(bytes=path.stat().st_size, sha256=sha256_file(path))
-    (d / "index.json").write_text(json.dumps(index))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**meta, "keys": json.dumps(first.keys[2:4])})
+    rerecord(d, "shard-00000.safetensors")
     with caplog.at_level(logging.WARNING, logger="vlprompt.cache"):
         again = get(root, vit, images, shard_size=2, batch_size=2)
     assert "holds" in caplog.text and again.misses == 2
@@ -408,26 +427,26 @@ def test_index_of_other_features_is_rebuilt(vit, images, root, caplog):
 
 def test_kill_between_shard_and_index_write_leaves_a_consistent_cache(vit, images, root, monkeypatch):
     first = get(root, vit, images[:2], shard_size=2, batch_size=2)
-    real = cache_mod._write_index
+    real = cache_mod._append_journal
 
-    def killed(directory, index):
+    def killed(directory, record):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(cache_mod, "_write_index", killed)
+    monkeypatch.setattr(cache_mod, "_append_journal", killed)
     with pytest.raises(KeyboardInterrupt):
         get(root, vit, images, shard_size=2, batch_size=2)
     d = first.directory
-    assert len(shards(d)) == 2  # the new shard was written, the index does not know it
-    assert len(index_of(d)["entries"]) == 2
-    monkeypatch.setattr(cache_mod, "_write_index", real)
+    assert len(shards(d)) == 2  # the new shard was written, the journal does not know it
+    assert len(journal_of(d)[1]) == 2
+    monkeypatch.setattr(cache_mod, "_append_journal", real)
 
     vit.images = 0
     again = get(root, vit, images, shard_size=2, batch_size=2)
     assert (again.hits, again.misses) == (2, N - 2) and vit.images == N - 2
     assert torch.equal(again.global_[:2], first.global_)
     assert torch.allclose(again.global_, direct(vit, images, eval_tf()), atol=1e-5)
-    index = index_of(d)
-    assert sorted(index["shards"]) == shards(d) and len(index["entries"]) == N
+    live, entries = journal_of(d)
+    assert sorted(live) == shards(d) and len(entries) == N
     assert get(root, vit, images).hits == N
 
 
@@ -439,7 +458,7 @@ def test_leftovers_of_a_killed_writer_are_ignored_and_removed(vit, images, root)
     again = get(root, vit, images)
     assert (again.hits, again.misses) == (2, N - 2)
     assert not (d / ".shard-00001.safetensors.abc123.tmp").exists()
-    assert sorted(index_of(d)["shards"]) == shards(d)
+    assert sorted(journal_of(d)[0]) == shards(d)
     assert torch.allclose(again.global_, direct(vit, images, eval_tf()), atol=1e-5)
 
 
@@ -478,8 +497,7 @@ def test_concurrent_writers_do_not_corrupt_the_cache(vit, images, root):
     vit.images = 0
     final = get(root, vit, images)
     assert final.hits == N and vit.images == 0
-    index = index_of(final.directory)
-    assert sorted(index["shards"]) == shards(final.directory)
+    assert sorted(journal_of(final.directory)[0]) == shards(final.directory)
     assert torch.allclose(final.global_, direct(vit, images, eval_tf()), atol=1e-5)
 
 
@@ -560,3 +578,106 @@ def test_bad_arguments(vit, images, root):
         get(root, vit, images, dtype=torch.int8)
     with pytest.raises(CacheError, match="transform"):
         FeatureCache(root, progress=False).get(vit, images, None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# scale: lazy rows, cheap checks, an append-only journal, parallel extraction
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lazy_rows_equal_the_features_get_returns(dtype, rn, images, root):
+    fc = FeatureCache(root, shard_size=2, progress=False)
+    whole = fc.get(rn, images, eval_tf(64), transform_id="eval64", local=True, batch_size=3, dtype=dtype)
+    rows = fc.open(rn, images, eval_tf(64), transform_id="eval64", local=True, dtype=dtype)
+    assert (rows.hits, rows.misses) == (N, 0) and rows.local_tokens == whole.local.shape[1]
+    for pick in ([4, 0, 5], [1, 2, 3], [2, 2], list(range(N))):  # across shards, one run, repeats, all
+        g, loc = rows.read(torch.tensor(pick))
+        assert g.dtype == loc.dtype == torch.float32
+        assert torch.equal(g, whole.global_[pick]) and torch.equal(loc, whole.local[pick])
+
+
+def test_adding_shards_appends_to_the_journal_without_rewriting_it(vit, images, root):
+    fc = FeatureCache(root, shard_size=1, progress=False)
+    first = fc.get(vit, images[:2], eval_tf(), transform_id="eval32")
+    d = first.directory
+    journal, index = (d / "shards.jsonl").read_bytes(), (d / "index.json").read_bytes()
+    index_mtime = (d / "index.json").stat().st_mtime_ns
+    fc.get(vit, images, eval_tf(), transform_id="eval32")
+    grown = (d / "shards.jsonl").read_bytes()
+    assert grown.startswith(journal) and grown.count(b"\n") == N  # one line per shard, the old ones untouched
+    assert (d / "index.json").read_bytes() == index and (d / "index.json").stat().st_mtime_ns == index_mtime
+
+
+def test_torn_last_journal_line_is_ignored_and_cut_off(vit, images, root):
+    first = get(root, vit, images[:3], shard_size=3)
+    d = first.directory
+    with open(d / "shards.jsonl", "ab") as f:
+        f.write(b'{"add":"shard-00001.safetensors","rows":3,"keys":["x')  # killed mid-append
+    again = get(root, vit, images, shard_size=3)
+    assert (again.hits, again.misses) == (3, N - 3)
+    lines = (d / "shards.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1])
+    assert get(root, vit, images).hits == N and torch.equal(again.global_[:3], first.global_)
+
+
+def test_lookup_reads_headers_and_each_row_is_checked_when_read(vit, images, root):
+    """Opening does not re-hash tensor data: damage inside a row passes the cheap checks, is caught by that
+    row's checksum when read (other rows of the shard stay readable), and drops the shard for the next run."""
+    fc = FeatureCache(root, shard_size=N, progress=False)
+    whole = fc.get(vit, images, eval_tf(), transform_id="eval32")
+    d = whole.directory
+    rows = fc.open(vit, images, eval_tf(), transform_id="eval32")
+    shard = rows._shards[0]
+    path = d / shard.name
+    data = bytearray(path.read_bytes())
+    row_bytes = rows.embed_dim * 4
+    data[shard.global_offset + 3 * row_bytes + 5] ^= 0xFF  # row 3 only
+    path.write_bytes(bytes(data))
+    reopened = fc.open(vit, images, eval_tf(), transform_id="eval32")  # size and header are intact
+    assert reopened.hits == N
+    assert torch.equal(reopened.read(torch.tensor([0, 5]))[0], whole.global_[[0, 5]])
+    with pytest.raises(cache_mod.CorruptRows, match="row 3 fails its checksum"):
+        reopened.read(torch.tensor([2, 3]))
+    assert not path.exists() and journal_of(d)[0] == {}
+    vit.images = 0
+    assert get(root, vit, images).misses == N and vit.images == N
+
+
+def test_features_are_bitwise_identical_for_any_worker_count(tiny_rn, tmp_path):
+    """Decode + augment run in DataLoader worker processes; each (image, view) keeps its own seed, and the
+    tower sees the same batches, so the cached views do not depend on --workers."""
+    from vlprompt.data.transforms import build_transforms
+
+    d = tmp_path / "imgs" / "c"
+    d.mkdir(parents=True)
+    paths = []
+    for i in range(7):
+        write_noise(d / f"{i}.png", 100 + i)
+        paths.append(str(d / f"{i}.png"))
+    train_tf, _ = build_transforms(tiny_rn.preprocess_cfg, "coop")
+    out = []
+    for workers in (0, 1, 2):
+        fc = FeatureCache(tmp_path / f"cache{workers}", progress=False)
+        out.append(fc.get(tiny_rn, paths, train_tf, transform_id="train", view=1, local=True, batch_size=3,
+                          num_workers=workers))
+    for other in out[1:]:
+        assert torch.equal(other.global_, out[0].global_) and torch.equal(other.local, out[0].local)
+    assert out[0].global_.std(0).abs().sum() > 0  # the images differ: the comparison is not vacuous
+
+
+def test_resnet_tower_in_channels_last_equals_the_plain_layout(models):
+    """encode_image runs ResNet towers in channels_last (faster oneDNN convolutions); the numbers stay those of
+    open_clip's plain forward to float32 rounding (relative 1e-5)."""
+    import copy
+
+    bb = models[("tiny-rn", 0)]
+    plain = copy.deepcopy(bb.model).eval()
+    plain.visual.to(memory_format=torch.contiguous_format)  # the fixture's tower may have been converted already
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = plain.encode_image(x)
+    got = bb.encode_image(x)
+    assert bb.model.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.visual.layer1[0].conv2.weight.is_contiguous()
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    g, loc = bb.encode_image(x, local=True)
+    assert torch.allclose(g, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))

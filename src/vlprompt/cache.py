@@ -1,35 +1,45 @@
 """On-disk cache of frozen image-tower features.
 
 Image features of a frozen backbone are computed once per (weights, transform, augmented view, seed, local
-on/off, storage dtype, image file) and stored as safetensors shards with a JSON index, then reused by every
-later run, method and training seed that asks for the same thing.
+on/off, storage dtype, image file) and stored as safetensors shards with an append-only journal, then reused by
+every later run, method and training seed that asks for the same thing.
 
 Layout::
 
     <root>/<backbone.fingerprint>/<key>/         key = sha256(transform_id, view, seed, local, dtype)[:16]
-        index.json                               what the directory holds (see below)
+        index.json                               what the directory holds (written when it starts)
+        shards.jsonl                             the journal: one line per shard added or dropped
         shard-00000.safetensors                  tensors "global" (n, E) and, with local, "local" (n, M, E);
-        shard-00001.safetensors ...              metadata "keys": the JSON list of the n file keys, in row order
-        .lock                                    fcntl lock taken around every read-modify-write of the index
+        shard-00001.safetensors ...              metadata "keys" (the n file keys in row order) and "crc32"
+                                                 (per row: crc32 of its global bytes, then its local bytes)
+        .lock                                    fcntl lock taken around every look-up and write
 
-``index.json``::
-
-    {"format": "vlprompt-feature-cache", "version": 1, "fingerprint": ..., "backbone": ..., "transform_id": ...,
-     "view": 0, "seed": 0, "local": false, "dtype": "float32", "embed_dim": E, "local_tokens": M or null,
-     "shards": {"shard-00000.safetensors": {"rows": n, "bytes": size, "sha256": hex}},
-     "entries": {file key: [shard name, row]}}
+``index.json``: ``{"format": "vlprompt-feature-cache", "version": 2, "fingerprint", "backbone", "transform_id",
+"view", "seed", "local", "dtype", "embed_dim": E, "local_tokens": M or null}``. ``shards.jsonl`` lines:
+``{"add": name, "rows": n, "bytes": size, "sha256": of the file, "header_sha256": of its JSON header,
+"embed_dim", "local_tokens", "keys": [...]}`` or ``{"drop": name, "reason": ...}``; a later shard holding a
+key supersedes an earlier one. Adding a shard appends one line (no rewrite), so filling a directory with
+ImageNet-train (1.28 M images, 1,250 shards of 1,024) costs linear time, and a look-up reads the journal once.
 
 A *file key* is ``<absolute path>|<size>|<mtime_ns>`` (default), or ``sha256:<content hash>`` with
 ``hash_files=True`` (slower; survives moving or copying the dataset). The weights enter through the backbone's
 content fingerprint, so any change of weights, transform id, view, seed, local flag, storage dtype or image
 file is a miss.
 
-Safety: a shard is written atomically (temporary file, fsync, rename) *before* the index that references it,
-and the index is replaced atomically, so a run killed at any point leaves a consistent cache (at worst an
-unreferenced shard, removed on the next use). On load every shard a request needs is checked (byte size,
-sha256, readable, tensor names / shapes / dtype, file keys): a shard that fails is dropped with a logged
-warning and its images are encoded again; a stored feature is never used unverified. An unreadable
-``index.json`` is discarded (warning) and the directory rebuilt.
+Integrity: a shard is serialised in memory, written atomically (temporary file, fsync, rename), read back and
+compared with the sha256 of what was meant, and only then recorded in the journal (append + fsync), so a run
+killed at any point leaves a consistent cache (at worst an unrecorded shard, removed on the next use, or a
+torn last journal line, ignored and cut off). A look-up checks cheaply each shard it needs: byte size, the
+sha256 of its header, tensor names / shapes / dtype, the file keys of the rows used -- the tensor data is not
+re-hashed. Each row is checked against its crc32 (and for finiteness) when it is read
+(:meth:`CachedRows.read`). A shard that fails is dropped with a logged warning and its images are encoded
+again (by :meth:`FeatureCache.get` at once; a training run stops with :class:`CorruptRows` and encodes them
+when run again); a stored feature is never used unverified. An unreadable or foreign ``index.json`` is
+discarded (warning) and the directory rebuilt.
+
+Memory: :meth:`FeatureCache.open` returns :class:`CachedRows`, which reads only the rows a batch asks for, so a
+run's memory depends on its batch, not on the number of images x views x local tokens;
+:meth:`FeatureCache.get` reads everything into memory (evaluation-sized requests).
 
 Augmented views: view ``v`` of an image is drawn from a seed that is a stable hash of ``(seed, v, image
 identity)`` (see :func:`view_seed`), so it does not depend on the batch size, the order of the paths, the number
@@ -50,6 +60,7 @@ exposes ``.paths`` and returns ``(image_tensor, ...)`` (its own transform applie
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -58,23 +69,26 @@ import os
 import random
 import re
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ._io import atomic_save_safetensors, atomic_write_text, sha256_file
+from ._io import atomic_write_bytes, atomic_write_text, sha256_file
 from .errors import DataError, VLPromptError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vlprompt-feature-cache"
-VERSION = 1
+VERSION = 2
 INDEX = "index.json"
+JOURNAL = "shards.jsonl"
 LOCK = ".lock"
 SHARD_RE = re.compile(r"^shard-(\d+)\.safetensors$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}  # safetensors' names
 
 
 class CacheError(VLPromptError):
@@ -303,11 +317,11 @@ class FeatureCache:
                 idents.append(f"{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}:{st.st_size}")
         return keys, idents
 
-    # -- the main entry point -----------------------------------------------------------------------------
+    # -- the entry points ---------------------------------------------------------------------------------
     def get(self, backbone, paths, transform=None, *, transform_id: Optional[str] = None, view: int = 0,
             seed: int = 0, local: bool = False, batch_size: int = 64, num_workers: int = 0,
             loader: Optional[Callable] = None, dtype: torch.dtype = torch.float32) -> CachedFeatures:
-        """Features of the images, from the cache where valid, encoded (and stored) otherwise.
+        """Features of the images, from the cache where valid, encoded (and stored) otherwise, all in memory.
 
         Args:
             backbone: a :class:`vlprompt.backbone.Backbone` (anything with ``fingerprint`` and
@@ -322,13 +336,41 @@ class FeatureCache:
                 logged when that repr holds a memory address, as a lambda's does).
             view: the augmented view index; ``seed``: the seed of the pool of views (see the module docstring).
             local: also return local features (N, M, E).
-            batch_size, num_workers: of the DataLoader over the images to encode.
+            batch_size: images per forward pass of the tower; num_workers: processes decoding and augmenting
+                the images to encode (``torch.utils.data.DataLoader`` workers; the features do not depend on it).
             loader: path -> PIL image; default :func:`default_loader`. The loader is not part of the key: a
                 custom loader that changes pixels must be reflected in ``transform_id``.
             dtype: storage dtype (``torch.float16`` halves the disk use of local features; part of the key);
                 the returned features are float32 either way, rounded through the storage dtype, so a miss and
                 a later hit return identical tensors.
+
+        Every row returned is checked against its checksum; a shard that fails is dropped (warning) and its
+        images encoded again. :meth:`open` gives the same features without holding them in memory.
         """
+        for attempt in range(3):
+            rows = self.open(backbone, paths, transform, transform_id=transform_id, view=view, seed=seed,
+                             local=local, batch_size=batch_size, num_workers=num_workers, loader=loader, dtype=dtype)
+            try:
+                global_, local_t = rows.read_all()
+            except CorruptRows as e:
+                if attempt == 2:
+                    raise
+                log.warning("feature cache %s: %s", rows.directory, e.reason)
+                continue
+            finally:
+                rows.close()
+            return CachedFeatures(global_, local_t, rows.keys, hits=rows.hits, misses=rows.misses,
+                                  directory=rows.directory)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def open(self, backbone, paths, transform=None, *, transform_id: Optional[str] = None, view: int = 0,
+             seed: int = 0, local: bool = False, batch_size: int = 64, num_workers: int = 0,
+             loader: Optional[Callable] = None, dtype: torch.dtype = torch.float32) -> "CachedRows":
+        """Like :meth:`get` (same arguments), but the features stay on disk: the images missing from the cache
+        are encoded and stored, and the returned :class:`CachedRows` reads the rows a batch asks for, so memory
+        does not grow with the number of images, views or local tokens. The shards are checked cheaply here
+        (byte size, header checksum, tensor names / shapes / dtype, file keys); each row is checked against its
+        own checksum when it is read."""
         dtype_name = _dtype_name(dtype)
         dataset = None
         if isinstance(paths, torch.utils.data.Dataset) and not isinstance(paths, (list, tuple)):
@@ -359,19 +401,24 @@ class FeatureCache:
             first.setdefault(k, i)
 
         with self._locked(directory):
-            index = self._load_index(directory, meta, backbone)
-            found = self._read_cached(directory, index, list(first), local, dtype)
-            self._collect_garbage(directory, index)
-
-        missing = [k for k in first if k not in found]
-        store = _Store(self, directory, meta, backbone, local, dtype)
-        found.update(store.encode([first[k] for k in missing], [idents[first[k]] for k in missing], abs_paths,
-                                  keys, seed=seed, view=view, transform=transform,
-                                  loader=loader or default_loader, dataset=dataset, batch_size=batch_size,
-                                  num_workers=num_workers, progress=self.progress))
-        global_, local_t = _assemble(keys, found, local, int(getattr(backbone, "embed_dim", 0) or 0))
-        return CachedFeatures(global_, local_t, keys, hits=len(first) - len(missing), misses=len(missing),
-                              directory=directory)
+            where, shards = self._lookup(directory, meta, backbone, set(first), local, dtype_name)
+        missing = [k for k in first if k not in where]
+        if missing:
+            store = _Store(self, directory, meta, backbone, local, dtype)
+            store.encode([first[k] for k in missing], [idents[first[k]] for k in missing], abs_paths, keys,
+                         seed=seed, view=view, transform=transform, loader=loader or default_loader,
+                         dataset=dataset, batch_size=batch_size, num_workers=num_workers, progress=self.progress)
+            with self._locked(directory):
+                new_where, new_shards = self._lookup(directory, meta, backbone, set(missing), local, dtype_name)
+            where.update(new_where)
+            shards.update(new_shards)
+            lost = [k for k in missing if k not in where]
+            if lost:
+                raise CacheError(f"feature cache {directory}: {len(lost)} image(s) just encoded are no longer in "
+                                 f"the cache (removed by another process?); run again")
+        return CachedRows(self, directory, keys, where, shards, local=local, dtype_name=dtype_name,
+                          embed_dim=int(getattr(backbone, "embed_dim", 0) or 0), hits=len(first) - len(missing),
+                          misses=len(missing))
 
     def transformed(self, paths, transform=None, *, view: int = 0, seed: int = 0,
                     loader: Optional[Callable] = None) -> torch.Tensor:
@@ -405,21 +452,18 @@ class FeatureCache:
     @staticmethod
     def _fresh_index(meta: dict, backbone) -> dict:
         return {**meta, "backbone": str(getattr(backbone, "name", "")),
-                "embed_dim": int(getattr(backbone, "embed_dim", 0) or 0) or None, "local_tokens": None,
-                "shards": {}, "entries": {}}
+                "embed_dim": int(getattr(backbone, "embed_dim", 0) or 0) or None, "local_tokens": None}
 
     def _load_index(self, directory: Path, meta: dict, backbone) -> dict:
-        """Read and sanity-check the index (lock held); a broken one is replaced by an empty one."""
+        """Read and check ``index.json`` (lock held); a missing, broken or foreign one starts the directory
+        afresh."""
         path = directory / INDEX
         if not path.exists():
-            return self._fresh_index(meta, backbone)
+            return self._reset(directory, meta, backbone)
         try:
             index = json.loads(path.read_text())
             if not isinstance(index, dict):
                 raise ValueError("not a JSON object")
-            for field in ("shards", "entries"):
-                if not isinstance(index.get(field), dict):
-                    raise ValueError(f"no '{field}' object")
         except (OSError, ValueError, UnicodeDecodeError) as e:
             log.warning("feature cache %s: unreadable index (%s): rebuilding it", directory, e)
             return self._reset(directory, meta, backbone)
@@ -433,138 +477,55 @@ class FeatureCache:
             log.warning("feature cache %s: index says E=%s, the backbone has E=%s: rebuilding it", directory,
                         index.get("embed_dim"), emb)
             return self._reset(directory, meta, backbone)
-        # entries must point at known shards and rows
-        bad = 0
-        for key, ref in list(index["entries"].items()):
-            ok = (isinstance(ref, list) and len(ref) == 2 and ref[0] in index["shards"] and isinstance(ref[1], int)
-                  and 0 <= ref[1] < int(index["shards"][ref[0]].get("rows", 0)))
-            if not ok:
-                del index["entries"][key]
-                bad += 1
-        if bad:
-            log.warning("feature cache %s: %d index entries point at no valid shard row: they will be re-encoded",
-                        directory, bad)
         return index
 
     def _reset(self, directory: Path, meta: dict, backbone) -> dict:
-        """Remove every shard of ``directory`` and write an empty index (lock held)."""
+        """Remove every shard and the journal of ``directory`` and write a fresh index (lock held)."""
         for p in directory.iterdir():
-            if SHARD_RE.match(p.name):
+            if SHARD_RE.match(p.name) or p.name == JOURNAL:
                 p.unlink(missing_ok=True)
         index = self._fresh_index(meta, backbone)
         _write_index(directory, index)
         return index
 
-    def _read_cached(self, directory: Path, index: dict, keys: list[str], local: bool,
-                     dtype: torch.dtype) -> dict[str, tuple]:
-        """key -> (global tensor, local tensor or None, row) for the requested keys found in verified shards
-        (lock held); invalid shards are dropped from the index and deleted."""
-        entries = index["entries"]
-        wanted = {k: entries[k] for k in keys if k in entries}
-        if not wanted:
-            return {}
-        refs: dict[str, list[tuple[str, int]]] = {}  # every entry of the shards we need, by shard
-        needed = {ref[0] for ref in wanted.values()}
-        for k, (shard, row) in entries.items():
-            if shard in needed:
-                refs.setdefault(shard, []).append((k, row))
-        found: dict[str, tuple] = {}
-        dropped = False
-        for name in sorted(needed):
+    def _lookup(self, directory: Path, meta: dict, backbone, wanted: set, local: bool,
+                dtype_name: str) -> tuple[dict[str, tuple[str, int]], dict[str, "_Shard"]]:
+        """(key -> (shard, row), shard -> its checked layout) for the ``wanted`` keys found in valid shards (lock
+        held); a shard that fails its checks is dropped (warning) and its images count as missing."""
+        index = self._load_index(directory, meta, backbone)
+        live, where = _read_journal(directory, wanted)
+        self._collect_garbage(directory, live)
+        refs: dict[str, list[tuple[str, int]]] = {}
+        for k, (name, row) in where.items():
+            refs.setdefault(name, []).append((k, row))
+        shards: dict[str, _Shard] = {}
+        for name in sorted(refs):
             try:
-                g, loc = self._verified_shard(directory, name, index, refs[name], local, dtype)
+                shards[name] = _check_shard(directory, name, live[name], refs[name], local, dtype_name,
+                                            index.get("embed_dim"), index.get("local_tokens"))
             except _BadShard as e:
                 log.warning("feature cache %s: shard %s is invalid (%s): dropping it; its images will be encoded "
                             "again", directory, name, e)
-                self._drop_shard(directory, index, name)
-                dropped = True
-                continue
-            for k, row in refs[name]:
-                if k in wanted:
-                    found[k] = (g, loc, row)
-        if dropped:
-            _write_index(directory, index)
-        return found
+                self._drop_shard(directory, name, str(e))
+                for k, _ in refs[name]:
+                    del where[k]
+        return where, shards
 
-    def _verified_shard(self, directory: Path, name: str, index: dict, refs: list[tuple[str, int]], local: bool,
-                        dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        info = index["shards"][name]
-        path = directory / name
-        try:
-            size = path.stat().st_size
-        except OSError:
-            raise _BadShard("the file is missing")
-        if size != info.get("bytes"):
-            raise _BadShard(f"{size} bytes, the index recorded {info.get('bytes')} (truncated or rewritten)")
-        # read once, check and parse the same bytes (safetensors' own loaders map the file: a later change of
-        # the file would change, or crash, tensors already checked)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise _BadShard(f"unreadable: {e}") from e
-        if len(data) != info.get("bytes"):
-            raise _BadShard(f"{len(data)} bytes, the index recorded {info.get('bytes')}")
-        if hashlib.sha256(data).hexdigest() != info.get("sha256"):
-            raise _BadShard("checksum mismatch (corrupted)")
-        try:
-            from safetensors.torch import load as load_safetensors
-
-            header_len = int.from_bytes(data[:8], "little")
-            file_meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-            tensors = load_safetensors(data)
-        except Exception as e:  # safetensors raises its own error types for truncated / malformed files
-            raise _BadShard(f"unreadable: {e}") from e
-        del data
-        g, loc = tensors.get("global"), tensors.get("local")
-        rows = int(info.get("rows", -1))
-        emb, m = index.get("embed_dim"), index.get("local_tokens")
-        if g is None:
-            raise _BadShard("no 'global' tensor")
-        if g.dtype != dtype or g.dim() != 2 or g.shape[0] != rows or (emb is not None and g.shape[1] != emb):
-            raise _BadShard(f"'global' is {g.dtype} {tuple(g.shape)}, expected {dtype} ({rows}, {emb})")
-        if local:
-            if loc is None:
-                raise _BadShard("no 'local' tensor")
-            if (loc.dtype != dtype or loc.dim() != 3 or loc.shape[0] != rows or loc.shape[2] != g.shape[1]
-                    or (m is not None and loc.shape[1] != m)):
-                raise _BadShard(f"'local' is {loc.dtype} {tuple(loc.shape)}, expected {dtype} ({rows}, {m}, "
-                                f"{g.shape[1]})")
-        elif loc is not None:
-            raise _BadShard("an unexpected 'local' tensor")
-        try:
-            shard_keys = json.loads(file_meta.get("keys", "null"))
-        except ValueError:
-            shard_keys = None
-        if not isinstance(shard_keys, list) or len(shard_keys) != rows:
-            raise _BadShard("no valid list of file keys in its metadata")
-        for key, row in refs:
-            if shard_keys[row] != key:
-                raise _BadShard(f"row {row} holds {shard_keys[row]!r}, the index says {key!r}")
-        if not (torch.isfinite(g).all() and (loc is None or torch.isfinite(loc).all())):
-            raise _BadShard("non-finite features")
-        return g, loc
-
-    @staticmethod
-    def _drop_shard(directory: Path, index: dict, name: str) -> None:
-        index["shards"].pop(name, None)
-        for key in [k for k, ref in index["entries"].items() if ref[0] == name]:
-            del index["entries"][key]
+    def _drop_shard(self, directory: Path, name: str, reason: str) -> None:
+        """Forget a shard (lock held): a ``drop`` record in the journal, then the file goes."""
+        _append_journal(directory, {"drop": name, "reason": reason[:200]})
         (directory / name).unlink(missing_ok=True)
 
-    def _collect_garbage(self, directory: Path, index: dict) -> None:
-        """Delete shards no entry references, unreferenced shard files and stale temporary files (lock held)."""
-        referenced = {ref[0] for ref in index["entries"].values()}
-        changed = False
-        for name in [s for s in index["shards"] if s not in referenced]:
-            index["shards"].pop(name)
-            changed = True
+    def _collect_garbage(self, directory: Path, live: dict) -> None:
+        """Delete shard files the journal does not reference (a writer killed between writing a shard and
+        recording it) and stale temporary files (lock held: no writer is between the two steps now).
+
+        Shards whose rows were all superseded by a later shard (two processes encoding the same images at once)
+        stay until the directory is cleared: finding them would need the whole key table in memory."""
         for p in directory.iterdir():
-            if (SHARD_RE.match(p.name) and p.name not in index["shards"]) or \
-                    (p.name.startswith(".") and p.name.endswith(".tmp")):
+            if (SHARD_RE.match(p.name) and p.name not in live) or (p.name.startswith(".") and p.name.endswith(".tmp")):
                 log.info("feature cache %s: removing leftover %s", directory, p.name)
                 p.unlink(missing_ok=True)
-        if changed:
-            _write_index(directory, index)
 
     # -- housekeeping -------------------------------------------------------------------------------------
     def _directories(self) -> list[Path]:
@@ -580,11 +541,11 @@ class FeatureCache:
                 index = json.loads((d / INDEX).read_text())
             except (OSError, ValueError):
                 index = {}
+            live, where = _read_journal(d, None)
             nbytes = sum(p.stat().st_size for p in d.iterdir() if p.is_file())
             out.append({"directory": str(d), **{k: index.get(k) for k in (
                 "fingerprint", "backbone", "transform_id", "view", "seed", "local", "dtype", "embed_dim",
-                "local_tokens")}, "images": len(index.get("entries", {}) or {}),
-                "shards": len(index.get("shards", {}) or {}), "bytes": nbytes})
+                "local_tokens")}, "images": len(where), "shards": len(live), "bytes": nbytes})
         return out
 
     def clear(self, fingerprint: Optional[str] = None) -> int:
@@ -596,7 +557,7 @@ class FeatureCache:
                 continue
             with self._locked(d):
                 for p in d.iterdir():
-                    if p.name != LOCK and (p.name == INDEX or SHARD_RE.match(p.name)
+                    if p.name != LOCK and (p.name in (INDEX, JOURNAL) or SHARD_RE.match(p.name)
                                            or (p.name.startswith(".") and p.name.endswith(".tmp"))):
                         p.unlink(missing_ok=True)
             (d / LOCK).unlink(missing_ok=True)
@@ -612,6 +573,314 @@ class _BadShard(Exception):
     pass
 
 
+class CorruptRows(CacheError):
+    """A row read from a shard failed its checksum (or was short, or non-finite): the shard has been dropped
+    from the cache, so the next run encodes its images again."""
+
+    def __init__(self, directory: Path, name: str, reason: str):
+        self.reason = f"shard {name} is invalid ({reason}): dropping it; its images will be encoded again"
+        super().__init__(f"feature cache {directory}: shard {name} is invalid ({reason}): it was dropped; run "
+                         f"again (a run: with --resume) to encode its images again")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# shards: layout, checks, the journal
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Shard:
+    """Where the rows of one checked shard lie in its file."""
+
+    name: str
+    path: Path
+    rows: int
+    global_offset: int  # absolute byte offset of row 0 of "global"
+    local_offset: Optional[int]
+    local_tokens: Optional[int]
+    embed_dim: int
+    crc: list  # per row: crc32 of the row's "global" bytes then its "local" bytes
+
+
+def _read_header(path: Path, size: int) -> tuple[bytes, int]:
+    """The raw JSON header of a safetensors file and where its data starts (only the header is read)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise _BadShard("no safetensors header")
+        n = int.from_bytes(head, "little")
+        if not 0 < n <= size - 8:
+            raise _BadShard(f"header length {n} does not fit a {size}-byte file")
+        return f.read(n), 8 + n
+
+
+def _check_shard(directory: Path, name: str, info: dict, refs: list[tuple[str, int]], local: bool,
+                 dtype_name: str, embed_dim: Optional[int], local_tokens: Optional[int]) -> _Shard:
+    """The cheap checks of a shard (size, header checksum, tensor layout, file keys of the rows used); the
+    rows themselves are checked when read (:meth:`CachedRows.read`)."""
+    path = directory / name
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise _BadShard("the file is missing")
+    if size != info["bytes"]:
+        raise _BadShard(f"{size} bytes, the index recorded {info['bytes']} (truncated or rewritten)")
+    try:
+        raw, data_start = _read_header(path, size)
+    except OSError as e:
+        raise _BadShard(f"unreadable: {e}") from e
+    if hashlib.sha256(raw).hexdigest() != info["header_sha256"]:
+        raise _BadShard("header checksum mismatch (corrupted)")
+    try:
+        header = json.loads(raw)
+        file_meta = header.get("__metadata__") or {}
+        shard_keys = json.loads(file_meta.get("keys", "null"))
+        crc = json.loads(file_meta.get("crc32", "null"))
+    except (ValueError, AttributeError) as e:
+        raise _BadShard(f"unreadable header: {e}") from e
+    rows = int(info["rows"])
+    code, itemsize = _ST_DTYPES[dtype_name]
+
+    def layout(tensor: str, shape: list) -> int:
+        t = header.get(tensor)
+        if not isinstance(t, dict):
+            raise _BadShard(f"no '{tensor}' tensor")
+        if t.get("dtype") != code or t.get("shape") != shape:
+            raise _BadShard(f"'{tensor}' is {t.get('dtype')} {t.get('shape')}, expected {code} {shape}")
+        begin, end = t.get("data_offsets", (0, -1))
+        count = 1
+        for s in shape:
+            count *= s
+        if end - begin != count * itemsize or data_start + end > size:
+            raise _BadShard(f"'{tensor}' data offsets {begin}..{end} do not fit its shape")
+        return data_start + begin
+
+    def dim(tensor: str, ndim: int, axis: int, expected: Optional[int]) -> int:
+        # the size the index fixed for this directory, else the shard's own (then checked for consistency)
+        if expected is not None:
+            return int(expected)
+        shape = (header.get(tensor) or {}).get("shape") if isinstance(header.get(tensor), dict) else None
+        return int(shape[axis]) if isinstance(shape, list) and len(shape) == ndim else -1
+
+    emb = dim("global", 2, 1, embed_dim)
+    g_off = layout("global", [rows, emb])
+    l_off, m = None, None
+    if local:
+        m = dim("local", 3, 1, local_tokens)
+        l_off = layout("local", [rows, m, emb])
+    elif "local" in header:
+        raise _BadShard("an unexpected 'local' tensor")
+    if not isinstance(shard_keys, list) or len(shard_keys) != rows:
+        raise _BadShard("no valid list of file keys in its metadata")
+    if not isinstance(crc, list) or len(crc) != rows:
+        raise _BadShard("no valid list of row checksums in its metadata")
+    for key, row in refs:
+        if shard_keys[row] != key:
+            raise _BadShard(f"row {row} holds {shard_keys[row]!r}, the index says {key!r}")
+    return _Shard(name, path, rows, g_off, l_off, m, int(emb), crc)
+
+
+def _read_journal(directory: Path, wanted: Optional[set]) -> tuple[dict[str, dict], dict[str, tuple[str, int]]]:
+    """Replay ``shards.jsonl``: (live shard -> its record without keys, key -> (shard, row) for the ``wanted``
+    keys, every key when None). A later shard holding a key supersedes an earlier one. A last line without its
+    newline (a writer killed mid-append) is ignored; any other unreadable line is skipped with a warning."""
+    live: dict[str, dict] = {}
+    where: dict[str, tuple[str, int]] = {}
+    path = directory / JOURNAL
+    if not path.exists():
+        return live, where
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(line)
+                if "drop" in rec:
+                    name = rec["drop"]
+                    if live.pop(name, None) is not None:
+                        where = {k: v for k, v in where.items() if v[0] != name}
+                    continue
+                name, keys, rows = rec["add"], rec["keys"], rec["rows"]
+                if not (SHARD_RE.match(name) and isinstance(keys, list) and len(keys) == rows
+                        and isinstance(rec["bytes"], int) and isinstance(rec["header_sha256"], str)):
+                    raise ValueError("not a shard record")
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("feature cache %s: %s line %d is unreadable (%s): skipped", directory, JOURNAL, n, e)
+                continue
+            if live.pop(name, None) is not None:  # a reused name: the old rows are gone
+                where = {k: v for k, v in where.items() if v[0] != name}
+            live[name] = {k: v for k, v in rec.items() if k != "keys"}
+            for row, k in enumerate(keys):
+                if wanted is None or k in wanted:
+                    where[k] = (name, row)
+    return live, where
+
+
+def _append_journal(directory: Path, record: dict) -> None:
+    """Append one record to the journal and fsync it (lock held). A torn last line left by a killed writer is
+    cut off first, so it cannot swallow this record."""
+    path = directory / JOURNAL
+    line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    with open(path, "a+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                _cut_torn_tail(f, size)
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _cut_torn_tail(f, size: int) -> None:
+    pos, chunk = size, 1 << 16
+    while pos > 0:
+        start = max(0, pos - chunk)
+        f.seek(start)
+        block = f.read(pos - start)
+        nl = block.rfind(b"\n")
+        if nl >= 0:
+            f.truncate(start + nl + 1)
+            return
+        pos = start
+    f.truncate(0)
+
+
+def _row_crc(global_row, local_row=None) -> int:
+    crc = zlib.crc32(global_row)
+    return zlib.crc32(local_row, crc) if local_row is not None else crc
+
+
+# ------------------------------------------------------------------------------------------------------------
+# lazy rows
+# ------------------------------------------------------------------------------------------------------------
+class CachedRows:
+    """The cached features of N requested images (in the order given), read from the shard files only when
+    asked for (:meth:`read`), as float32 whatever the storage dtype. Every row read is checked against its
+    checksum and for finiteness; a failure drops the shard and raises :class:`CorruptRows`.
+
+    Rows are read with ``os.preadv`` into fresh buffers rather than through a memory map: pages of a mapped file
+    count towards the resident set of the process and would grow it to the size of every view read.
+
+    ``keys``: the N file keys; ``hits`` / ``misses``: distinct images found / encoded by :meth:`FeatureCache.open`;
+    ``directory``: the cache directory; ``embed_dim`` E; ``local_tokens`` M (None without local features).
+    """
+
+    MAX_OPEN_FILES = 64
+
+    def __init__(self, cache: FeatureCache, directory: Path, keys: list[str], where: dict, shards: dict, *,
+                 local: bool, dtype_name: str, embed_dim: int, hits: int, misses: int):
+        import numpy as np
+
+        self.cache, self.directory, self.keys = cache, directory, keys
+        self.local, self.dtype_name, self.hits, self.misses = local, dtype_name, hits, misses
+        names = sorted(shards)
+        self._shards = [shards[n] for n in names]
+        slot = {n: i for i, n in enumerate(names)}
+        self._shard_of = np.fromiter((slot[where[k][0]] for k in keys), dtype=np.int32, count=len(keys))
+        self._row_of = np.fromiter((where[k][1] for k in keys), dtype=np.int64, count=len(keys))
+        dims = {(s.embed_dim, s.local_tokens) for s in self._shards}
+        if len(dims) > 1:
+            raise CacheError(f"features of different shapes in one request ({sorted(dims, key=str)}): feed images "
+                             f"of one size")
+        self.embed_dim, self.local_tokens = next(iter(dims)) if dims else (embed_dim, 0 if local else None)
+        self._itemsize = _ST_DTYPES[dtype_name][1]
+        self._fds: "collections.OrderedDict[int, int]" = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self) -> dict:  # open files do not travel to other processes
+        return {**self.__dict__, "_fds": collections.OrderedDict()}
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _fd(self, s: int) -> int:
+        fd = self._fds.get(s)
+        if fd is not None:
+            self._fds.move_to_end(s)
+            return fd
+        shard = self._shards[s]
+        try:
+            fd = os.open(shard.path, os.O_RDONLY)
+        except FileNotFoundError as e:
+            raise CacheError(f"feature cache {self.directory}: shard {shard.name} was removed while this run read "
+                             f"it (the cache cleared by another process?); run again") from e
+        self._fds[s] = fd
+        if len(self._fds) > self.MAX_OPEN_FILES:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def read_all(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Every row: (N, E) and (N, M, E) or None, float32."""
+        return self.read(torch.arange(len(self)))
+
+    def read(self, positions) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The rows at ``positions`` (indices into the requested images): (B, E) and (B, M, E) or None, float32.
+        Runs of consecutive rows of one shard are read with one system call."""
+        import numpy as np
+
+        pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1).numpy()
+        b, e, m = len(pos), self.embed_dim, self.local_tokens
+        if b == 0:
+            return torch.empty(0, e), (torch.empty(0, m or 0, e) if self.local else None)
+        g_bytes = e * self._itemsize
+        l_bytes = (m or 0) * e * self._itemsize
+        gbuf = np.empty((b, g_bytes), np.uint8)
+        lbuf = np.empty((b, l_bytes), np.uint8) if self.local else None
+        sh, rw = self._shard_of[pos], self._row_of[pos]
+        order = np.lexsort((rw, sh))
+        i = 0
+        while i < b:
+            j = i + 1
+            while j < b and sh[order[j]] == sh[order[i]] and rw[order[j]] == rw[order[j - 1]] + 1:
+                j += 1
+            s, r0, sel = int(sh[order[i]]), int(rw[order[i]]), order[i:j]
+            shard = self._shards[s]
+            fd = self._fd(s)
+            gbuf[sel] = self._pread(fd, shard, shard.global_offset + r0 * g_bytes, (j - i, g_bytes))
+            if lbuf is not None:
+                lbuf[sel] = self._pread(fd, shard, shard.local_offset + r0 * l_bytes, (j - i, l_bytes))
+            i = j
+        for k in range(b):
+            shard = self._shards[int(sh[k])]
+            if _row_crc(gbuf[k], None if lbuf is None else lbuf[k]) != shard.crc[int(rw[k])]:
+                self._corrupt(shard, f"row {int(rw[k])} fails its checksum (corrupted)")
+        dtype = DTYPES[self.dtype_name]
+        g = torch.from_numpy(gbuf).view(dtype).reshape(b, e).float()
+        loc = torch.from_numpy(lbuf).view(dtype).reshape(b, m, e).float() if lbuf is not None else None
+        bad = ~torch.isfinite(g).all(-1)
+        if loc is not None:
+            bad |= ~torch.isfinite(loc).flatten(1).all(-1)
+        if bad.any():
+            k = int(bad.nonzero()[0, 0])
+            self._corrupt(self._shards[int(sh[k])], f"row {int(rw[k])}: non-finite features")
+        return g, loc
+
+    def _pread(self, fd: int, shard: _Shard, offset: int, shape: tuple[int, int]):
+        import numpy as np
+
+        buf = np.empty(shape, np.uint8)
+        got = os.preadv(fd, [buf], offset)
+        if got != buf.nbytes:
+            self._corrupt(shard, f"short read at byte {offset} (truncated)")
+        return buf
+
+    def _corrupt(self, shard: _Shard, reason: str) -> None:
+        with self.cache._locked(self.directory):
+            live, _ = _read_journal(self.directory, set())
+            if shard.name in live:
+                self.cache._drop_shard(self.directory, shard.name, reason)
+        raise CorruptRows(self.directory, shard.name, reason)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# encoding and writing
+# ------------------------------------------------------------------------------------------------------------
 class _Store:
     """Encodes the missing images and appends them to the cache shard by shard."""
 
@@ -626,17 +895,20 @@ class _Store:
 
     def encode(self, positions: list[int], identities: list[str], paths: Sequence[str], keys: Sequence[str], *,
                seed: int, view: int, transform, loader, dataset, batch_size: int, num_workers: int,
-               progress: bool) -> dict[str, tuple]:
-        out: dict[str, tuple] = {}
+               progress: bool) -> None:
         if not positions:
-            return out
+            return
         from tqdm.auto import tqdm
 
         data = _EncodeSet(positions, identities, paths, seed=seed, view=view, transform=transform, loader=loader,
                           dataset=dataset)
-        # an own generator: creating the loader's iterator must not consume the caller's global torch RNG
-        batches = torch.utils.data.DataLoader(data, batch_size=max(1, int(batch_size)), shuffle=False,
-                                              num_workers=int(num_workers), generator=torch.Generator().manual_seed(0))
+        device = getattr(self.backbone, "device", None)
+        # workers decode and augment in parallel; each image's augmentation is seeded by (seed, view, image), and
+        # the batches (hence the tower's inputs) are the same for any number of workers. An own generator:
+        # creating the loader's iterator must not consume the caller's global torch RNG.
+        batches = torch.utils.data.DataLoader(
+            data, batch_size=max(1, int(batch_size)), shuffle=False, num_workers=int(num_workers),
+            pin_memory=getattr(device, "type", "cpu") == "cuda", generator=torch.Generator().manual_seed(0))
         bar = tqdm(total=len(positions), desc=f"encoding {getattr(self.backbone, 'name', 'images')}"
                    f"{' (local)' if self.local else ''}", unit="img", disable=None if progress else True,
                    dynamic_ncols=True)
@@ -656,85 +928,67 @@ class _Store:
                         raise CacheError("the image tower produced non-finite features (NaN/inf); nothing cached "
                                          "for this batch")
                     for r, j in enumerate(idx.tolist()):
-                        key = keys[positions[j]]
-                        out[key] = (g, loc, r)
-                        self.buffer.append((key, g[r], loc[r] if loc is not None else None))
+                        self.buffer.append((keys[positions[j]], g[r], loc[r] if loc is not None else None))
                     while len(self.buffer) >= self.cache.shard_size:
                         self.flush(self.cache.shard_size)
                     bar.update(len(idx))
             self.flush()
         finally:
             bar.close()
-        return out
 
     def flush(self, count: Optional[int] = None) -> None:
-        """Write the first ``count`` buffered rows (all by default) as a new shard, then reference it in the index."""
+        """Write the first ``count`` buffered rows (all by default) as a new shard, check it on disk, then record
+        it in the journal (one appended line: no rewrite of what is already there)."""
+        from safetensors.torch import save as save_safetensors
+
         rows = self.buffer[:count] if count is not None else list(self.buffer)
         if not rows:
             return
         del self.buffer[:len(rows)]
         keys = [r[0] for r in rows]
-        tensors = {"global": torch.stack([r[1] for r in rows])}
+        tensors = {"global": torch.stack([r[1] for r in rows]).contiguous()}
         if self.local:
-            tensors["local"] = torch.stack([r[2] for r in rows])
+            tensors["local"] = torch.stack([r[2] for r in rows]).contiguous()
+        # per-row checksums of the exact bytes stored (uint8 views: no copy)
+        g8 = tensors["global"].view(torch.uint8).reshape(len(rows), -1).numpy()
+        l8 = tensors["local"].view(torch.uint8).reshape(len(rows), -1).numpy() if self.local else None
+        crc = [_row_crc(g8[i], None if l8 is None else l8[i]) for i in range(len(rows))]
+        data = save_safetensors(tensors, metadata={"format": FORMAT, "keys": json.dumps(keys),
+                                                   "crc32": json.dumps(crc)})
+        header = data[8:8 + int.from_bytes(data[:8], "little")]
+        emb = int(tensors["global"].shape[1])
+        m = int(tensors["local"].shape[1]) if self.local else None
         c = self.cache
         with c._locked(self.directory):
             index = c._load_index(self.directory, self.meta, self.backbone)
-            emb = int(tensors["global"].shape[1])
-            m = int(tensors["local"].shape[1]) if self.local else None
             if (index.get("embed_dim") not in (None, emb)) or (m is not None and index.get("local_tokens")
                                                                  not in (None, m)):
                 raise CacheError(f"{self.directory}: new features are ({emb}, M={m}), the cache holds "
                                  f"({index.get('embed_dim')}, M={index.get('local_tokens')}); feed images of one size")
-            name = self._next_name(index)
+            if index.get("embed_dim") is None or (m is not None and index.get("local_tokens") is None):
+                index["embed_dim"], index["local_tokens"] = emb, m
+                _write_index(self.directory, index)  # once per directory: the shapes every shard must have
+            name = self._next_name()
             path = self.directory / name
-            atomic_save_safetensors(path, tensors, metadata={"format": FORMAT, "keys": json.dumps(keys)})
-            index["embed_dim"], index["local_tokens"] = emb, m
-            index["shards"][name] = {"rows": len(keys), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-            for row, key in enumerate(keys):
-                index["entries"][key] = [name, row]
-            # shards whose rows have all been superseded (another process encoded the same images) go
-            referenced = {ref[0] for ref in index["entries"].values()}
-            for stale in [s for s in index["shards"] if s not in referenced]:
-                index["shards"].pop(stale)
-            _write_index(self.directory, index)
-            for p in self.directory.iterdir():
-                if SHARD_RE.match(p.name) and p.name not in index["shards"]:
-                    p.unlink(missing_ok=True)
+            atomic_write_bytes(path, data)
+            digest = hashlib.sha256(data).hexdigest()
+            # verified as written: what is on disk is what was meant (read back once, now, not on every use)
+            if path.stat().st_size != len(data) or sha256_file(path) != digest:
+                path.unlink(missing_ok=True)
+                raise CacheError(f"{path}: the shard read back differs from what was written (disk full or "
+                                 f"failing?)")
+            _append_journal(self.directory, {"add": name, "rows": len(keys), "bytes": len(data), "sha256": digest,
+                                             "header_sha256": hashlib.sha256(header).hexdigest(),
+                                             "embed_dim": emb, "local_tokens": m, "keys": keys})
 
-    def _next_name(self, index: dict) -> str:
+    def _next_name(self) -> str:
         used = [int(m.group(1)) for m in (SHARD_RE.match(p.name) for p in self.directory.iterdir()) if m]
-        used += [int(m.group(1)) for m in (SHARD_RE.match(s) for s in index["shards"]) if m]
         return f"shard-{max(used, default=-1) + 1:05d}.safetensors"
 
 
 def _write_index(directory: Path, index: dict) -> None:
-    """Replace the index atomically (compact JSON: it is rewritten after every new shard)."""
+    """Replace ``index.json`` atomically (only when a directory starts or learns its feature shapes)."""
     atomic_write_text(directory / INDEX, json.dumps(index, separators=(",", ":")) + "\n")
-
-
-def _assemble(keys: list[str], found: dict[str, tuple], local: bool, embed_dim: int):
-    """Gather the rows of ``keys`` (from shard or batch tensors) into float32 (N, E) and (N, M, E) tensors."""
-    if not keys:
-        return torch.empty(0, embed_dim), (torch.empty(0, 0, embed_dim) if local else None)
-    groups: dict[int, tuple[tuple, list[int], list[int]]] = {}  # one group per source tensor
-    for pos, k in enumerate(keys):
-        g, loc, row = found[k]
-        grp = groups.setdefault(id(g), ((g, loc), [], []))
-        grp[1].append(pos)
-        grp[2].append(row)
-    (g0, l0), _, _ = next(iter(groups.values()))
-    global_ = torch.empty(len(keys), g0.shape[1])
-    local_t = torch.empty(len(keys), l0.shape[1], l0.shape[2]) if local else None
-    for (g, loc), pos, rows in groups.values():
-        pos_t, rows_t = torch.tensor(pos), torch.tensor(rows)
-        if g.shape[1:] != global_.shape[1:] or (local and loc.shape[1:] != local_t.shape[1:]):
-            raise CacheError(f"features of different shapes in one request ({tuple(g.shape[1:])} vs "
-                             f"{tuple(global_.shape[1:])}): feed images of one size")
-        global_[pos_t] = g[rows_t].float()
-        if local:
-            local_t[pos_t] = loc[rows_t].float()
-    return global_, local_t
 
 
 def cache_info(root: str | Path) -> list[dict]:

@@ -70,6 +70,8 @@ class TrainConfig:
                           "best epoch on val set it in their preset", min=0)
     batch_workers: int = opt(0, "threads decoding images in online mode", min=0, flag="workers")
     feature_batch_size: int = opt(64, "images per forward pass of the frozen image tower", min=1)
+    cache_dtype: str = opt("float32", "storage dtype of cached views (float16 halves their disk and memory; its effect "
+                           "on logits: docs/benchmarks/scale.md)", choices=("float32", "float16"))
     nonfinite: str = opt("error", "a non-finite loss stops the run (error) or its step is skipped and counted "
                          "(skip)", choices=("error", "skip"))
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0: no clipping)", min=0)

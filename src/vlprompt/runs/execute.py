@@ -29,7 +29,7 @@ import torch
 
 from .._io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from ..backbone import Backbone, load_backbone
-from ..cache import FeatureCache
+from ..cache import DTYPES as CACHE_DTYPES, FeatureCache
 from ..data import (DatasetSplits, ImageDataset, check_samples, few_shot_split, load_dataset, load_split,
                     save_split, subsample_classes, transform_id)
 from ..data.transforms import build_transforms
@@ -105,10 +105,12 @@ def transforms_for(preprocess: str, backbone: Backbone):
 
 
 # -- features -----------------------------------------------------------------------------------------
-def eval_features(backbone: Backbone, samples, transform, cache: FeatureCache, local: bool, batch_size: int = 64):
-    feats = cache.get(backbone, [s.path for s in samples], transform, transform_id=transform_id(transform),
-                      view=0, seed=0, local=local, batch_size=batch_size)
-    return CachedViews(feats.global_[None], None if feats.local is None else feats.local[None])
+def eval_features(backbone: Backbone, samples, transform, cache: FeatureCache, local: bool, batch_size: int = 64,
+                  workers: int = 0):
+    """One view (the test transform) of ``samples``, read from the cache batch by batch."""
+    rows = cache.open(backbone, [s.path for s in samples], transform, transform_id=transform_id(transform),
+                      view=0, seed=0, local=local, batch_size=batch_size, num_workers=workers)
+    return CachedViews.from_rows([rows])
 
 
 def _targets(samples) -> Optional[torch.Tensor]:
@@ -162,15 +164,13 @@ def train_source(cfg: RunConfig, method: Method, backbone: Backbone, splits: Dat
                             workers=tc.batch_workers)
     paths = [s.path for s in samples]
     tid = transform_id(train_tf)
-    g, loc = [], []
-    for v in range(tc.views):
+    views = []
+    for v in range(tc.views):  # encoded now where missing; read batch by batch during training
         log.info("train features: view %d/%d", v + 1, tc.views)
-        feats = cache.get(backbone, paths, train_tf, transform_id=tid, view=v, seed=0, local=method.needs_local,
-                          batch_size=tc.feature_batch_size)
-        g.append(feats.global_)
-        if feats.local is not None:
-            loc.append(feats.local)
-    return CachedViews(torch.stack(g), torch.stack(loc) if loc else None)
+        views.append(cache.open(backbone, paths, train_tf, transform_id=tid, view=v, seed=0,
+                                local=method.needs_local, batch_size=tc.feature_batch_size,
+                                num_workers=tc.batch_workers, dtype=CACHE_DTYPES[tc.cache_dtype]))
+    return CachedViews.from_rows(views)
 
 
 # -- method files -------------------------------------------------------------------------------------
