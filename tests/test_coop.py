@@ -126,9 +126,13 @@ def test_context_is_portable_across_class_lists(tiny_vit):
 
 
 # -- CoCoOp ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("memory_mb", [None, 1e-3])  # the batch in one text-tower call / in checkpointed chunks
 @pytest.mark.parametrize("position", ["end", "middle"])
-def test_cocoop_batched_equals_per_image_loop(tiny_backbone, position):
-    method = build_method("cocoop", {"class_position": position, "image_chunk": 3}, tiny_backbone, CLASSES)
+def test_cocoop_batched_equals_per_image_loop(tiny_backbone, position, memory_mb):
+    method = build_method("cocoop", {"class_position": position, "text_memory_mb": memory_mb}, tiny_backbone,
+                          CLASSES)
+    # the default budget takes the whole batch at once (nothing recomputed); 1 kB forces one prompt per chunk
+    assert method.text_chunk(7, grad=True) == (None if memory_mb is None else 1)
     with torch.no_grad():  # a non-trivial meta-net output
         for p in method.meta_net.parameters():
             p.normal_(0, 0.3)
