@@ -162,7 +162,10 @@ def cmd_train(args) -> int:
         raise ConfigError("--output is required (the run directory)")
     results = run(cfg, args.output, resume=getattr(args, "resume", False), force=args.force,
                   progress=not args.quiet)
-    print_json(results)
+    from ..engine import distributed
+
+    if distributed.is_main():  # under torchrun every rank returns the results; one prints them
+        print_json(results)
     return 0
 
 

@@ -166,14 +166,12 @@ def check_supported(method, train_cfg, n_train: int) -> None:
     number of processes. A rank with no image in a batch has nothing to learn from."""
     if not active():
         return
-    from ..methods.base import Method
-
     world = world_size()
     name = type(method).__name__
     if method.trains_image_encoder:
         raise VLPromptError(f"{name} trains an image encoder: under torchrun its batch statistics (BatchNorm) "
                             f"and batch-coupled loss would be computed per rank; run it in one process")
-    if type(method).loss is not Method.loss and not getattr(type(method), "loss_is_per_sample", False):
+    if not type(method).loss_is_per_sample:
         raise VLPromptError(f"{name} has its own loss, not known to be a mean over the images of a batch: "
                             f"data-parallel slices would change it; run it in one process")
     if train_cfg is not None:

@@ -184,6 +184,9 @@ class Method(nn.Module):
     head_kind: ClassVar[str] = "linear"
     #: the constructor takes ``template=`` (the dataset's own prompt template, for hand-crafted prompts)
     uses_template: ClassVar[bool] = False
+    #: the loss is a mean of per-sample terms, so data-parallel ranks may each take a slice of the batch (set
+    #: False for a loss that couples the samples of a batch, e.g. OrdinalCLIP's text-to-image term)
+    loss_is_per_sample: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig, backbone, classnames: Sequence[str]):
         super().__init__()

@@ -112,6 +112,10 @@ class OrdinalMethod(Method):
     :meth:`prototypes` (the ``(R, E)`` vectors whose ordinality is reported) and :meth:`_export_tensors`.
     """
 
+    #: OrdinalCLIP's text-to-image term couples the images of a batch (and the regression baseline standardises
+    #: over it): not a mean of per-sample terms
+    loss_is_per_sample: ClassVar[bool] = False
+
     @classmethod
     def config_for_loading(cls, options: dict) -> dict:
         # a saved torchvision encoder's every weight is in the learned state: build it without fetching the
