@@ -282,3 +282,23 @@ def test_ray_and_submitit_give_the_cell_results_of_the_local_pool(reference, mod
         capsys.readouterr()[1]
     assert _metrics(tmp_path / "ray", names[:1]) == {names[0]: ref[names[0]]}
     assert _metrics(tmp_path / "slurm", names[1:]) == {names[1]: ref[names[1]]}
+
+
+def test_cells_evaluations_run_after_training_and_count_in_the_state(models, dtd, cache_dir, tmp_path, capsys):
+    spec = _spec(models, dtd, cache_dir, axes={"method": ["coop"], "seed": [1]}, epochs=2)
+    spec["data"].update(shots=1, classes="base")
+    spec["evaluations"] = [{"base_to_new": True}, {"dataset": "dtd", "options": {"split_file": dtd["split_file"]}}]
+    path = _write(tmp_path, spec)
+    out = tmp_path / "out"
+    assert main(["grid", path, "--output", str(out), "--workers", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    run_dir = out / "coop/seed1"
+    b2n = json.loads((run_dir / "eval" / "base2new-dtd.json").read_text())
+    whole = json.loads((run_dir / "eval" / "dtd-all-test.json").read_text())
+    identity = json.loads((run_dir / "results.json").read_text())["identity"]
+    assert b2n["identity"] == identity == whole["identity"] and whole["metrics"]["num_samples"] == 15
+    (run_dir / "eval" / "base2new-dtd.json").unlink()  # an evaluation missing: the cell is not done
+    assert main(["grid", path, "--output", str(out), "--status"]) == 0
+    assert capsys.readouterr()[0].splitlines()[0].startswith("pending     coop/seed1  trained; 1 evaluation(s)")
+    assert main(["grid", path, "--output", str(out), "--workers", "1", "--quiet"]) == 0
+    assert json.loads((run_dir / "eval" / "base2new-dtd.json").read_text()) == b2n
