@@ -11,7 +11,6 @@ No data and no weights are read: ``resolve`` only.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from vlprompt.cli import main
 from vlprompt.errors import ConfigError
