@@ -41,6 +41,9 @@ class CoCoOpConfig(MethodConfig):
     init: Optional[str] = opt("a photo of a", "initialise the context from words ('none': random N(0, init_std))")
     class_position: str = opt("end", "where the class name goes in the prompt", choices=POSITIONS)
     init_std: float = opt(0.02, "standard deviation of the random context init", gt=0)
+    init_length: str = opt("tokens", "how --init's length is counted: tokens (one learned vector per BPE token) or "
+                           "words (the original CoOp: one per space-separated word; the init's further tokens "
+                           "stay fixed before the class name)", choices=("tokens", "words"))
     text_mode: str = opt("auto", "text path (all exact; auto picks the fastest)", choices=TEXT_MODES)
     text_memory_mb: Optional[float] = opt(
         None, "memory (MB) the text tower's activations may take: a training batch whose B x K prompts fit is "
@@ -86,7 +89,8 @@ class CoCoOp(Method):
         super().__init__(config, backbone, classnames)
         self.prompt = PromptContext(backbone.text, classnames, n_ctx=config.n_ctx, csc=False,
                                     position=config.class_position, init_words=config.init,
-                                    init_std=config.init_std, text_mode=config.text_mode, chunk_size=None)
+                                    init_std=config.init_std, text_mode=config.text_mode, chunk_size=None,
+                                    init_length=config.init_length)
         self.config = dataclasses.replace(config, n_ctx=self.prompt.n_ctx)  # what was learned (method.json)
         if config.text_memory_mb is not None:
             self.text_memory_bytes = int(config.text_memory_mb * 2 ** 20)
