@@ -76,7 +76,8 @@ def _default_text(f: dataclasses.Field) -> str:
 
 
 def add_config_options(parser: argparse.ArgumentParser, config_cls, title: str, dest_prefix: str,
-                       skip: tuple[str, ...] = (), taken: Optional[set] = None) -> list[str]:
+                       skip: tuple[str, ...] = (), taken: Optional[set] = None,
+                       recipe: Optional[dict] = None, recipe_name: str = "") -> list[str]:
     """Add one option per field of ``config_cls`` to a new group; ``dest`` is ``<dest_prefix>.<field>``.
     Returns the flags added. A flag already used by another group (``taken``) is an error: each option must
     mean one thing."""
@@ -94,7 +95,10 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls, title: str, 
             taken.add(flag)
         tp, optional = _base_type(hints.get(f.name, str))
         m = f.metadata
-        help_text = (m.get("help") or "") + _default_text(f)
+        if recipe and f.name in recipe:  # the method's preset sets it: that is the default the user gets
+            help_text = (m.get("help") or "") + f" (default: {recipe[f.name]}, {recipe_name})"
+        else:
+            help_text = (m.get("help") or "") + _default_text(f)
         dest = f"{dest_prefix}.{f.name}"
         if tp is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

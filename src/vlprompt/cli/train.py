@@ -44,6 +44,16 @@ def prescan_method(argv) -> Optional[str]:
     return method
 
 
+def _recipe(cls) -> dict:
+    """The method's preset for a typical request (16 shots of a dataset other than ImageNet), to show the
+    defaults a user gets in --help; --show-config prints the recipe for the actual data."""
+    if cls is None:
+        return {}
+    from ..runs.config import DataConfig
+
+    return cls.preset(DataConfig(dataset="folder", root="/", shots=16)) or {}
+
+
 def _add_run_parser(sub, name: str, help_text: str, method: Optional[str], fixed: bool) -> None:
     from ..engine.trainer import TrainConfig
     from ..methods import method_class, method_names
@@ -70,13 +80,16 @@ def _add_run_parser(sub, name: str, help_text: str, method: Optional[str], fixed
             cls = None
     taken = set(_COMMON_FLAGS)
     if cls is None or cls.learns == "gradient":
-        add_config_options(p, TrainConfig, "training (defaults: the method's paper recipe)", "train", taken=taken)
+        recipe = _recipe(cls)
+        add_config_options(p, TrainConfig, "training (defaults: the method's paper recipe)", "train", taken=taken,
+                           recipe=recipe.get("train"), recipe_name=f"{method}'s recipe for 16 shots")
         p.add_argument("--tensorboard", action="store_true", default=argparse.SUPPRESS,
                        help="also log the per-epoch records to RUN/tensorboard (needs tensorboard)")
         p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     if cls is not None:
         add_config_options(p, cls.config_class, f"{method} options ({cls.summary})" if cls.summary
-                           else f"{method} options", "method_options", taken=taken)
+                           else f"{method} options", "method_options", taken=taken,
+                           recipe=_recipe(cls).get("method_options"), recipe_name=f"{method}'s recipe")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a field of the method's config as KEY=VALUE (JSON values; repeatable)")
     p.add_argument("--force", action="store_true",
