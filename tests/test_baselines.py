@@ -251,7 +251,7 @@ def _folder_dataset(root, classes=("cat", "dog"), per_class=4):
     return root
 
 
-def test_unknown_template_set_fails_when_the_run_starts_before_anything_is_written(tmp_path):
+def test_unknown_template_set_is_refused_at_resolve_before_anything_is_written(tmp_path):
     from vlprompt.runs import run
     from vlprompt.testing import make_tiny_checkpoint
 
@@ -260,10 +260,8 @@ def test_unknown_template_set_fails_when_the_run_starts_before_anything_is_writt
     request = {"method": "zeroshot", "backbone": str(cfg_file), "pretrained": str(weights), "device": "cpu",
                "cache_dir": str(tmp_path / "cache"), "data": {"dataset": "folder", "root": str(data)},
                "method_options": {"templates": ["dataset", "imagenet81"]}}
-    # set names are expanded with the dataset's own template, which only the data knows: resolve() accepts
-    # the name, the run refuses it when the method is built, before the run directory exists
-    cfg = resolve(request)
+    # set names are known without the data: resolve() refuses an unknown one, naming the flag
     out = tmp_path / "run"
-    with pytest.raises(VLPromptError, match="unknown prompt template set 'imagenet81'"):
-        run(cfg, out, progress=False)
+    with pytest.raises(VLPromptError, match=r"--templates.*unknown prompt template set 'imagenet81'"):
+        run(request, out, progress=False)
     assert not out.exists()

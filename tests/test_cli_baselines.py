@@ -52,18 +52,19 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture
 def cache_stats(monkeypatch):
-    """(hits, misses) of every FeatureCache.get call, in order (results.json no longer reports them)."""
+    """(hits, misses) of every look-up of the feature cache (``FeatureCache.open``, which ``get`` and the runs'
+    lazy reads go through), in order (results.json no longer reports them)."""
     from vlprompt.cache import FeatureCache
 
     calls = []
-    get = FeatureCache.get
+    open_ = FeatureCache.open
 
-    def recording_get(self, *a, **k):
-        feats = get(self, *a, **k)
-        calls.append((feats.hits, feats.misses))
-        return feats
+    def recording_open(self, *a, **k):
+        rows = open_(self, *a, **k)
+        calls.append((rows.hits, rows.misses))
+        return rows
 
-    monkeypatch.setattr(FeatureCache, "get", recording_get)
+    monkeypatch.setattr(FeatureCache, "open", recording_open)
     return calls
 
 

@@ -73,7 +73,8 @@ def _main(argv, capsys):
 @pytest.mark.parametrize("flags, names", [
     (["--epochs", "-1"], "--epochs"), (["--shots", "-1"], "--shots"), (["--lr", "-1"], "--lr"),
     (["--batch-size", "0"], "--batch-size"), (["--device", "gpu0"], "--device"), (["--n-ctx", "0"], "--n-ctx"),
-    (["--views", "3", "--online"], "--views"), (["--workers", "2"], "--workers"), (["--seed", "-3"], "--seed"),
+    (["--views", "3", "--online"], "--views"), (["--cache-dtype", "float16", "--online"], "--cache-dtype"),
+    (["--seed", "-3"], "--seed"),
     (["--optimizer", "lbfgs"], "--optimizer"), (["--warmup-epochs", "5", "--epochs", "2"], "warmup_epochs"),
     (["--method-option", "n_ctx=4", "--n-ctx", "4"], "n_ctx"), (["--method-option", "bogus=1"], "bogus"),
 ])

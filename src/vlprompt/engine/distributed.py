@@ -253,8 +253,16 @@ class RankSharedCache:
     def __getattr__(self, name):
         return getattr(self._cache, name)
 
-    def get(self, backbone, paths, *args, **kwargs):
+    def _encode_share(self, backbone, paths, args, kwargs) -> None:
         if active() and isinstance(paths, (list, tuple)) and len(paths) >= world_size():
             self._cache.get(backbone, list(paths)[share(len(paths))], *args, **kwargs)
             barrier()
+
+    def get(self, backbone, paths, *args, **kwargs):
+        self._encode_share(backbone, paths, args, kwargs)
         return self._cache.get(backbone, paths, *args, **kwargs)
+
+    def open(self, backbone, paths, *args, **kwargs):
+        """As :meth:`get`, but the rows are read lazily, batch by batch (the cached training views)."""
+        self._encode_share(backbone, paths, args, kwargs)
+        return self._cache.open(backbone, paths, *args, **kwargs)

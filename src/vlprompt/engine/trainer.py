@@ -68,10 +68,12 @@ class TrainConfig:
     checkpoint_every: int = opt(1, "epochs between checkpoints (0: none; a killed run then starts over)", min=0)
     eval_every: int = opt(0, "evaluate on the val split every N epochs (0: never); methods that select their "
                           "best epoch on val set it in their preset", min=0)
-    batch_workers: int = opt(0, "threads decoding images in online mode", min=0, flag="workers")
+    batch_workers: int = opt(0, "workers decoding (and augmenting) images: in online mode at every step, with "
+                             "cached views when their features are computed", min=0, flag="workers")
     feature_batch_size: int = opt(64, "images per forward pass of the frozen image tower", min=1)
-    cache_dtype: str = opt("float32", "storage dtype of cached views (float16 halves their disk and memory; its effect "
-                           "on logits: docs/benchmarks/scale.md)", choices=("float32", "float16"))
+    cache_dtype: str = opt("float32", "storage dtype of the cached training views (float16 halves their disk and "
+                           "memory; its effect on logits: docs/benchmarks/scale.md; test features stay float32)",
+                           choices=("float32", "float16"))
     nonfinite: str = opt("error", "a non-finite loss stops the run (error) or its step is skipped and counted "
                          "(skip)", choices=("error", "skip"))
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0: no clipping)", min=0)

@@ -37,8 +37,8 @@ class ZeroShotConfig(MethodConfig):
             try:
                 check_template(t)
             except DataError as e:
-                raise ConfigError(f"zeroshot: templates (--templates): {t!r} is neither a template with one '{{}}' "
-                                  f"nor a set ({', '.join(TEMPLATE_SETS)}): {e}") from e
+                raise ConfigError(f"zeroshot: templates (--templates): unknown prompt template set {t!r} (sets: "
+                                  f"{', '.join(TEMPLATE_SETS)}), and not a template: {e}") from e
 
 
 def format_prompts(template: str, classnames) -> list[str]:

@@ -206,9 +206,9 @@ def resolve(request: dict | RunConfig) -> RunConfig:
         train.views = views
         if train_req.get("online") and own_images:
             raise ConfigError(f"--online does not apply: {name} trains its own image encoder on the images")
-        if train.batch_workers and not (train.online or own_images):
-            raise ConfigError("--workers decodes images in online mode: give --online (cached views decode "
-                              "once, when the features are computed)")
+        if train.cache_dtype != "float32" and (train.online or own_images):
+            why = "--online encodes every step" if train.online else f"{name} trains its own image encoder"
+            raise ConfigError(f"--cache-dtype {train.cache_dtype} does not apply: {why} (no cached views)")
     elif train_req:
         raise ConfigError(f"{name} learns nothing by gradient: training option(s) "
                           f"{', '.join('--' + k.replace('_', '-') for k in sorted(train_req))} do not apply")
