@@ -246,16 +246,9 @@ def merge_over_preset(preset: GridSpec, user: GridSpec) -> GridSpec:
 
 
 def load_spec(path: str | os.PathLike) -> GridSpec:
-    import yaml
+    from ..runs.config import read_yaml_mapping
 
-    p = Path(path).expanduser()
-    try:
-        obj = yaml.safe_load(p.read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"grid spec {p}: no such file") from e
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"grid spec {p}: not a readable YAML file ({e})") from e
-    return spec_from_mapping(obj, str(p))
+    return spec_from_mapping(read_yaml_mapping(path, "grid spec"), str(Path(path).expanduser()))
 
 
 # -- expansion ------------------------------------------------------------------------------------------

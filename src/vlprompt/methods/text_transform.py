@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.templates import DEFAULT_TEMPLATE, resolve_templates
-from ..errors import ConfigError
-from .base import Features, Method, MethodConfig, cosine_logits, opt
+from .base import Features, Method, cosine_logits
 from .coop import coop_epochs
-from .zeroshot import class_text_features
+from .zeroshot import ZeroShotConfig, class_text_features
 
 __all__ = ["HandCraftedConfig", "TextFeatureAdapter", "TextTransformConfig", "TextTransform", "coop_recipe"]
 
@@ -42,26 +41,9 @@ def coop_recipe(data) -> dict:
 
 
 @dataclass
-class HandCraftedConfig(MethodConfig):
-    templates: list[str] = opt(default_factory=lambda: ["dataset"],
-                               help="the hand-crafted prompts the class text features come from: templates with "
-                                    "'{}' for the class name and/or set names: dataset (the dataset's own prompt, "
-                                    "the paper's), imagenet80, imagenet-select, ensemble; several are ensembled")
-
-    def check(self) -> None:
-        from ..data.templates import TEMPLATE_SETS, check_template
-        from ..errors import DataError
-
-        if not self.templates:
-            raise ConfigError("templates (--templates) must name at least one template")
-        for t in self.templates:
-            if t.strip().lower() in TEMPLATE_SETS:
-                continue
-            try:
-                check_template(t)
-            except DataError as e:
-                raise ConfigError(f"templates (--templates): {t!r} is neither a template with one '{{}}' nor a set "
-                                  f"({', '.join(TEMPLATE_SETS)}): {e}") from e
+class HandCraftedConfig(ZeroShotConfig):
+    """The hand-crafted prompts the class text features come from (the paper's: the dataset's own template);
+    the same field and checks as zero-shot's."""
 
 
 class TextFeatureAdapter(Method):

@@ -30,14 +30,14 @@ class ZeroShotConfig(MethodConfig):
         from ..errors import ConfigError, DataError
 
         if not self.templates:
-            raise ConfigError("zeroshot: templates (--templates) must name at least one template")
+            raise ConfigError("templates (--templates) must name at least one template")
         for t in self.templates:
             if t.strip().lower() in TEMPLATE_SETS:
                 continue
             try:
                 check_template(t)
             except DataError as e:
-                raise ConfigError(f"zeroshot: templates (--templates): unknown prompt template set {t!r} (sets: "
+                raise ConfigError(f"templates (--templates): unknown prompt template set {t!r} (sets: "
                                   f"{', '.join(TEMPLATE_SETS)}), and not a template: {e}") from e
 
 

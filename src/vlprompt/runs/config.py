@@ -315,19 +315,25 @@ def merge_requests(base: dict, override: dict) -> dict:
     return out
 
 
-def load_request(path: str | os.PathLike) -> dict:
-    """A request from a YAML file with the keys of config.yaml (e.g. a run's own config.yaml)."""
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
+    """A YAML file holding a mapping (a run config, a grid spec); ``what`` names it in errors (``--config``)."""
     import yaml
 
     p = Path(path).expanduser()
     try:
         obj = yaml.safe_load(p.read_text())
     except FileNotFoundError as e:
-        raise ConfigError(f"--config {p}: no such file") from e
+        raise ConfigError(f"{what} {p}: no such file") from e
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"--config {p}: not a readable YAML file ({e})") from e
+        raise ConfigError(f"{what} {p}: not a readable YAML file ({e})") from e
     if not isinstance(obj, dict):
-        raise ConfigError(f"--config {p}: expected a mapping of options at the top level")
+        raise ConfigError(f"{what} {p}: expected a mapping of options at the top level")
+    return obj
+
+
+def load_request(path: str | os.PathLike) -> dict:
+    """A request from a YAML file with the keys of config.yaml (e.g. a run's own config.yaml)."""
+    obj = read_yaml_mapping(path, "--config")
     obj.pop("version", None)
     if obj.get("train") is None:
         obj.pop("train", None)
