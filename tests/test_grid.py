@@ -15,7 +15,7 @@ import yaml
 
 from conftest import REPO, require_shared
 from vlprompt.cli import main
-from vlprompt.errors import ConfigError
+from vlprompt.errors import ConfigError, DataError
 from vlprompt.grid import expand, load_preset, preset_names, resolve_cells, spec_from_mapping
 from vlprompt.testing import make_tiny_checkpoint
 
@@ -80,8 +80,8 @@ def reference(models, dtd, cache_dir, tmp_path_factory):
 # -- expansion -----------------------------------------------------------------------------------------
 def test_every_preset_expands_to_its_protocols_cells():
     expected = {"coop-fewshot": 165, "plot-fewshot": 165, "coop-dg": 3, "cocoop-base2new": 33,
-                "cocoop-cross-dataset": 3, "ordinal-folds": 21, "ordinal-fewshot": 7}
-    assert set(preset_names()) == set(expected) | {"ordinal-shift"}
+                "cocoop-cross-dataset": 3, "ordinal-folds": 21, "ordinal-fewshot": 7, "ordinal-shift": 8}
+    assert set(preset_names()) == set(expected)
     for name, n in expected.items():
         spec = load_preset(name)
         spec.set_value("data.root", "/data", "--root")
@@ -104,9 +104,37 @@ def _rooted(name):
     return spec
 
 
-def test_ordinal_shift_is_refused_naming_what_the_data_layer_lacks():
-    with pytest.raises(ConfigError, match="shift_ranks"):
-        load_preset("ordinal-shift")
+def test_ordinal_shift_removes_a_share_of_the_training_images_of_some_ranks(tmp_path):
+    """OrdinalCLIP's distribution shift through the morph2 reader: N ranks lose the given share of their training
+    images; validation and test are untouched; the same seed draws the same ranks and images."""
+    from vlprompt.data import load_dataset
+
+    root = tmp_path / "morph"
+    (root / "data_list").mkdir(parents=True)
+    from PIL import Image
+
+    lines = {"train": [], "test": []}
+    for i in range(200):
+        age = 16 + i % 20
+        split = "test" if i % 5 == 0 else "train"
+        name = f"img{i:03d}_{age}.jpg"
+        Image.new("RGB", (8, 8)).save(root / name)
+        lines[split].append(f"{name} {age}")
+    (root / "data_list" / "ET_proto_train.txt").write_text("\n".join(lines["train"]) + "\n")
+    (root / "data_list" / "ET_proto_val.txt").write_text("\n".join(lines["test"]) + "\n")
+    base = load_dataset("morph2", root, ranks="16:35")
+    shifted = load_dataset("morph2", root, ranks="16:35", shift_ranks=4, shift_removed=0.9)
+    assert shifted.val == base.val and shifted.test == base.test
+    info = shifted.extra["shift"]
+    assert len(info["ranks"]) == 4
+    for name in shifted.classnames:
+        before = sum(s.classname == name for s in base.train)
+        after = sum(s.classname == name for s in shifted.train)
+        assert after == (before - round(0.9 * before) if name in info["ranks"] else before), name
+    again = load_dataset("morph2", root, ranks="16:35", shift_ranks=4, shift_removed=0.9)
+    assert again.train == shifted.train
+    with pytest.raises(DataError, match="shift_removed"):
+        load_dataset("morph2", root, ranks="16:35", shift_ranks=4, shift_removed=1.0)
 
 
 def test_narrowing_a_preset_keeps_its_cell_names_and_selects_sub_grids(capsys):

@@ -344,11 +344,12 @@ def read_morph2(root, *, train_list: str = "data_list/ET_proto_train.txt",
                 test_list: str = "data_list/ET_proto_val.txt",
                 val_list: Optional[str] = None, image_root: Optional[str] = None, ranks="0:100",
                 val_fraction: float = 0.1, split_seed: int = 1, missing: str = "error",
-                template: str = AGE_TEMPLATE) -> DatasetSplits:
+                template: str = AGE_TEMPLATE, shift_ranks: int = 0, shift_removed: float = 0.0) -> DatasetSplits:
     """MORPH II through list files (OrdinalCLIP's layout; paths relative to ``root`` or ``image_root``).
 
     ``test_list`` is the test split; the validation split is ``val_list`` when given, else carved from the
-    training list (the reference validates on its test list)."""
+    training list (the reference validates on its test list). ``shift_ranks`` / ``shift_removed``: OrdinalCLIP's
+    distribution-shift setting (:func:`shift_training_ranks`)."""
     root = _root(root)
     source = f"morph2 {root}"
     if not root.is_dir():
@@ -378,7 +379,35 @@ def read_morph2(root, *, train_list: str = "data_list/ET_proto_train.txt",
     else:
         train, val = carve_val(train, _check_fraction(val_fraction, source), split_seed)
         extra.update(val_from_train=val_fraction, split_seed=split_seed)
+    if shift_ranks or shift_removed:
+        train, extra["shift"] = shift_training_ranks(train, names, shift_ranks, shift_removed, split_seed, source)
     return _splits("morph2", names, train, val, test, template, extra)
+
+
+def shift_training_ranks(train: Sequence[Sample], classnames: Sequence[str], n_ranks: int, removed: float,
+                         seed: int, source: str) -> tuple[list[Sample], dict]:
+    """OrdinalCLIP's distribution shift (Li et al., NeurIPS 2022, Sec. 4.4): ``n_ranks`` ranks drawn at random
+    among those present in the training split lose the fraction ``removed`` of their training images (the
+    validation and test splits are untouched). Both draws use ``random.Random(seed)``: the ranks from the sorted
+    labels, then per chosen rank (in label order) the images to drop from its path-sorted list. Returns the
+    reduced training split (path-sorted) and what was removed."""
+    present = sorted({s.label for s in train})
+    n_ranks = _check_int(n_ranks, "shift_ranks", 1, max(len(present) - 1, 1), source)
+    if isinstance(removed, bool) or not isinstance(removed, (int, float)) or not 0 < removed < 1:
+        raise DataError(f"{source}: shift_removed must be a fraction in (0, 1), got {removed!r}")
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(present, n_ranks))
+    by_label: dict[int, list[Sample]] = {}
+    for s in sorted(train, key=lambda s: s.path):
+        by_label.setdefault(s.label, []).append(s)
+    dropped: set[str] = set()
+    for label in chosen:
+        items = by_label[label]
+        k = int(round(len(items) * removed))
+        dropped.update(items[i].path for i in rng.sample(range(len(items)), k))
+    kept = [s for s in sorted(train, key=lambda s: s.path) if s.path not in dropped]
+    return kept, {"ranks": [classnames[label] for label in chosen], "removed": float(removed),
+                  "images_removed": len(dropped)}
 
 
 def _read_tsv(path: Path, need: Sequence[str], source: str) -> tuple[list[list[str]], dict[str, int]]:
