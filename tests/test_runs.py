@@ -479,3 +479,16 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # readable by others, as any file open() writes
+
+
+def test_threads_is_validated_applied_and_not_part_of_the_identity(model_files, folder, cache_dir, tmp_path):
+    req = _request(model_files, folder, cache_dir, method="zeroshot")
+    with pytest.raises(ConfigError, match="--threads"):
+        resolve({**req, "threads": 0})
+    assert resolve({**req, "threads": 1}).identity() == resolve(req).identity()
+    before = torch.get_num_threads()
+    try:
+        run(resolve({**req, "threads": 1}), tmp_path / "run", progress=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

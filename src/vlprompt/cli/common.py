@@ -27,6 +27,9 @@ def add_backbone_options(p: argparse.ArgumentParser, device_only: bool = False) 
                        help="coop: CoOp's crop/flip policy with the weights' own pixel statistics (default); model: "
                             "open_clip's own pipeline for these weights, train and test")
     g.add_argument("--device", default=S, help="cpu | cuda | cuda:N | mps (default: cuda when available)")
+    g.add_argument("--threads", type=int, default=S,
+                   help="CPU threads of torch (default: torch's). On a machine other processes also load, 1 thread "
+                        "per process avoids waiting on descheduled threads (measured: docs/benchmarks/cpu_contention.md)")
     g.add_argument("--cache-dir", default=S, help="feature cache directory (default ~/.cache/vlprompt/features "
                    "or $VLPROMPT_CACHE)")
 
@@ -85,7 +88,7 @@ def top_request(args) -> dict:
     """Top-level keys of a request (backbone, weights, seed, device...) from the options given."""
     a = vars(args)
     out = {k: a[k] for k in ("backbone", "pretrained", "seed", "device", "precision", "preprocess", "cache_dir",
-                             "tensorboard") if k in a}
+                             "tensorboard", "threads") if k in a}
     return out
 
 

@@ -80,6 +80,7 @@ class RunConfig:
     preprocess: str = "coop"
     cache_dir: str = field(default_factory=default_cache_dir)
     tensorboard: bool = False
+    threads: Optional[int] = None  # CPU threads of torch (None: torch's default); where the numbers come from, not what
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,7 +98,7 @@ class RunConfig:
         """What decides the numbers: everything but where the cache lives, the device, logging and the fields
         of the training loop that do not change results (checkpoint interval, loader threads, feature batch)."""
         d = self.to_dict()
-        for k in ("cache_dir", "device", "tensorboard", "version"):
+        for k in ("cache_dir", "device", "tensorboard", "threads", "version"):
             d.pop(k)
         if d["train"] is not None:
             for k in TrainConfig.NOT_IDENTITY:
@@ -244,8 +245,11 @@ def resolve(request: dict | RunConfig) -> RunConfig:
     if tensorboard and train is None:
         raise ConfigError(f"--tensorboard logs training epochs; {name} has none")
     cache_dir = request.get("cache_dir") or default_cache_dir()
+    threads = request.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"--threads must be an integer >= 1, got {threads!r}")
     return RunConfig(method=name, data=data, seed=seed, method_options=mcfg.to_dict(), train=train,
-                     cache_dir=_abs(cache_dir), tensorboard=tensorboard, **model)
+                     cache_dir=_abs(cache_dir), tensorboard=tensorboard, threads=threads, **model)
 
 
 def resolve_data(data_req: dict) -> DataConfig:

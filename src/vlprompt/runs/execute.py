@@ -235,6 +235,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
     if run_dir.is_dir() and any(run_dir.iterdir()) and not directory.is_run_dir(run_dir):
         directory.inspect(run_dir, "", resume=resume, force=force)  # raises: not a vlprompt run
 
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     # everything that can be refused, before anything is written
     t_start = time.perf_counter()
     cls = method_class(cfg.method)
