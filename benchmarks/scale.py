@@ -272,9 +272,9 @@ def main():
 
 HEADER = """# Scale: memory, the cache at 100k+ entries, float16 cached views
 
-Written by `python benchmarks/scale.py{quick}` on {date}: {machine}. The machine was shared with other
-engineers' test runs when this was written: absolute times are noisy, only same-run ratios mean anything; the
-lead re-runs it on a quiet machine (`python benchmarks/scale.py`, ImageNet-sized: 1.28 M cache entries).
+Written by `python benchmarks/scale.py{quick}` on {date}: {machine}, with no other work running. Only
+same-run ratios mean anything; `python benchmarks/scale.py` (without --quick) sizes the cache like ImageNet-train
+(1.28 M entries).
 
 """
 
