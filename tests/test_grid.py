@@ -219,9 +219,10 @@ def test_grid_of_2_methods_2_shots_2_seeds_with_two_workers(reference, models, d
 def test_sigkill_of_the_grid_then_rerun_gives_the_results_of_an_uninterrupted_grid(reference, tmp_path, capsys):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+    # its own process group: the kill takes the grid and its workers at once, as a cluster's job kill does
     proc = subprocess.Popen([sys.executable, "-m", "vlprompt", "grid", reference["spec"], "--output", str(out),
                              "--workers", "2", "--quiet"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:  # kill it as soon as one cell is finished and another has a checkpoint
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -232,10 +233,10 @@ def test_sigkill_of_the_grid_then_rerun_gives_the_results_of_an_uninterrupted_gr
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the grid finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    time.sleep(1.5)  # the orphaned workers notice within 0.5 s and exit
+    time.sleep(0.5)
     assert main(["grid", reference["spec"], "--output", str(out), "--status"]) == 0
     states = [line.split()[0] for line in capsys.readouterr()[0].splitlines()[:-1]]
     assert "done" in states and "interrupted" in states and "running" not in states
