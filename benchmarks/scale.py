@@ -252,11 +252,35 @@ def fp16_logits(args, lines):
               "fp32 stays the default.", ""]
 
 
+def processes(args, lines: list[str]) -> None:
+    """A CoOp step (RN50 text tower, K = 50, batch 32, cached features) in one process against 2 torchrun-style
+    gloo ranks splitting the same global batch (benchmarks/distributed_step.py's code, in this run)."""
+    import statistics
+    import types
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import distributed_step as ds
+
+    opts = types.SimpleNamespace(backbone="RN50", classes=50, batch=32, steps=2 if args.quick else 3)
+    torch.set_num_threads(2)
+    one = statistics.median(ds.step_times(opts.backbone, opts.classes, opts.batch, opts.steps))
+    two = statistics.median(ds.two_ranks(opts))
+    lines += ["", "## 2 processes (gloo ranks, 1 thread each) against 1 process (2 threads)", "",
+              f"CoOp step, RN50 text tower, K = {opts.classes}, batch {opts.batch} (each rank half of it and half of "
+              f"the class prompts), median of {opts.steps} steps after a warm-up.", "",
+              "| setting | step time | ratio |", "|---|---:|---:|",
+              f"| 1 process, 2 threads | {one:.3f} s | 1.00x |",
+              f"| 2 ranks, 1 thread each | {two:.3f} s | {two / one:.2f}x |", "",
+              "On 2 cores the ranks' gradient all-reduce and the duplicated per-step work outweigh the split: torchrun "
+              "pays on machines with a GPU or many cores per rank (see docs/benchmarks/cpu_contention.md for the "
+              "effect of a competing process)."]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="CI-sized: fewer images, classes and entries")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "scale.md"))
-    ap.add_argument("--skip", nargs="*", default=(), choices=("rss", "cache", "fp16"))
+    ap.add_argument("--skip", nargs="*", default=(), choices=("rss", "cache", "fp16", "procs"))
     args = ap.parse_args()
     lines: list[str] = []
     if "rss" not in args.skip:
@@ -265,12 +289,14 @@ def main():
         cache_scale(args, lines)
     if "fp16" not in args.skip:
         fp16_logits(args, lines)
+    if "procs" not in args.skip:
+        processes(args, lines)
     Path(args.out).write_text(HEADER.format(machine=machine(), quick=" --quick" if args.quick else "",
                                             date=time.strftime("%Y-%m-%d")) + "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 
-HEADER = """# Scale: memory, the cache at 100k+ entries, float16 cached views
+HEADER = """# Scale: memory, the cache at 100k+ entries, float16 cached views, 2 processes vs 1
 
 Written by `python benchmarks/scale.py{quick}` on {date}: {machine}, with no other work running. Only
 same-run ratios mean anything; `python benchmarks/scale.py` (without --quick) sizes the cache like ImageNet-train
