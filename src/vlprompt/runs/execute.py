@@ -17,6 +17,7 @@ and the evaluations are split over the ranks (:mod:`vlprompt.engine.distributed`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -278,36 +279,41 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
     if state.action == "done":
         log.info("%s is already finished (pass --force to run it again)", run_dir)
         return json.loads((run_dir / "results.json").read_text())
-    if main:
-        if state.action == "replace":
-            log.info("%s: replacing the run it held", run_dir)
-            directory.clear(run_dir)
-        elif state.action == "restart":
-            for name in ("metrics.jsonl", "results.json", "best.safetensors"):
-                (run_dir / name).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        directory.write_marker(run_dir, status="running", request_hash=request_hash,
-                               config_hash=config_hash(identity), method=cfg.method)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        if not split_file.is_file() or state.action != "resume":
-            save_split(splits, split_file)
-    distributed.barrier()  # the run directory is ready
-    handler = attach_log_file(run_dir) if main else None
-    try:
+    with run_directory(run_dir, cfg, identity, request_hash=request_hash, splits=splits, action=state.action,
+                       main=main):
         for name, n in skipped.items():
             log.warning("%s split: %d unreadable image(s) skipped (--skip-bad-images)", name, n)
         results = _execute(cfg, run_dir, method, backbone, splits, train_tf, test_tf, state.action == "resume",
                            progress, t_start)
         results["skipped_images"] = skipped
-        results["config"] = cfg.to_dict()
-        results["identity"] = identity
-        results["config_hash"] = config_hash(identity)
-        if main:
-            atomic_write_json(run_dir / "results.json", results)
-            directory.write_marker(run_dir, status="done")
-        metrics = results["metrics"]
-        log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
-        return results
+        return finish_run(run_dir, cfg, identity, results, main=main)
+
+
+@contextlib.contextmanager
+def run_directory(run_dir: Path, cfg: RunConfig, identity: dict, *, request_hash: str, splits: DatasetSplits,
+                  action: str, main: bool = True, **marker):
+    """The run directory while a run writes it (every writer of runs goes through here: ``run``, ``import``):
+    ``action`` from :func:`directory.inspect` (``replace`` clears it, ``restart`` drops the unfinished run's
+    records, ``resume`` keeps its split.json), then run.json (running), config.yaml and split.json are written
+    (by rank 0 under torchrun) and log.txt attached; a failure marks run.json failed, with the error."""
+    if main:
+        if action == "replace":
+            log.info("%s: replacing the run it held", run_dir)
+            directory.clear(run_dir)
+        elif action == "restart":
+            for name in ("metrics.jsonl", "results.json", "best.safetensors"):
+                (run_dir / name).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        directory.write_marker(run_dir, status="running", request_hash=request_hash,
+                               config_hash=config_hash(identity), method=cfg.method, **marker)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        split_file = run_dir / "split.json"
+        if not split_file.is_file() or action != "resume":
+            save_split(splits, split_file)
+    distributed.barrier()  # the run directory is ready
+    handler = attach_log_file(run_dir) if main else None
+    try:
+        yield
     except BaseException as e:
         if main:
             directory.write_marker(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
@@ -316,6 +322,20 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
+
+
+def finish_run(run_dir: Path, cfg: RunConfig, identity: dict, results: dict, *, main: bool = True) -> dict:
+    """Close a run: its results carry the configuration, its identity and hash; results.json is written and
+    run.json says done."""
+    results["config"] = cfg.to_dict()
+    results["identity"] = identity
+    results["config_hash"] = config_hash(identity)
+    if main:
+        atomic_write_json(run_dir / "results.json", results)
+        directory.write_marker(run_dir, status="done")
+    metrics = results["metrics"]
+    log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
+    return results
 
 
 def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, splits: DatasetSplits, train_tf,

@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional
 import torch
 import yaml
 
-from .._io import atomic_write_json, atomic_write_text
 from ..errors import CheckpointError, ConfigError
 from ..safe_pickle import load_checkpoint
 from . import directory
@@ -493,10 +492,10 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     """Import an original run into ``output`` (see the module doc); returns its results (``results.json``)."""
     from ..backbone import load_backbone
     from ..cache import FeatureCache
-    from ..data import save_split
     from ..methods import build_method, method_class
-    from .config import config_hash, dump_config, resolve
-    from .execute import attach_log_file, evaluate, needed_splits, prepare_data, save_method, transforms_for
+    from .config import config_hash, resolve
+    from .execute import (evaluate, finish_run, needed_splits, prepare_data, run_directory, save_method,
+                          transforms_for)
 
     t_start = time.perf_counter()
     src = read_source(kind, path, epoch=epoch, source_config=source_config)
@@ -528,17 +527,10 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
             return held
         raise ConfigError(f"{run_dir} holds a finished run of this configuration; choose another --output or pass "
                           f"--force to replace it")
-    if state.action in ("replace", "restart", "resume"):
-        if state.action == "replace":
-            log.info("%s: replacing the run it held", run_dir)
-        directory.clear(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    directory.write_marker(run_dir, status="running", request_hash=cfg.identity_hash(),
-                           config_hash=config_hash(identity), method=cfg.method, imported_from=src.info["path"])
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    save_split(splits, run_dir / "split.json")
-    handler = attach_log_file(run_dir)
-    try:
+    # an unfinished run of this configuration is replaced too: an import has nothing to resume
+    action = "replace" if state.action in ("replace", "restart", "resume") else state.action
+    with run_directory(run_dir, cfg, identity, request_hash=cfg.identity_hash(), splits=splits, action=action,
+                       imported_from=src.info["path"]):
         log.info("imported %s run %s (epoch %s) as %s", kind, src.info["path"], src.info.get("epoch"), cfg.method)
         described = method.describe()
         save_method(run_dir, cfg, method, splits)
@@ -549,18 +541,8 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
                    "num_classes": splits.num_classes, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
                    "shots": cfg.data.shots, "seed": cfg.seed, "metrics": metrics, "method_info": described,
                    "timings": {"eval_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_start},
-                   "imported_from": src.info, "skipped_images": skipped, "config": cfg.to_dict(),
-                   "identity": identity, "config_hash": config_hash(identity)}
-        atomic_write_json(run_dir / "results.json", results)
-        directory.write_marker(run_dir, status="done")
-        log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
-        return results
-    except BaseException as e:
-        directory.write_marker(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
-        raise
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+                   "imported_from": src.info, "skipped_images": skipped}
+        return finish_run(run_dir, cfg, identity, results)
 
 
 __all__ = ["SOURCES", "Source", "read_source", "read_dassl", "read_ordinalclip", "read_dassl_config",
