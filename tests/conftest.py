@@ -62,3 +62,19 @@ def sharp_rn(tiny_dir):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def color_folder(root: Path, per_class: int = 10, size=(40, 48)) -> Path:
+    """A folder dataset of 3 classes (red / green / blue things) x ``per_class`` generated JPEGs under ``root``
+    (the folder reader splits them 50 / 20 / 30 per class)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["red_thing", "green_thing", "blue_thing"]):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 80, (*size, 3), dtype=np.uint8)
+            arr[..., c] += 150
+            Image.fromarray(arr).save(root / name / f"{i:02d}.jpg", quality=90)
+    return root

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from conftest import require_shared
+from conftest import color_folder, require_shared
 from vlprompt.data import DatasetSplits, Sample, few_shot_split, load_dataset, load_split
 from vlprompt.data.protocol import read_dassl_few_shot
 from vlprompt.errors import ConfigError, DataError
@@ -286,15 +285,7 @@ def model_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """3 classes x 10 generated images (5 / 2 / 3 per class by the folder reader)."""
-    root = tmp_path_factory.mktemp("dassl_data") / "shapes"
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["red_thing", "green_thing", "blue_thing"]):
-        (root / name).mkdir(parents=True)
-        for i in range(10):
-            arr = rng.integers(0, 80, (40, 48, 3), dtype=np.uint8)
-            arr[..., c] += 150
-            Image.fromarray(arr).save(root / name / f"{i:02d}.jpg", quality=90)
-    return root
+    return color_folder(tmp_path_factory.mktemp("dassl_data") / "shapes")
 
 
 def _request(model_files, folder, tmp_path, method="coop", **data):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from conftest import color_folder
 from vlprompt.cli import main
 from vlprompt.data import load_dataset
 from vlprompt.errors import CheckpointError, ConfigError
@@ -38,15 +39,7 @@ def model_files(tiny_dir):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """3 classes x 8 generated images (the folder reader splits them into train / val / test)."""
-    root = tmp_path_factory.mktemp("import_data") / "things"
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["red_thing", "green_thing", "blue_thing"]):
-        (root / name).mkdir(parents=True)
-        for i in range(8):
-            arr = rng.integers(0, 80, (36, 40, 3), dtype=np.uint8)
-            arr[..., c] += 150
-            Image.fromarray(arr).save(root / name / f"{i:02d}.jpg", quality=90)
-    return root
+    return color_folder(tmp_path_factory.mktemp("import_data") / "things", per_class=8, size=(36, 40))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +16,12 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from conftest import color_folder
 from vlprompt.cli import main
 from vlprompt.errors import ConfigError
 from vlprompt.methods import register_method, unregister_method
 from vlprompt.methods.base import Method, MethodConfig, cosine_logits, opt
-from vlprompt.runs import dump_config, resolve, run
+from vlprompt.runs import resolve, run
 from vlprompt.testing import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,15 +35,7 @@ def model_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A folder dataset of 3 classes x 10 generated images (split 5 / 2 / 3 per class by the folder reader)."""
-    root = tmp_path_factory.mktemp("runs_data") / "shapes"
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["red_thing", "green_thing", "blue_thing"]):
-        (root / name).mkdir(parents=True)
-        for i in range(10):
-            arr = rng.integers(0, 80, (40, 48, 3), dtype=np.uint8)
-            arr[..., c] += 150
-            Image.fromarray(arr).save(root / name / f"{i:02d}.jpg", quality=90)
-    return root
+    return color_folder(tmp_path_factory.mktemp("runs_data") / "shapes")
 
 
 @pytest.fixture(scope="module")
