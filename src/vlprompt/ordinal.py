@@ -9,24 +9,7 @@ The mean +- std over folds is :func:`vlprompt.stats.mean_std` (``vlprompt ordina
 from __future__ import annotations
 
 from .data.ranks import RankValueError, k_fold_indices, rank_values_from_spec, ranks_from_values
-from .methods.ordinal_parts import (INTERPOLATION_KINDS, RankEmbeddings, interpolation_weights, ordinal_loss,
-                                    ordinal_metrics, ordinality_score, predict, regression_decode, regression_logits,
-                                    regression_units, similarity_matrix)
+from .methods import ordinal_parts as _parts
+from .methods.ordinal_parts import *  # noqa: F401,F403  (its __all__: the methods layer's public names)
 
-__all__ = [
-    "INTERPOLATION_KINDS",
-    "RankValueError",
-    "interpolation_weights",
-    "RankEmbeddings",
-    "ordinal_loss",
-    "predict",
-    "ordinal_metrics",
-    "similarity_matrix",
-    "ordinality_score",
-    "regression_units",
-    "regression_logits",
-    "regression_decode",
-    "rank_values_from_spec",
-    "ranks_from_values",
-    "k_fold_indices",
-]
+__all__ = [*_parts.__all__, "RankValueError", "rank_values_from_spec", "ranks_from_values", "k_fold_indices"]
