@@ -27,6 +27,35 @@ def test_bundled_numbers_are_the_cited_ones():
         assert 2 * b * n / (b + n) == pytest.approx(h, abs=0.006)  # the paper's H is of its averages
     assert by["ordinalclip", "morph2", "ordinal", "mae", None] == 2.32
     assert by["ordinalclip", "hci-dating", "ordinal", "accuracy", None] == 56.44
+    # CoOp's ImageNet points as Tip-Adapter's Table 2 prints them; CoCoOp's Tables 1-3, spot checks
+    imagenet = {n.shots: n.value for n in load_papers() if (n.method, n.dataset) == ("coop", "imagenet")}
+    assert imagenet == {1: 57.15, 2: 57.81, 4: 59.99, 8: 61.56, 16: 62.95}
+    assert [by["cocoop", "dtd", "base2new", m, None] for m in ("base", "new", "harmonic_mean")] == [77.01, 56.00, 64.85]
+    assert by["coop", "eurosat", "base2new", "base", None] == 92.19
+    assert by["cocoop", "fgvc_aircraft", "cross-dataset", "accuracy", None] == 22.94
+    assert by["coop", "imagenet_r", "domain-generalization", "accuracy", None] == 75.21
+
+
+def test_cocoop_table_1_is_self_consistent_per_dataset_and_on_average():
+    """A transcription error in a base, new or H cell breaks H = 2BN/(B+N) (the paper rounds to 0.01), and a wrong
+    dataset row breaks the 11-dataset average the paper prints."""
+    from vlprompt.reporting.tables import COOP_DATASETS
+
+    b2n = {(n.method, n.dataset, n.metric): n for n in load_papers() if n.protocol == "base2new"}
+    for method, shots in (("zeroshot", 0), ("coop", 16), ("cocoop", 16)):
+        for ds in (*COOP_DATASETS, "average11"):
+            b, n, h = (b2n[method, ds, m] for m in ("base", "new", "harmonic_mean"))
+            assert (b.shots, b.backbone, b.pretrained) == (shots, "ViT-B-16", "openai")
+            assert 2 * b.value * n.value / (b.value + n.value) == pytest.approx(h.value, abs=0.006), (method, ds)
+        for m in ("base", "new"):
+            mean = sum(b2n[method, ds, m].value for ds in COOP_DATASETS) / len(COOP_DATASETS)
+            assert mean == pytest.approx(b2n[method, "average11", m].value, abs=0.006), (method, m)
+    transfer = [n for n in load_papers() if n.protocol in ("cross-dataset", "domain-generalization")]
+    assert sorted((n.method, n.protocol) for n in transfer).count(("cocoop", "cross-dataset")) == 10
+    assert {n.dataset for n in transfer if n.protocol == "domain-generalization"} == {
+        "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
+    # CoCoOp's numbers are of its recipe (4 context vectors from "a photo of a", 10 epochs, batch 1)
+    assert all(n.conditions["train.epochs"] == [10] for n in load_papers() if n.method == "cocoop")
 
 
 def _write(tmp_path, rows, name="x.json"):
@@ -76,3 +105,24 @@ def test_a_number_whose_backbone_is_not_stated_never_joins():
     assert not any(matches(n, method="ordinalclip", dataset="morph2", protocol="ordinal", backbone="RN50",
                            pretrained="openai", shots=0, metric="mae", flat_identity={}) for n in morph)
     assert normalize_backbone("ViT-B/16") == "ViT-B-16" and normalize_backbone(None) is None
+
+
+@pytest.mark.parametrize("method, dataset, protocol, shots, classes", [
+    ("cocoop", "dtd", "base2new", 16, "base"), ("coop", "imagenet", "fewshot", 16, "all"),
+    ("coop", "imagenet", "fewshot", 1, "all"), ("zeroshot", "dtd", "base2new", 0, "base")])
+def test_a_default_run_of_the_papers_recipe_meets_its_numbers_conditions(method, dataset, protocol, shots, classes):
+    """The conditions name keys a resolved run really carries, with the values its default (paper) recipe has: a
+    condition on a key no run has, or on a value the recipe never takes, would silently never join."""
+    from vlprompt.report import flatten
+    from vlprompt.runs import resolve
+
+    backbone = "RN50" if protocol == "fewshot" else "ViT-B-16"
+    cfg = resolve({"method": method, "backbone": backbone, "pretrained": "openai",
+                   "data": {"dataset": dataset, "root": "/nonexistent", "shots": shots, "classes": classes}})
+    flat = flatten(cfg.identity())
+    found = [n for n in load_papers() if (n.method, n.dataset, n.protocol, n.shots) == (method, dataset, protocol,
+                                                                                        shots)]
+    assert found
+    for n in found:
+        assert matches(n, method=method, dataset=dataset, protocol=protocol, backbone=backbone, pretrained="openai",
+                       shots=shots, metric=n.metric, flat_identity=flat), n

@@ -3,6 +3,7 @@ results.json; the 11-dataset averages, base-to-new H, transfer, ordinal folds, c
 import csv
 import io
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,13 +21,13 @@ COOP_DEFAULTS = {"n_ctx": None, "csc": False, "class_position": "end", "init": N
 
 
 def _identity(seed, method="coop", dataset="dtd", shots=16, backbone="RN50", pretrained="openai", classes="all",
-              epochs=200, options=None, **method_options):
+              epochs=200, batch_size=32, options=None, **method_options):
     ident = {"method": method, "backbone": backbone, "pretrained": pretrained, "precision": "amp",
              "data": {"dataset": dataset, "root": f"/data/{dataset}", "options": dict(options or {}), "shots": shots,
                       "classes": classes},
              "method_options": {**(COOP_DEFAULTS if method == "coop" else {}), **method_options}, "seed": seed}
     if method != "zeroshot":
-        ident["train"] = {"epochs": epochs, "lr": 0.002}
+        ident["train"] = {"epochs": epochs, "batch_size": batch_size, "lr": 0.002}
     return ident
 
 
@@ -167,6 +168,11 @@ def test_the_papers_numbers_are_never_joined_across_protocol_backbone_weights_sh
     assert row["paper"] is None and row["diff"] is None
 
 
+#: CoCoOp's recipe (its published numbers are of it): 4 context vectors from "a photo of a", 10 epochs, batch 1
+COCOOP = dict(method="cocoop", backbone="ViT-B-16", epochs=10, batch_size=1, init="a photo of a", n_ctx=None,
+              class_position="end")
+
+
 def test_base_to_new_average_over_11_datasets_with_h_of_the_averages_beside_cocoop(tmp_path):
     rng = np.random.default_rng(1)
     expected = {"base": [], "new": []}
@@ -176,8 +182,7 @@ def test_base_to_new_average_over_11_datasets_with_h_of_the_averages_beside_coco
             b, n = float(rng.uniform(60, 95)), float(rng.uniform(50, 80))
             per["base"].append(b)
             per["new"].append(n)
-            _write_b2n(tmp_path / ds / f"seed{seed}", _identity(seed, method="cocoop", dataset=ds,
-                                                                backbone="ViT-B-16", classes="base"), b, n)
+            _write_b2n(tmp_path / ds / f"seed{seed}", _identity(seed, dataset=ds, classes="base", **COCOOP), b, n)
         for k in per:
             expected[k].append(np.mean(per[k]))
     report = build_report([tmp_path])
@@ -188,7 +193,33 @@ def test_base_to_new_average_over_11_datasets_with_h_of_the_averages_beside_coco
     assert g["harmonic_mean"] == pytest.approx(2 * base * new / (base + new))
     assert g["paper_harmonic_mean"]["value"] == 75.83 and g["paper_base"]["value"] == 80.47
     assert g["paper_harmonic_mean_diff"] == pytest.approx(g["harmonic_mean"] - 75.83)
-    assert "75.83 [1]" in render(report, "md")
+    md = render(report, "md")
+    assert re.search(r"75\.83 \[(\d)\] \|", md) and "Table 1, average over 11 datasets" in md
+    dtd = next(r for r in report["base2new"] if r["dataset"] == "dtd")  # CoCoOp's Table 1 row, per dataset
+    assert (dtd["paper_base"]["value"], dtd["paper_new"]["value"], dtd["paper_harmonic_mean"]["value"]) == (
+        77.01, 56.00, 64.85)
+
+
+@pytest.mark.parametrize("change", [dict(epochs=2), dict(batch_size=32), dict(init=None, n_ctx=16),
+                                    dict(backbone="RN50")])
+def test_cocoop_numbers_are_not_shown_beside_another_recipe(tmp_path, change):
+    for seed in (1, 2):
+        _write_b2n(tmp_path / f"seed{seed}", _identity(seed, dataset="dtd", classes="base", **{**COCOOP, **change}),
+                   70.0, 60.0)
+    (row,) = build_report([tmp_path])["base2new"]
+    assert row["paper_base"] is None and row["paper_harmonic_mean"] is None
+
+
+def test_cocoop_transfer_numbers_beside_its_recipe(tmp_path):
+    for seed in (1, 2, 3):
+        ident = _identity(seed, dataset="imagenet", **COCOOP)
+        run = _write_run(tmp_path / f"seed{seed}", ident, 71.0)
+        _write_eval(run, ident, "imagenet_sketch", 48.0 + seed)
+        _write_eval(run, ident, "dtd", 45.0)
+    rows = {r["dataset"]: r for r in build_report([tmp_path])["transfer"]}
+    assert rows["imagenet_sketch"]["paper"]["value"] == 48.75  # CoCoOp Table 3
+    assert rows["imagenet_sketch"]["diff"] == pytest.approx(50.0 - 48.75)
+    assert rows["dtd"]["paper"]["value"] == 45.73  # CoCoOp Table 2
 
 
 def test_domain_generalisation_and_cross_dataset_tables_and_their_averages(tmp_path):
