@@ -4,6 +4,7 @@ cell is recorded and the others finish; the local pool, Ray and submitit give th
 presets expand to the papers' grids."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,6 +217,13 @@ def test_grid_of_2_methods_2_shots_2_seeds_with_two_workers(reference, models, d
     assert capsys.readouterr()[0].splitlines()[-1] == "8 done (8 cells)"
 
 
+def _marker_status(run_dir):
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status")
+    except (OSError, ValueError):  # not there yet, or being replaced
+        return None
+
+
 def test_sigkill_of_the_grid_then_rerun_gives_the_results_of_an_uninterrupted_grid(reference, tmp_path, capsys):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
@@ -226,7 +234,7 @@ def test_sigkill_of_the_grid_then_rerun_gives_the_results_of_an_uninterrupted_gr
     try:  # kill it as soon as one cell is finished and another has a checkpoint
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            done = [n for n in CELLS if (out / n / "results.json").is_file()]
+            done = [n for n in CELLS if _marker_status(out / n) == "done"]  # results.json comes just before
             ckpt = [n for n in CELLS if n not in done and (out / n / "checkpoints").is_dir()
                     and any((out / n / "checkpoints").iterdir())]
             if done and ckpt:
@@ -242,6 +250,25 @@ def test_sigkill_of_the_grid_then_rerun_gives_the_results_of_an_uninterrupted_gr
     assert "done" in states and "interrupted" in states and "running" not in states
     assert main(["grid", reference["spec"], "--output", str(out), "--workers", "2", "--quiet"]) == 0
     assert _metrics(out) == _metrics(reference["out"])
+
+
+def test_a_kill_between_results_and_the_done_mark_is_an_interrupted_cell_that_reruns_to_the_same_numbers(
+        reference, tmp_path, capsys):
+    """results.json is written just before run.json says done: a kill in between leaves a cell that is not done
+    (never counted as finished), and the rerun finishes it with the numbers of the uninterrupted grid."""
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out)
+    cell = out / CELLS[0]
+    marker = json.loads((cell / "run.json").read_text())
+    (cell / "run.json").write_text(json.dumps({**marker, "status": "running"}))
+    capsys.readouterr()
+    assert main(["grid", reference["spec"], "--output", str(out), "--status"]) == 0
+    lines = capsys.readouterr()[0].splitlines()
+    assert lines[-1] == "7 done, 1 interrupted (8 cells)", lines
+    assert main(["grid", reference["spec"], "--output", str(out), "--workers", "1", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr()[0])
+    assert summary["ran"] == 1 and summary["skipped"] == 7
+    assert _marker_status(cell) == "done" and _metrics(out) == _metrics(reference["out"])
 
 
 def test_features_are_encoded_once_per_grid_before_the_cells_start(models, dtd, tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def record_failure(run_dir: Path, request_hash: str, method: str, error: str) ->
         marker = directory.read_marker(run_dir)
         if not marker or marker.get("request_hash") != request_hash:
             return
-        if (run_dir / "results.json").is_file():
+        if directory.is_finished(run_dir):
             directory.write_marker(run_dir, grid_error=error)  # trained; an evaluation failed
         else:
             directory.write_marker(run_dir, status="failed", error=error)

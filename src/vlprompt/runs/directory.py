@@ -5,7 +5,9 @@ A run directory is marked by ``run.json`` (``{"vlprompt_run": 1, "status": ..., 
 (a ``config.yaml`` naming a ``method``) count as runs too. The rules:
 
 * an absent or empty directory: a fresh run;
-* this very run (same identity), finished: its results are returned (``force`` runs it again);
+* this very run (same identity), finished -- results.json written and run.json saying done (results.json comes
+  just before the mark: a run killed in between is unfinished) -- its results are returned (``force`` runs it
+  again);
 * this very run, unfinished: it continues from its checkpoint with ``resume``, and starts over when it has
   none (nothing of value is lost);
 * another run that never wrote a checkpoint nor results (it failed or was killed early): replaced -- a failed
@@ -65,6 +67,16 @@ def is_run_dir(run_dir: Path) -> bool:
             return False
         return isinstance(obj, dict) and "method" in obj and "data" in obj
     return False
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` finished: results.json is there and run.json says done (a directory of an
+    earlier version, without run.json, is finished when it has results.json)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").is_file():
+        return False
+    marker = read_marker(run_dir)
+    return marker is None or marker.get("status") == "done"
 
 
 def held_identity_hash(run_dir: Path) -> Optional[str]:
@@ -130,7 +142,8 @@ def inspect(run_dir: Path, identity_hash: str, *, resume: bool, force: bool, ado
                           f"--output (--force only replaces vlprompt runs)")
     held = held_identity_hash(run_dir)
     ckpts = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    finished = (run_dir / "results.json").is_file()
+    has_results = (run_dir / "results.json").is_file()
+    finished = is_finished(run_dir)
     if force:
         return DirState("replace", held, ckpts)
     if held == identity_hash or adopted:
@@ -140,7 +153,7 @@ def inspect(run_dir: Path, identity_hash: str, *, resume: bool, force: bool, ado
             raise ConfigError(f"{run_dir} holds this run, unfinished: pass --resume to continue it from its last "
                               f"checkpoint, or --force to start over")
         return DirState("resume" if ckpts else "restart", held, ckpts)
-    if not ckpts and not finished:
+    if not ckpts and not has_results:
         return DirState("replace", held, False)  # a failed or early-killed run: nothing of value
     raise ConfigError(f"{run_dir} holds another run (a different configuration{', finished' if finished else ''}); "
                       f"choose another --output or pass --force to replace it")

@@ -228,7 +228,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
     request_hash = cfg.identity_hash()
     marker = directory.read_marker(run_dir) if run_dir.is_dir() else None
     if (not force and marker and marker.get("request_hash") == request_hash
-            and (run_dir / "results.json").is_file()):  # this very run, finished: nothing to load
+            and directory.is_finished(run_dir)):  # this very run, finished: nothing to load
         log.info("%s is already finished (pass --force to run it again)", run_dir)
         return json.loads((run_dir / "results.json").read_text())
     if run_dir.exists() and not run_dir.is_dir():
