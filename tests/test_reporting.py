@@ -50,9 +50,9 @@ def _write_eval(run_dir, identity, dataset, accuracy, classes="all"):
         "identity": identity, "eval_data": {"dataset": dataset, "root": f"/data/{dataset}", "options": {}}}))
 
 
-def _write_b2n(run_dir, identity, base, new):
+def _write_b2n(run_dir, identity, base, new, eval_dataset=None):
     (run_dir / "eval").mkdir(parents=True, exist_ok=True)
-    ds = identity["data"]["dataset"]
+    ds = eval_dataset or identity["data"]["dataset"]
     (run_dir / "eval" / f"base2new-{ds}.json").write_text(json.dumps({
         "run": str(run_dir), "method": identity["method"], "dataset": ds, "metric": "accuracy", "base": base,
         "new": new, "harmonic_mean": 2 * base * new / (base + new), "identity": identity,
@@ -326,3 +326,25 @@ def test_curves_tell_folder_datasets_apart_by_their_root(tmp_path):
     data = curve_data(build_report([tmp_path]))
     assert data["datasets"] == ["folder (birds)", "folder (cars)"]
     assert data["average"]["coop"] == [(2, 60.0)]
+
+
+def test_a_root_that_only_follows_the_dataset_gets_no_column_but_two_roots_of_one_dataset_do(tmp_path):
+    for ds in ("dtd", "eurosat"):  # one folder per dataset (a grid's roots:): the dataset column says it all
+        _write_run(tmp_path / "a" / ds, _identity(1, dataset=ds), 60.0)
+    rows = build_report([tmp_path / "a"])["fewshot"]
+    assert all("data.root" not in r["columns"] for r in rows)
+    two = _identity(1, dataset="dtd")
+    two["data"]["root"] = "/elsewhere/dtd"  # the same dataset from another folder: maybe other images
+    _write_run(tmp_path / "a" / "dtd-elsewhere", two, 61.0)
+    rows = build_report([tmp_path / "a"])["fewshot"]
+    dtd = sorted(r["columns"]["data.root"] for r in rows if r["dataset"] == "dtd")
+    assert dtd == ["/data/dtd", "/elsewhere/dtd"] and len(rows) == 3
+
+
+def test_base_to_new_shows_the_trained_dataset_only_when_it_is_not_the_evaluated_one(tmp_path):
+    _write_b2n(tmp_path / "own", _identity(1, dataset="dtd", classes="base"), 70.0, 60.0)
+    assert "data.dataset" not in build_report([tmp_path])["base2new"][0]["columns"]
+    _write_b2n(tmp_path / "other", _identity(1, dataset="imagenet", classes="base"), 50.0, 40.0, eval_dataset="dtd")
+    rows = build_report([tmp_path])["base2new"]
+    assert sorted(r["columns"]["data.dataset"] for r in rows) == ["dtd", "imagenet"]
+    assert {r["dataset"] for r in rows} == {"dtd"}

@@ -148,7 +148,8 @@ def _add_columns(rows: list[dict], identities: list[Optional[dict]], fixed: tupl
     flat = [flatten(i) if i is not None else None for i in identities]
     known = [f for f in flat if f is not None]
     keys = sorted({k for f in known for k in f} - shown)
-    varying = [k for k in keys if len({canonical(f.get(k, _MISSING)) for f in known}) > 1]
+    varying = [k for k in keys if len({canonical(f.get(k, _MISSING)) for f in known}) > 1
+               and not _follows_dataset(k, known)]
     for row, f in zip(rows, flat):
         row["columns"] = {k: f[k] for k in varying if f is not None and k in f}
     printed = [tuple(_fmt(r.get(k)) for k in fixed) + tuple(_cell(r, k) for k in varying) for r in rows]
@@ -157,6 +158,21 @@ def _add_columns(rows: list[dict], identities: list[Optional[dict]], fixed: tupl
             row["columns"]["group"] = row["group"]
     order = sorted(range(len(rows)), key=lambda i: (printed[i], rows[i]["group"]))
     return [rows[i] for i in order]
+
+
+def _follows_dataset(key: str, known: list[dict]) -> bool:
+    """A data root (``data.root``, ``eval_data.root``) that only changes with its section's dataset (one folder
+    per dataset, e.g. a grid's ``roots:``) tells nothing the dataset column does not: no column of its own. One
+    dataset read from two roots keeps it."""
+    section, _, leaf = key.rpartition(".")
+    if leaf != "root" or not section:
+        return False
+    seen: dict[str, str] = {}
+    for f in known:
+        ds, root = canonical(f.get(f"{section}.dataset", _MISSING)), canonical(f.get(key, _MISSING))
+        if seen.setdefault(ds, root) != root:
+            return False
+    return True
 
 
 def _cell(row: dict, key: str) -> str:
@@ -243,7 +259,10 @@ def summarize_base_to_new(paths: Iterable[str | Path]) -> list[dict]:
                     "identity": g[0]["identity"], "group": _group_id(g[0]["key"]) if g[0]["identity"] is not None
                     else g[0]["path"]})
         identities.append(g[0]["identity"])
-    return _add_columns(out, identities, ("method", "dataset", "metric"), {"method", "eval_data.dataset"})
+    # the dataset column is the evaluated one; the trained one is the same in the protocol (then no column)
+    same = all(i is None or (i.get("data") or {}).get("dataset") == i["eval_data"].get("dataset") for i in identities)
+    return _add_columns(out, identities, ("method", "dataset", "metric"),
+                        {"method", "eval_data.dataset", *(("data.dataset",) if same else ())})
 
 
 # -- output -----------------------------------------------------------------------------------------
