@@ -145,7 +145,7 @@ Only same-run ratios mean anything.
 """
 FOOTER = """
 Notes:
-- FlopCounterMode counts a multiply-add as 2 FLOPs; the issue's and NOTES.md's "5.4 GFLOP per image" counts
+- FlopCounterMode counts a multiply-add as 2 FLOPs; the commonly quoted "5.4 GFLOP per image" of RN50 counts
   multiply-adds, so GFLOP/s here are about twice those figures for the same speed.
 - channels_last is what `Backbone.encode_image` now does for ResNet towers (the tower is converted once);
   its features equal the plain layout's to float32 rounding (`tests/test_cache.py::
