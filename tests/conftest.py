@@ -64,6 +64,25 @@ def _seed():
     torch.manual_seed(0)
 
 
+def jpeg(path: Path, value: int = 0, rest=(10, 200)) -> Path:
+    """An 8x8 JPEG at ``path`` (parents made) whose red channel is ``value``."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (value % 256, *rest)).save(path, quality=80)
+    return path
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
 def color_folder(root: Path, per_class: int = 10, size=(40, 48)) -> Path:
     """A folder dataset of 3 classes (red / green / blue things) x ``per_class`` generated JPEGs under ``root``
     (the folder reader splits them 50 / 20 / 30 per class)."""

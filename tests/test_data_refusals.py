@@ -2,29 +2,15 @@
 invent classes, contradicting class names, and images that only fail once decoded."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from conftest import jpeg, write_csv
 from vlprompt.data import Sample, check_samples, load_dataset, load_image, verify_image
 from vlprompt.errors import DataError
-
-
-def jpeg(path: Path, value: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (value % 256, 10, 200)).save(path, quality=80)
-    return path
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture

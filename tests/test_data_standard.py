@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import jpeg as _jpeg
 from vlprompt.data import DATASETS, dataset_names, describe_datasets, few_shot_split, load_dataset, require_split
 from vlprompt.errors import DataError
 
@@ -21,9 +21,7 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def jpeg(path: Path, value: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (value % 256, 40, 90)).save(path, quality=80)
-    return path
+    return _jpeg(path, value, rest=(40, 90))
 
 
 # dataset -> (folder under root, image sub-folder, split file name, [(relpath, label, classname)] per class,

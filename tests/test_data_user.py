@@ -1,7 +1,6 @@
 """User data readers: ``folder``, ``csv`` and ``torchvision:<Name>`` (on local fakes: no network)."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 import torchvision.datasets
 from PIL import Image
 
+from conftest import jpeg, write_csv
 from vlprompt.data import load_dataset
 from vlprompt.errors import DataError
 
@@ -23,20 +23,6 @@ def _info(path) -> tuple[str, tuple[int, int]]:
 def _pixel(path) -> list[int]:
     with Image.open(path) as im:
         return np.asarray(im)[0, 0].tolist()
-
-
-def jpeg(path: Path, value: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (value % 256, 10, 200)).save(path, quality=80)
-    return path
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- folder

@@ -218,10 +218,9 @@ def test_grid_of_2_methods_2_shots_2_seeds_with_two_workers(reference, models, d
 
 
 def _marker_status(run_dir):
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get("status")
-    except (OSError, ValueError):  # not there yet, or being replaced
-        return None
+    from vlprompt.runs import directory
+
+    return (directory.read_marker(run_dir) or {}).get("status")
 
 
 def test_sigkill_of_the_grid_then_rerun_gives_the_results_of_an_uninterrupted_grid(reference, tmp_path, capsys):
