@@ -7,7 +7,7 @@ not depend on the values), with the same loss (:func:`vlprompt.ordinal.ordinal_l
 * reference, as OrdinalCLIP's code does it: every step clones an ``(R, 77, D)`` sentence template and writes
   each rank's ``context + rank`` embeddings into it with R in-place slice writes (a Python loop; its backward
   copies the whole tensor once per rank), then runs the text tower on all 77 tokens of every prompt;
-* vlprompt: :class:`vlprompt.methods.ordinalclip.OrdinalCLIP`, prompts built by concatenation and encoded
+* vlprompt: :class:`vlprompt.methods.ordinal.ordinalclip.OrdinalCLIP`, prompts built by concatenation and encoded
   through the shared-prefix path (``<sot> + context`` computed once, each rank's few remaining tokens attend to it).
 
 The image side is deliberately small and identical in both (fixed random image features of a batch through a
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlprompt.backbone import load_backbone  # noqa: E402
-from vlprompt.methods.ordinalclip import OrdinalCLIP, OrdinalCLIPConfig  # noqa: E402
+from vlprompt.methods.ordinal.ordinalclip import OrdinalCLIP, OrdinalCLIPConfig  # noqa: E402
 from vlprompt.ordinal import interpolation_weights, ordinal_loss  # noqa: E402
 
 

@@ -4,7 +4,7 @@ The reference pipeline is written here as PLOT's reference implementation (CHENG
 every step loads and augments its 32 images and runs the frozen RN50 image tower with the attention pool at all
 50 positions; all N x K prompts are built at the full 77 tokens and run through the text tower in one batch
 (CLIP's plain text forward); cost 1 - cosine; the batch-pooled Sinkhorn loop without gradient
-(``vlprompt.ot.reference_sinkhorn``); logits 100 * sum(T * sim); cross-entropy; backward; SGD step.
+(``vlprompt.methods.parts.ot.reference_sinkhorn``); logits 100 * sum(T * sim); cross-entropy; backward; SGD step.
 
 vlprompt: ``PLOT`` with cached views (the image tower's global and local features computed once per augmented
 view through the feature cache; a step runs only the text side: the N x K prompts through the grouped
@@ -49,8 +49,8 @@ warnings.simplefilter("ignore")
 from vlprompt.backbone import load_backbone  # noqa: E402
 from vlprompt.data import build_train_transform, few_shot_split, load_dataset, load_image  # noqa: E402
 from vlprompt.methods.base import Features  # noqa: E402
-from vlprompt.methods.plot import PLOT, PLOTConfig  # noqa: E402
-from vlprompt.ot import reference_sinkhorn  # noqa: E402
+from vlprompt.methods.prompts.plot import PLOT, PLOTConfig  # noqa: E402
+from vlprompt.methods.parts.ot import reference_sinkhorn  # noqa: E402
 
 N_PROMPTS, N_CTX, BATCH, EPS, ITERS, THRESH, LR = 4, 16, 32, 0.1, 100, 1e-2, 0.002
 REFERENCE_ONE_BATCH_GB = 14.0  # memory the reference's one-batch text pass needs, with margin
@@ -176,7 +176,7 @@ warnings.simplefilter("ignore")
 import torch, torch.nn.functional as F
 from vlprompt.backbone import load_backbone
 from vlprompt.methods.base import Features
-from vlprompt.methods.plot import PLOT, PLOTConfig
+from vlprompt.methods.prompts.plot import PLOT, PLOTConfig
 
 def status(key):  # this process's memory in MB (VmHWM: peak resident set since exec; ru_maxrss survives exec)
     for line in open("/proc/self/status"):

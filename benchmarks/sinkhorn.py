@@ -1,4 +1,4 @@
-"""PLOT's Sinkhorn on a batch of (image, class) problems: reference loop vs POT vs ``vlprompt.ot.sinkhorn_plan``.
+"""PLOT's Sinkhorn on a batch of (image, class) problems: reference loop vs POT vs ``vlprompt.methods.parts.ot.sinkhorn_plan``.
 
 P problems of M x N = 49 x 4 (P = 32 images x 100 classes = 3200, x 1000 classes = 32000); cost
 ``1 - sim`` with ``sim`` the cosines of seeded random features: ``spread`` (feature dim 8, cosines over
@@ -7,7 +7,7 @@ patch/prompt cosines, fast convergence). eps=0.1, max_iter=100, thresh=1e-2. Tim
 run (best of --repeats, methods interleaved; wall and CPU time: on a shared machine prefer --threads 1
 and the CPU column):
 
-* reference: PLOT's loop (non-log, stopping error pooled over the batch), ``vlprompt.ot.reference_sinkhorn``;
+* reference: PLOT's loop (non-log, stopping error pooled over the batch), ``vlprompt.methods.parts.ot.reference_sinkhorn``;
 * ot.sinkhorn loop: POT's single-problem solver (numpy, float64, its own stopping rule with stopThr=1e-9,
   max 100 iterations) called once per problem, on --pot-loop problems, extrapolated to P (also per problem);
 * solve_batch fixed: ``ot.batch.solve_batch(method="log_sinkhorn", tol=0)`` with ``max_iter`` = the iteration
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import ot  # noqa: E402
 from ot.batch import solve_batch  # noqa: E402
 
-from vlprompt.ot import reference_sinkhorn, sinkhorn_plan, transport_logits  # noqa: E402
+from vlprompt.methods.parts.ot import reference_sinkhorn, sinkhorn_plan, transport_logits  # noqa: E402
 
 M, N, EPS, MAX_ITER, THRESH = 49, 4, 0.1, 100, 1e-2
 

@@ -39,8 +39,8 @@ warnings.simplefilter("ignore")
 from vlprompt.backbone import load_backbone  # noqa: E402
 from vlprompt.data import build_test_transform, build_train_transform, few_shot_split, load_dataset, load_image  # noqa: E402
 from vlprompt.methods.base import Features  # noqa: E402
-from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig  # noqa: E402
-from vlprompt.methods.coop import CoOp, CoOpConfig  # noqa: E402
+from vlprompt.methods.prompts.cocoop import CoCoOp, CoCoOpConfig  # noqa: E402
+from vlprompt.methods.prompts.coop import CoOp, CoOpConfig  # noqa: E402
 
 
 def flowers(shots=16):
@@ -151,7 +151,7 @@ def k1000_peak(bb_name="RN50"):
     import subprocess
     # VmHWM of the child itself (ru_maxrss can carry the parent's peak across fork + exec)
     code = ("import warnings,torch,torch.nn.functional as F;warnings.simplefilter('ignore');"
-            "from vlprompt.backbone import load_backbone;from vlprompt.methods.coop import CoOp,CoOpConfig;"
+            "from vlprompt.backbone import load_backbone;from vlprompt.methods.prompts.coop import CoOp,CoOpConfig;"
             "from vlprompt.methods.base import Features;"
             "hwm=lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]);"
             f"bb=load_backbone('{bb_name}',None,'cpu');m=CoOp(CoOpConfig(),bb,[f'class {{i}}' for i in range(1000)]);"

@@ -116,12 +116,13 @@ def test_seed_0_samples_the_shots_of_seed_0(runs, dtd, capsys):
 def _cached_features(model_files, cache_dir, samples):
     from vlprompt.cache import FeatureCache
     from vlprompt.runs import transforms_for
-    from vlprompt.runs.execute import eval_features
+    from vlprompt.data import transform_id
 
     backbone = load_tiny_backbone(model_files)
     _, test_tf = transforms_for("coop", backbone)
-    feats = eval_features(backbone, samples, test_tf, FeatureCache(cache_dir, progress=False), False)
-    return feats.global_[0].double().numpy()
+    feats = FeatureCache(cache_dir, progress=False).get(backbone, [s.path for s in samples], test_tf,
+                                                        transform_id=transform_id(test_tf))
+    return feats.global_.double().numpy()
 
 
 def test_linear_probe_accuracy_equals_sklearns_own_predictions(runs, model_files, cache_dir, capsys):
@@ -139,7 +140,7 @@ def test_linear_probe_accuracy_equals_sklearns_own_predictions(runs, model_files
     x = {n: _cached_features(model_files, cache_dir, getattr(splits, n)) for n in ("train", "test")}
     y = {n: np.array([s.label for s in getattr(splits, n)]) for n in ("train", "test")}
     with threadpool_limits(limits=1, user_api="blas"):
-        clf = LogisticRegression(solver="lbfgs", max_iter=1000, C=results["fit"]["C"]).fit(x["train"], y["train"])
+        clf = LogisticRegression(solver="lbfgs", max_iter=1000, C=results["setup"]["C"]).fit(x["train"], y["train"])
     pred = clf.predict(x["test"])
     assert len(set(pred.tolist())) >= 2, "sklearn predicts a single class: the comparison would be weak"
     assert results["metrics"]["accuracy"] == pytest.approx(100.0 * (pred == y["test"]).mean(), abs=1e-5)

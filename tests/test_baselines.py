@@ -1,4 +1,4 @@
-"""Zero-shot prompt ensembling (vlprompt.methods.zeroshot) and CoOp's linear probe (vlprompt.methods.linear_probe)
+"""Zero-shot prompt ensembling (vlprompt.methods.baselines.zeroshot) and CoOp's linear probe (vlprompt.methods.baselines.linear_probe)
 on tiny models and synthetic features; their configuration through the run layer's ``resolve``."""
 import math
 from types import SimpleNamespace
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from vlprompt.errors import ConfigError, VLPromptError
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Features, cosine_logits
-from vlprompt.methods.linear_probe import (COARSE_C_GRID, LinearProbe, LinearProbeConfig, fit_linear_probe,
+from vlprompt.methods.baselines.linear_probe import (COARSE_C_GRID, LinearProbe, LinearProbeConfig, fit_linear_probe,
                                            probe_logits, search_c)
-from vlprompt.methods.zeroshot import class_text_features, format_prompts
+from vlprompt.methods.parts.handcrafted import class_text_features, format_prompts
 from vlprompt.runs import RunConfig, request_of, resolve
 
 CLASSNAMES = ["banded", "blotchy", "braided_hair", "bubbly", "cobwebbed"]

@@ -213,11 +213,11 @@ def test_linear_probe_cli(model_files, dtd_subset, cache_dir, tmp_path, capsys):
     rc, stdout, err = run_cli(["linear-probe", *args, "--shots", "2", "--seed", "3", "--output", str(out)], capsys)
     assert rc == 0, err
     results = json.loads((out / "results.json").read_text())
-    for key in ("method", "dataset", "backbone", "pretrained", "shots", "seed", "metrics", "timings", "fit",
+    for key in ("method", "dataset", "backbone", "pretrained", "shots", "seed", "metrics", "timings", "setup",
                 "config", "identity", "config_hash"):
         assert key in results
     assert results["method"] == "linear-probe" and results["shots"] == 2 and results["seed"] == 3
-    fit = results["fit"]
+    fit = results["setup"]
     assert fit["C_searched"] and len(fit["search"]) == 7 + 2 * 8
     split = json.loads((out / "split.json").read_text())
     assert len(split["train"]) == 20 and len(split["val"]) == 20 and len(split["test"]) == 30
@@ -229,16 +229,16 @@ def test_linear_probe_cli(model_files, dtd_subset, cache_dir, tmp_path, capsys):
     from threadpoolctl import threadpool_limits
 
     from vlprompt.cache import FeatureCache
-    from vlprompt.data import load_split
-    from vlprompt.methods.linear_probe import fit_linear_probe
+    from vlprompt.data import load_split, transform_id
+    from vlprompt.methods.baselines.linear_probe import fit_linear_probe
     from vlprompt.runs import transforms_for
-    from vlprompt.runs.execute import eval_features
 
     backbone = load_tiny_backbone(model_files)
     _, test_tf = transforms_for("coop", backbone)
     splits = load_split(out / "split.json")
     cache = FeatureCache(cache_dir, progress=False)
-    feats = {n: eval_features(backbone, getattr(splits, n), test_tf, cache, False).global_[0].double().numpy()
+    feats = {n: cache.get(backbone, [s.path for s in getattr(splits, n)], test_tf,
+                          transform_id=transform_id(test_tf)).global_.double().numpy()
              for n in ("train", "val", "test")}
     labels = {n: np.array([s.label for s in getattr(splits, n)]) for n in ("train", "val", "test")}
     assert np.abs(feats["train"] - feats["train"].mean(0)).max() > 1e-3  # features vary between images
@@ -253,7 +253,7 @@ def test_linear_probe_cli(model_files, dtd_subset, cache_dir, tmp_path, capsys):
     fixed_out = tmp_path / "lp_fixed"
     rc, stdout, err = run_cli(["linear-probe", *args, "--shots", "2", "--C", "0.5", "--output", str(fixed_out)], capsys)
     assert rc == 0, err
-    fixed = json.loads(stdout)["fit"]
+    fixed = json.loads(stdout)["setup"]
     assert fixed["C"] == 0.5 and not fixed["C_searched"] and fixed["search"] == []
 
 

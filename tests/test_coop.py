@@ -18,7 +18,7 @@ from conftest import require_shared
 from vlprompt.engine.trainer import CachedViews, OnlineImages, Trainer, TrainConfig
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Features
-from vlprompt.methods.coop import CoOp, CoOpConfig
+from vlprompt.methods.prompts.coop import CoOp, CoOpConfig
 
 CLASSES = ["banded", "golden retriever", "sword lily", "x"]
 
@@ -179,7 +179,7 @@ def test_cached_views_follow_online_mode(tmp_path, tiny_vit):
 
 def test_lr_schedule_matches_dassl_warmup_cosine():
     from vlprompt.engine.schedule import lr_at_epoch
-    from vlprompt.methods.coop import coop_epochs
+    from vlprompt.methods.parts.recipes import coop_epochs
 
     lrs = [lr_at_epoch(e, base_lr=0.002, epochs=10) for e in range(10)]
     assert lrs[0] == 1e-5 and lrs[1] == pytest.approx(0.002)

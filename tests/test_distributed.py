@@ -38,7 +38,7 @@ DRIVER = textwrap.dedent('''
         dist.init_process_group("gloo")  # run() then uses this group
         r = dist.get_rank()
         from vlprompt.backbone import load_backbone
-        from vlprompt.methods.prompts import PromptContext
+        from vlprompt.methods.parts.context import PromptContext
         bb = load_backbone(os.environ["H7_CFG"], os.environ["H7_WEIGHTS"], "cpu", precision="fp32")
         te = bb.text
         names = ["cat", "red fox", "a very long class name here", "dog", "tree frog", "sun", "grey heron"]

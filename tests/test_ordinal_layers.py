@@ -1,6 +1,6 @@
-"""The ordinal code sits in its layers (data -> backbone -> methods -> engine -> cli, imports pointing left), the
-two ordinal method modules share a base instead of importing each other, and the regression baseline's value is
-decoded from its logits in exactly one way."""
+"""The ordinal code sits in its layers (data -> backbone -> methods -> engine -> cli, imports pointing left; see
+tests/test_layout.py for the methods' own rules), and the regression baseline's value is decoded from its logits in
+exactly one way."""
 from __future__ import annotations
 
 import ast
@@ -38,36 +38,10 @@ def test_data_layer_imports_no_method_code():
     assert "vlprompt.data.ranks" in loaded and "vlprompt.data.ordinal" in loaded
 
 
-def _imported_modules(path: Path) -> set[str]:
-    """Every module a file imports, anywhere in it (also inside functions), as absolute-within-package names
-    relative to vlprompt.methods for relative imports (``.ordinal_base`` -> ``ordinal_base``)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level == 1:
-                out.add(base)
-                out.update(f"{base}.{a.name}".strip(".") for a in node.names)
-            else:
-                out.add(base)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-    return out
-
-
-def test_ordinal_method_modules_do_not_import_each_other():
-    ordinalclip = _imported_modules(METHODS / "ordinalclip.py")
-    baselines = _imported_modules(METHODS / "ordinal_baselines.py")
-    assert not {m for m in ordinalclip if m.startswith("ordinal_baselines") or m.endswith(".ordinal_baselines")}
-    assert not {m for m in baselines if m.startswith("ordinalclip") or m.endswith(".ordinalclip")}
-    assert "ordinal_base" in ordinalclip and "ordinal_base" in baselines  # the shared base
-
-
 def test_regression_decode_inverts_the_logits_exactly():
     """101 age ranks: logits up to ~4e4 whose difference carries the value; from float64 logits the value comes
     back to 1e-9, from float32 logits (what the model outputs) to ~3e-5 of a year."""
-    from vlprompt.methods.ordinal_parts import regression_decode, regression_logits, regression_units
+    from vlprompt.methods.ordinal.parts import regression_decode, regression_logits, regression_units
 
     rv = torch.arange(0, 101, dtype=torch.float32)
     units, mean, scale, tau = regression_units(rv)
@@ -93,7 +67,7 @@ def test_one_regression_decode_for_loss_predictions_and_exported_head(tiny_rn):
     (the standardised ``z`` for the loss, ``mean + scale * z`` for the others)."""
     from vlprompt.methods import build_method
     from vlprompt.methods.base import Features
-    from vlprompt.methods.ordinal_base import head_predictions
+    from vlprompt.methods.ordinal.base import head_predictions
 
     ages = [str(a) for a in range(10, 41)]
     m = build_method("rank-regression", {"image_encoder": "clip", "lr_image_encoder": 0.0, "loss": "l1"}, tiny_rn,
@@ -120,7 +94,7 @@ def test_vlprompt_ordinal_keeps_its_public_names():
     """``vlprompt.ordinal`` re-exports the names other code imports from it, from their layers."""
     import vlprompt.ordinal as ordinal
     from vlprompt.data import ranks
-    from vlprompt.methods import ordinal_parts
+    from vlprompt.methods.ordinal import parts as ordinal_parts
 
     for name in ("RankValueError", "k_fold_indices", "rank_values_from_spec", "ranks_from_values"):
         assert getattr(ordinal, name) is getattr(ranks, name)

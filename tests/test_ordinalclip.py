@@ -20,7 +20,7 @@ from vlprompt.data import load_dataset
 from vlprompt.errors import BackboneError, ConfigError, DataError, VLPromptError
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Features
-from vlprompt.methods.image_encoders import build_image_encoder
+from vlprompt.methods.parts.image_encoders import build_image_encoder
 from vlprompt.data.ranks import rank_values_from_names
 from vlprompt.ordinal import ordinal_loss, ordinal_metrics, predict
 
@@ -30,7 +30,7 @@ AGES = ["3", "7", "12", "25", "40", "61"]
 @pytest.fixture(autouse=True)
 def no_weight_downloads(monkeypatch):
     """No test downloads torchvision weights: an encoder asking for them fails loudly instead."""
-    from vlprompt.methods import image_encoders
+    from vlprompt.methods.parts import image_encoders
 
     def refuse(weights):
         raise AssertionError(f"a test asked for torchvision weights {weights.url}")
@@ -183,9 +183,9 @@ def test_paper_recipe_and_epoch_selection():
                          "warmup_epochs": 0, "scheduler": "cosine", "eval_every": 1}
         # the reference's MORPH II comparison (morph_compare.yaml) trains with weight decay 5e-4
         assert cls.preset(DataConfig(dataset="morph2", root="/x"))["train"]["weight_decay"] == 5e-4
-        assert cls.learns == "gradient" and cls.head_kind == "ordinal" and cls.summary
+        assert cls.trains(cls.config_class()) and cls.head_kind == "ordinal" and cls.summary
     zs = method_class("rank-zeroshot")
-    assert zs.learns == "none" and zs.preset(DataConfig(dataset="utkface", root="/x")) == \
+    assert not zs.trains(zs.config_class()) and not zs.needs_training_data(zs.config_class()) and zs.preset(DataConfig(dataset="utkface", root="/x")) == \
         {"train": {}, "method_options": {}}
 
 
@@ -217,7 +217,8 @@ def test_selection_describe_and_interpretable_vectors(tiny_rn):
 # ------------------------------------------------------------------------------------------------
 def test_logits_loss_and_gradients_reach_only_the_prompts(tiny_rn):
     m = build_method("ordinalclip", _frozen(n_ctx=4, num_base=3), tiny_rn, AGES)
-    assert not m.trains_image_encoder and m.image_encoder is None  # frozen CLIP tower: cached features
+    # frozen CLIP tower: the backbone's cached features
+    assert type(m).input_kinds(m.config) == {"global"} and m.image_encoder is None
     feats = seeded_features(10, tiny_rn.embed_dim)
     labels = torch.tensor([0, 0, 2, 5, 5, 5, 1, 3, 3, 0])  # repeated ranks, rank 4 absent
     logits = m(Features(global_=feats))
@@ -245,7 +246,7 @@ def test_param_groups_multipliers_and_trainable_clip_copy(tiny_rn):
     # the image encoder is a trainable copy: the backbone's tower stays frozen and untouched
     visual = tiny_rn.model.visual
     before = {k: v.clone() for k, v in visual.state_dict().items()}
-    assert m.trains_image_encoder and all(p.requires_grad for p in m.image_encoder.parameters())
+    assert type(m).input_kinds(m.config) == {"images"} and all(p.requires_grad for p in m.image_encoder.parameters())
     with torch.no_grad():
         for p in m.image_encoder.parameters():
             p.add_(1.0)
@@ -330,7 +331,7 @@ def _fake_imagenet(monkeypatch, name: str):
     returns it and the list of weights entries asked for."""
     import torchvision
 
-    from vlprompt.methods import image_encoders
+    from vlprompt.methods.parts import image_encoders
 
     torch.manual_seed(123)
     state = getattr(torchvision.models, name)(weights=None).state_dict()
@@ -364,8 +365,8 @@ def test_torchvision_encoder_starts_from_imagenet_weights_by_default(monkeypatch
     assert any(r.name.startswith("vlprompt.") and r.levelno == logging.INFO and "IMAGENET1K_V1" in r.getMessage()
                for r in caplog.records)
     # the paper's VGG-16 resolves to the very file of the reference's model_urls
-    from vlprompt.methods.image_encoders import _tv_weights, resolve_weights
-    from vlprompt.methods.ordinalclip import OrdinalCLIPConfig
+    from vlprompt.methods.parts.image_encoders import _tv_weights, resolve_weights
+    from vlprompt.methods.ordinal.ordinalclip import OrdinalCLIPConfig
 
     cfg = OrdinalCLIPConfig(image_encoder="vgg16").validate()
     assert resolve_weights("vgg16", cfg.image_encoder_weights) == "imagenet"
@@ -385,7 +386,7 @@ def test_offline_without_cached_imagenet_weights_says_what_to_pass(monkeypatch, 
     """Offline and not cached: a clear error naming the options that work, never a silent random start."""
     import urllib.error
 
-    from vlprompt.methods import image_encoders
+    from vlprompt.methods.parts import image_encoders
 
     def offline(weights):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
@@ -709,7 +710,7 @@ def test_torchvision_encoder_input_normalisation(tiny_vit):
     """Images come CLIP-normalised; an encoder expecting ImageNet statistics sees exactly ImageNet-normalised
     pixels, and the map travels with its state dict (checkpoints, exported heads)."""
     from vlprompt.data.transforms import CLIP_MEAN, CLIP_STD
-    from vlprompt.methods.image_encoders import IMAGENET_MEAN, IMAGENET_STD, build_image_encoder
+    from vlprompt.methods.parts.image_encoders import IMAGENET_MEAN, IMAGENET_STD, build_image_encoder
 
     torch.manual_seed(0)
     enc = build_image_encoder("resnet10", tiny_vit, None, input_norm="imagenet").eval()

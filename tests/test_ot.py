@@ -1,4 +1,4 @@
-"""vlprompt.ot: batched log-domain Sinkhorn (PLOT) against POT and the reference iteration."""
+"""vlprompt.methods.parts.ot: batched log-domain Sinkhorn (PLOT) against POT and the reference iteration."""
 from __future__ import annotations
 
 import warnings
@@ -8,9 +8,9 @@ import ot as pot
 import pytest
 import torch
 
-import vlprompt.ot as vot
+import vlprompt.methods.parts.ot as vot
 from vlprompt.errors import NonFiniteError
-from vlprompt.ot import reference_sinkhorn, sinkhorn_plan, transport_logits
+from vlprompt.methods.parts.ot import reference_sinkhorn, sinkhorn_plan, transport_logits
 
 M, N = 49, 4
 

@@ -16,9 +16,9 @@ from conftest import require_shared
 from vlprompt.errors import NonFiniteError, VLPromptError
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Features
-from vlprompt.methods.coop import CoOp, CoOpConfig
-from vlprompt.methods.plot import PLOT, PLOTConfig, transport_similarity
-from vlprompt.ot import reference_sinkhorn, sinkhorn_plan
+from vlprompt.methods.prompts.coop import CoOp, CoOpConfig
+from vlprompt.methods.prompts.plot import PLOT, PLOTConfig, transport_similarity
+from vlprompt.methods.parts.ot import reference_sinkhorn, sinkhorn_plan
 
 CLASSES = ["banded", "golden retriever", "sword lily", "x", "cat"]
 

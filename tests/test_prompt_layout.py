@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 from vlprompt.errors import ConfigError, VLPromptError
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Features
-from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig
-from vlprompt.methods.coop import CoOp, CoOpConfig
-from vlprompt.methods.plot import PLOT, PLOTConfig
-from vlprompt.methods.prompts import check_prompts_fit
+from vlprompt.methods.prompts.cocoop import CoCoOp, CoCoOpConfig
+from vlprompt.methods.prompts.coop import CoOp, CoOpConfig
+from vlprompt.methods.prompts.plot import PLOT, PLOTConfig
+from vlprompt.methods.parts.context import check_prompts_fit
 
 # names whose last BPE run merges with the full stop (")." "..", ").."), and plain ones
 MERGING = ["cup (drinking)", "mr. bean's car.", "a (b).", "x."]

@@ -54,26 +54,45 @@ def _images(directory, n):
     return paths
 
 
-def _cfg(views, workers=0, cache_dtype="float32"):
-    return SimpleNamespace(train=SimpleNamespace(views=views, online=False, batch_workers=workers,
-                                                 feature_batch_size=64, cache_dtype=cache_dtype))
+def _train_cfg(views, workers=0, cache_dtype="float32"):
+    return SimpleNamespace(views=views, online=False, augment=True, batch_workers=workers, feature_batch_size=64,
+                           cache_dtype=cache_dtype)
 
 
-LOCAL_METHOD = SimpleNamespace(trains_image_encoder=False, needs_local=True)
+class LocalMethod:
+    """What the source factory reads of a method: its declared inputs (global and local features)."""
+
+    name = "local-method"
+    config = None
+
+    @classmethod
+    def input_kinds(cls, config):
+        return frozenset({"global", "local"})
+
+
+LOCAL_METHOD = LocalMethod()
 
 CHILD = FAKE_TOWER + textwrap.dedent("""
     import json, sys
     from types import SimpleNamespace
     from torchvision import transforms as T
     from vlprompt.cache import FeatureCache
-    from vlprompt.runs.execute import train_source
+    from vlprompt.engine.sources import train_source
+
+    class LocalMethod:
+        name = "local-method"
+        config = None
+
+        @classmethod
+        def input_kinds(cls, config):
+            return frozenset({"global", "local"})
 
     views, root, paths = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
-    cfg = SimpleNamespace(train=SimpleNamespace(views=views, online=False, batch_workers=0, feature_batch_size=64,
-                                                cache_dtype="float32"))
-    method = SimpleNamespace(trains_image_encoder=False, needs_local=True)
-    splits = SimpleNamespace(train=[SimpleNamespace(path=p) for p in paths])
-    source = train_source(cfg, method, FakeTower(), splits, FeatureCache(root, progress=False), T.ToTensor())
+    train = SimpleNamespace(views=views, online=False, augment=True, batch_workers=0, feature_batch_size=64,
+                            cache_dtype="float32")
+    samples = [SimpleNamespace(path=p) for p in paths]
+    source = train_source(LocalMethod(), train, FakeTower(), samples, (T.ToTensor(), T.ToTensor()),
+                          FeatureCache(root, progress=False))
     gen = torch.Generator().manual_seed(0)
     for epoch in range(2):
         for idx in torch.randperm(len(paths), generator=gen).split(32):
@@ -141,7 +160,7 @@ def test_views_are_told_apart_by_index_not_by_content(tmp_path):
 
 
 def test_run_feature_extraction_uses_workers_and_the_cache_dtype(tmp_path, monkeypatch):
-    from vlprompt.runs.execute import train_source
+    from vlprompt.engine.sources import train_source
 
     seen = []
     real = torch.utils.data.DataLoader
@@ -153,14 +172,14 @@ def test_run_feature_extraction_uses_workers_and_the_cache_dtype(tmp_path, monke
 
     monkeypatch.setattr(torch.utils.data, "DataLoader", Recording)
     paths = _images(tmp_path / "imgs" / "c", 6)
-    splits = SimpleNamespace(train=[SimpleNamespace(path=p) for p in paths])
+    samples = [SimpleNamespace(path=p) for p in paths]
     fc = FeatureCache(tmp_path / "cache", progress=False)
-    half = train_source(_cfg(2, workers=2, cache_dtype="float16"), LOCAL_METHOD, FakeTower(), splits, fc,
-                        T.ToTensor())
+    tfs = (T.ToTensor(), T.ToTensor())
+    half = train_source(LOCAL_METHOD, _train_cfg(2, workers=2, cache_dtype="float16"), FakeTower(), samples, tfs, fc)
     assert seen == [2, 2]
     dirs = {r.directory for r in half._rows}
     assert len(dirs) == 2 and all(json.loads((d / "index.json").read_text())["dtype"] == "float16" for d in dirs)
-    full = train_source(_cfg(2), LOCAL_METHOD, FakeTower(), splits, fc, T.ToTensor())
+    full = train_source(LOCAL_METHOD, _train_cfg(2), FakeTower(), samples, tfs, fc)
     assert not dirs & {r.directory for r in full._rows}  # the dtype is part of the cache key
     assert torch.equal(half.global_, full.global_.half().float())
     assert 0 < (half.local - full.local).abs().max() <= 2 ** -10 * full.local.abs().max()

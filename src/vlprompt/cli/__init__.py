@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from ..errors import ConfigError, VLPromptError
 
-COMMAND_MODULES = ("vlprompt.cli.data", "vlprompt.cli.baselines", "vlprompt.cli.train", "vlprompt.cli.plot",
+COMMAND_MODULES = ("vlprompt.cli.data", "vlprompt.cli.methods", "vlprompt.cli.baselines", "vlprompt.cli.train", "vlprompt.cli.plot",
                    "vlprompt.cli.ordinal", "vlprompt.cli.report",
                    "vlprompt.cli.importer",
                    "vlprompt.cli.grid")

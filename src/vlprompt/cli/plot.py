@@ -49,7 +49,7 @@ def transport_maps(run_dir: str | Path, image: str | Path, class_name: Optional[
 
     from ..data import load_image
     from ..methods.base import Features
-    from ..methods.plot import PLOT
+    from ..methods.prompts.plot import PLOT
     from ..runs import load_method, transforms_for
 
     method, meta, backbone = load_method(Path(run_dir), device=device)

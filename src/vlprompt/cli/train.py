@@ -79,7 +79,7 @@ def _add_run_parser(sub, name: str, help_text: str, method: Optional[str], fixed
         except ConfigError:  # an unknown method is reported by resolve(), with the known names
             cls = None
     taken = set(_COMMON_FLAGS)
-    if cls is None or cls.learns == "gradient":
+    if cls is None or cls.trains(cls.config_class()):
         recipe = _recipe(cls)
         add_config_options(p, TrainConfig, "training (defaults: the method's paper recipe)", "train", taken=taken,
                            recipe=recipe.get("train"), recipe_name=f"{method}'s recipe for 16 shots")

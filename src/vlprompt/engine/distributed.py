@@ -151,13 +151,6 @@ def share(n: int, r: Optional[int] = None, world: Optional[int] = None) -> slice
     return slice((r * n) // world, ((r + 1) * n) // world)
 
 
-def batch_slice(feats, sl: slice):
-    """Rows ``sl`` of a batch's :class:`~vlprompt.methods.base.Features`."""
-    from ..methods.base import Features
-
-    return Features(*(None if t is None else t[sl] for t in (feats.global_, feats.local, feats.images)))
-
-
 def check_supported(method, train_cfg, n_train: int) -> None:
     """Refuse (before anything is written) what data parallelism would silently change.
 
@@ -168,11 +161,13 @@ def check_supported(method, train_cfg, n_train: int) -> None:
         return
     world = world_size()
     name = type(method).__name__
-    if method.trains_image_encoder:
-        raise VLPromptError(f"{name} trains an image encoder: under torchrun its batch statistics (BatchNorm) "
-                            f"and batch-coupled loss would be computed per rank; run it in one process")
-    if not type(method).loss_is_per_sample:
-        raise VLPromptError(f"{name} has its own loss, not known to be a mean over the images of a batch: "
+    batch_norm = [m for m in method.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+                  and any(p.requires_grad for p in m.parameters())]
+    if batch_norm:
+        raise VLPromptError(f"{name} trains BatchNorm layers (its image encoder): under torchrun their batch "
+                            f"statistics would be computed per rank; run it in one process")
+    if type(method).batch_coupled:
+        raise VLPromptError(f"{name}'s loss couples the images of a batch (not a mean of per-image terms): "
                             f"data-parallel slices would change it; run it in one process")
     if train_cfg is not None:
         smallest = min(train_cfg.batch_size, n_train)
@@ -207,6 +202,20 @@ def all_reduce_gradients(params: Sequence[torch.Tensor]) -> None:
             p.grad = g.clone()
         else:
             p.grad.copy_(g)
+        offset += n
+
+
+def all_reduce_tensors(tensors: list, like: Sequence[torch.Tensor]) -> None:
+    """Sum a list of gradients over the ranks in place (``tensors[i]`` of the shape of ``like[i]``; a None
+    becomes the summed tensor, zeros where no rank had one)."""
+    if not active() or not tensors:
+        return
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(tensors, like)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for i, p in enumerate(like):
+        n = p.numel()
+        tensors[i] = flat[offset:offset + n].view_as(p).clone()
         offset += n
 
 

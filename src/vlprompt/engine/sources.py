@@ -9,13 +9,17 @@ Both give ``batch(idx, gen) -> Features`` for the indices of a batch and the epo
 """
 from __future__ import annotations
 
+import logging
 import random
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from ..errors import VLPromptError
-from ..methods.base import Features
+from ..methods.base import INPUT_KINDS, Features
+
+log = logging.getLogger("vlprompt")
 
 
 class CachedViews:
@@ -122,3 +126,196 @@ class OnlineImages:
         return Features(global_=out)
 
 
+
+
+# -- one source factory: what a method reads, for runs, evaluations, predictions and the grid's feature pass --------
+@dataclass(frozen=True)
+class FeatureRequest:
+    """Cached frozen-tower features a run reads: the images of ``split`` under the ``transform`` (``test``: the
+    test transform, view 0; ``train``: the train augmentation, views 0..views-1), with local features or not."""
+
+    split: str
+    transform: str
+    views: int
+    local: bool
+
+
+def input_kinds(method_cls, config) -> frozenset:
+    kinds = frozenset(method_cls.input_kinds(config))
+    unknown = kinds - set(INPUT_KINDS)
+    if not kinds or unknown:
+        raise VLPromptError(f"{method_cls.name}: inputs must be a non-empty subset of {INPUT_KINDS}, got {sorted(kinds)}")
+    return kinds
+
+
+def uses_cached_features(method_cls, config) -> bool:
+    """Whether the method reads the frozen tower's features (global / local), which the feature cache holds."""
+    return bool(input_kinds(method_cls, config) & {"global", "local"})
+
+
+def training_views(train_cfg) -> int:
+    """Cached views a training run draws from: ``train.views`` (1 without augmentation)."""
+    return 1 if not train_cfg.augment else int(train_cfg.views or 1)
+
+
+def feature_requests(method_cls, config, train_cfg) -> list[FeatureRequest]:
+    """Every cached feature a run of ``method_cls`` with this method config and training config reads, from its
+    declarations alone (:attr:`Method.inputs`, :attr:`Method.setup_reads`, :meth:`Method.trains`): the run, the
+    grid's feature pass and torchrun's shared extraction all ask this. Methods that run an image tower
+    themselves on images only (no frozen features) read nothing from the cache."""
+    kinds = input_kinds(method_cls, config)
+    local = "local" in kinds
+    out = []
+    if kinds & {"global", "local"}:
+        out.append(FeatureRequest("test", "test", 1, local))
+    if not method_cls.needs_training_data(config):
+        return out
+    reads = method_cls.setup_reads
+    for split in ("train", "val"):
+        if split in reads:
+            out.append(FeatureRequest(split, "test", 1, local))
+    if "train_views" in reads:
+        augment = train_cfg is None or train_cfg.augment
+        out.append(FeatureRequest("train", "train" if augment else "test", method_cls.setup_views(config, train_cfg),
+                                  local))
+    if method_cls.trains(config) and train_cfg is not None:
+        cached = bool(kinds & {"global", "local"})
+        if cached and not train_cfg.online:
+            out.append(FeatureRequest("train", "train" if train_cfg.augment else "test",
+                                      training_views(train_cfg), local))
+        if train_cfg.eval_every and cached:
+            out.append(FeatureRequest("val", "test", 1, local))
+    return list(dict.fromkeys(out))
+
+
+class SplitFeatures:
+    """A split as a method's :meth:`~vlprompt.methods.base.Method.setup` and ``after_training`` see it (the
+    :class:`vlprompt.methods.base.SplitData` protocol): labels, targets, and its features read from the cache on
+    first use (each computed once)."""
+
+    def __init__(self, labels: torch.Tensor, targets: Optional[torch.Tensor], features_fn, views_fn=None):
+        self.labels = labels
+        self.targets = targets
+        self._features_fn = features_fn
+        self._views_fn = views_fn
+        self._features = None
+        self._views = None
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def features(self) -> Features:
+        if self._features is None:
+            self._features = self._features_fn()
+        return self._features
+
+    def views(self) -> Features:
+        if self._views_fn is None:
+            raise VLPromptError("this split has no cached augmented views (the method did not declare "
+                                "setup_reads={'train_views'})")
+        if self._views is None:
+            self._views = self._views_fn()
+        return self._views
+
+
+def features_of_images(method, backbone, images: torch.Tensor) -> Features:
+    """What ``method`` reads of preprocessed images (B, 3, H, W) when nothing is cached (``predict``): the frozen
+    tower's global / local features and / or the images themselves, as its inputs declare."""
+    kinds = input_kinds(type(method), method.config)
+    global_ = local = None
+    if kinds & {"global", "local"}:
+        out = backbone.encode_image(images, local="local" in kinds)
+        global_, local = out if "local" in kinds else (out, None)
+    return Features(global_=global_, local=local, images=images if "images" in kinds else None)
+
+
+def _cached_rows(backbone, samples, transform, cache, *, views: int, local: bool, batch_size: int, workers: int,
+                 dtype=torch.float32, what: str = "") -> CachedViews:
+    from ..data import transform_id
+
+    paths = [s.path for s in samples]
+    tid = transform_id(transform)
+    rows = []
+    for v in range(views):  # encoded now where missing; read batch by batch afterwards
+        if what and views > 1:
+            log.info("%s features: view %d/%d", what, v + 1, views)
+        rows.append(cache.open(backbone, paths, transform, transform_id=tid, view=v, seed=0, local=local,
+                               batch_size=batch_size, num_workers=workers, dtype=dtype))
+    return CachedViews.from_rows(rows)
+
+
+def eval_source(method, backbone, samples, transform, cache, *, batch_size: int = 64, workers: int = 0):
+    """What ``method`` reads of ``samples`` in evaluation: one view under the (test) ``transform``, from the
+    cache, or the images themselves for a method that runs its own image tower."""
+    from ..data import ImageDataset
+
+    kinds = input_kinds(type(method), method.config)
+    if not kinds & {"global", "local"}:
+        return OnlineImages(ImageDataset(samples, transform), backbone, local=False, encode=False, workers=workers)
+    return _cached_rows(backbone, samples, transform, cache, views=1, local="local" in kinds, batch_size=batch_size,
+                        workers=workers)
+
+
+def train_source(method, train_cfg, backbone, samples, transforms, cache):
+    """What ``method`` reads of the training images at every step: cached views of the train augmentation (the
+    test transform without augmentation), or images augmented and encoded at every step (``online``), or the
+    augmented images themselves (a method that runs its own image tower)."""
+    from ..cache import DTYPES
+    from ..data import ImageDataset
+
+    train_tf, test_tf = transforms
+    tf = train_tf if train_cfg.augment else test_tf
+    kinds = input_kinds(type(method), method.config)
+    frozen = kinds & {"global", "local"}
+    if "images" in kinds and frozen:
+        raise VLPromptError(f"{method.name}: images together with cached features of the same view are not "
+                            f"supported yet")
+    if not frozen:
+        return OnlineImages(ImageDataset(samples, tf), backbone, local=False, encode=False,
+                            workers=train_cfg.batch_workers)
+    if train_cfg.online:
+        return OnlineImages(ImageDataset(samples, tf), backbone, local="local" in kinds, encode=True,
+                            workers=train_cfg.batch_workers)
+    return _cached_rows(backbone, samples, tf, cache, views=training_views(train_cfg), local="local" in kinds,
+                        batch_size=train_cfg.feature_batch_size, workers=train_cfg.batch_workers,
+                        dtype=DTYPES[train_cfg.cache_dtype], what="train")
+
+
+def split_data(method, train_cfg, backbone, samples, transforms, cache, *, eval_batch: int = 64,
+               workers: int = 0) -> SplitFeatures:
+    """A split as the method's setup / after-training hooks see it: its un-augmented features (the test
+    transform, view 0) and, for a method that reads them, every cached augmented view (the train augmentation,
+    :meth:`Method.setup_views` views)."""
+    kinds = input_kinds(type(method), method.config)
+    local = "local" in kinds
+    train_tf, test_tf = transforms
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    targets = sample_targets(samples)
+
+    def features() -> Features:
+        rows = _cached_rows(backbone, samples, test_tf, cache, views=1, local=local, batch_size=eval_batch,
+                            workers=workers)
+        return Features(global_=rows.global_[0], local=None if rows.local is None else rows.local[0])
+
+    def views() -> Features:
+        # the very entries a training run draws its views from (same transform, view seeds and dtype)
+        from ..cache import DTYPES
+
+        n = type(method).setup_views(method.config, train_cfg)
+        if n < 1:
+            raise VLPromptError(f"{method.name} reads the cached augmented views but asks for {n}")
+        augment = train_cfg is None or train_cfg.augment
+        rows = _cached_rows(backbone, samples, train_tf if augment else test_tf, cache, views=n, local=local,
+                            batch_size=train_cfg.feature_batch_size if train_cfg is not None else eval_batch,
+                            workers=workers, what="setup",
+                            dtype=DTYPES[train_cfg.cache_dtype] if train_cfg is not None else torch.float32)
+        return Features(global_=rows.global_, local=rows.local)
+
+    return SplitFeatures(labels, targets, features, views if "train_views" in type(method).setup_reads else None)
+
+
+def sample_targets(samples) -> Optional[torch.Tensor]:
+    """(N,) float targets of ordinal samples, or None when a sample has none."""
+    if samples and all(s.target is not None for s in samples):
+        return torch.tensor([float(s.target) for s in samples])
+    return None

@@ -31,16 +31,16 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, NonFiniteError, VLPromptError
-from ..methods.base import Method, check_fields, opt
+from ..methods.base import Batch, Method, check_fields, opt
 from . import distributed
 from .checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .schedule import lr_at_epoch
+from .schedule import SCHEDULERS, lr_at_step
 from .sources import CachedViews, OnlineImages  # noqa: F401  (the inputs of fit(); re-exported)
 
 log = logging.getLogger("vlprompt")
@@ -57,8 +57,10 @@ class TrainConfig:
     optimizer: str = opt("sgd", "optimiser", choices=("sgd", "adamw", "adam", "radam"))
     lr: float = opt(0.002, "base learning rate", gt=0)
     momentum: float = opt(0.9, "SGD momentum", min=0, max=1)
+    adam_eps: float = opt(1e-8, "epsilon of adam / adamw / radam (torch's default 1e-8)", gt=0)
     weight_decay: float = opt(5e-4, "weight decay", min=0)
-    scheduler: str = opt("cosine", "learning-rate schedule per epoch", choices=("cosine", "constant"))
+    scheduler: str = opt("cosine", "learning-rate schedule: cosine / constant per epoch (Dassl's), cosine_step "
+                         "per optimisation step (torch's CosineAnnealingLR over every step)", choices=SCHEDULERS)
     warmup_epochs: int = opt(1, "epochs at the constant warm-up rate, counted inside --epochs", min=0)
     warmup_lr: float = opt(1e-5, "learning rate of the warm-up epochs", gt=0)
     views: Optional[int] = opt(10, "cached augmented views per training image (cached-views mode; null where it "
@@ -86,6 +88,9 @@ class TrainConfig:
         check_fields(self, "train")
         if self.epochs and self.warmup_epochs > self.epochs:  # (0 epochs: nothing runs, no warm-up either)
             raise ConfigError(f"train: warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if self.optimizer == "sgd" and self.adam_eps != 1e-8:
+            raise ConfigError(f"train.adam_eps (--adam-eps) {self.adam_eps:g} applies to adam, adamw and radam, not "
+                              f"to --optimizer sgd")
         return self
 
     #: fields that do not change the numbers (not part of a run's identity)
@@ -116,19 +121,25 @@ def make_optimizer(params: list[dict], cfg: TrainConfig) -> torch.optim.Optimize
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    if name == "adam":  # weight decay as an L2 term added to the gradient (Dassl's Adam)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     if name == "radam":
-        return torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     raise VLPromptError(f"unknown optimizer {cfg.optimizer!r} (sgd | adamw | adam | radam)")
 
 
 # -- the loop ---------------------------------------------------------------------------------------
 class Trainer:
+    """The training loop over a method's hooks (:class:`~vlprompt.methods.base.Method`): per step
+    ``training_step`` -> backward (and the gradients of its ``gradient_only`` losses) -> sum over ranks ->
+    unscale -> ``on_before_optimizer_step`` -> clip -> step; per epoch ``on_train_epoch_end``, the validation
+    evaluation (``eval_every``), the callbacks (:mod:`.callbacks`: metrics.jsonl, TensorBoard, best epoch,
+    training curve) and a checkpoint holding the learned tensors, the optimiser, the hooks' training state and
+    every RNG."""
+
     def __init__(self, method: Method, train_cfg: TrainConfig, run_dir: Path, *, seed: int, config_hash: str = "",
-                 device: Optional[torch.device] = None, progress: bool = True,
-                 on_epoch: Optional[Callable[[dict], None]] = None):
+                 device: Optional[torch.device] = None, progress: bool = True, callbacks: Sequence = ()):
         self.method = method
         self.cfg = train_cfg
         self.seed = int(seed)
@@ -136,7 +147,7 @@ class Trainer:
         self.config_hash = config_hash
         self.device = device or method.backbone.device
         self.progress = progress
-        self.on_epoch = on_epoch
+        self.callbacks = list(callbacks)
         self.optimizer = make_optimizer(method.param_groups(train_cfg.lr), train_cfg)
         for group in self.optimizer.param_groups:
             group.setdefault("lr_scale", group["lr"] / train_cfg.lr if train_cfg.lr else 1.0)
@@ -153,7 +164,8 @@ class Trainer:
     def _state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.state.epoch, "step": self.state.step, "skipped_steps": self.state.skipped_steps,
-                "history": json.dumps(self.state.history), "rng": rng_state()}
+                "history": json.dumps(self.state.history), "rng": rng_state(),
+                "method": {k: v.detach().cpu() for k, v in self.method.training_state().items()}}
 
     def resume(self) -> bool:
         found = load_latest_checkpoint(self.run_dir, self.config_hash or None)  # the newest intact one
@@ -161,12 +173,15 @@ class Trainer:
             return False
         path, epoch, learned, state = found
         self.method.load_learned_state({k: v.to(self.device) for k, v in learned.items()})
+        self.method.load_training_state({k: v.to(self.device) for k, v in state.get("method", {}).items()})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(epoch=int(state["epoch"]), step=int(state["step"]),
                                 skipped_steps=int(state["skipped_steps"]), history=json.loads(state["history"]))
         set_rng_state(state["rng"])
         log.info("resumed from %s (epoch %d of %d)", path, self.state.epoch, self.cfg.epochs)
+        for cb in self.callbacks:
+            cb.on_resume(self)
         return True
 
     def save(self) -> Optional[Path]:
@@ -182,6 +197,14 @@ class Trainer:
         drop_last = n >= bs  # as Dassl: drop the last partial batch when there is at least one full batch
         stop = (n // bs) * bs if drop_last else n
         return [order[i:i + bs] for i in range(0, stop, bs)]
+
+    def _set_lr(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+        cfg = self.cfg
+        lr = lr_at_step(epoch, step, steps_per_epoch, base_lr=cfg.lr, epochs=cfg.epochs, scheduler=cfg.scheduler,
+                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
 
     def fit(self, source, labels: torch.Tensor, targets: Optional[torch.Tensor] = None,
             evaluate: Optional[Callable[[], dict]] = None) -> TrainState:
@@ -199,23 +222,22 @@ class Trainer:
         params = method.trainable_parameters()
         pin = self.device.type == "cuda"
         for epoch in range(self.state.epoch, cfg.epochs):
-            lr = lr_at_epoch(epoch, base_lr=cfg.lr, epochs=cfg.epochs, scheduler=cfg.scheduler,
-                             warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
             gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             torch.manual_seed(epoch_seed(self.seed, epoch, "augment"))
             random.seed(epoch_seed(self.seed, epoch, "python"))
             method.train()
             t0 = time.perf_counter()
             losses, correct, seen = [], 0, 0
+            part_sums: dict[str, float] = {}
             batches = self._batches(n, gen)
+            lr = self._set_lr(epoch, 0, len(batches))
             bar = _progress(batches, f"epoch {epoch + 1}/{cfg.epochs}", self.progress)
-            for idx in bar:
+            for i, idx in enumerate(bar):
+                lr = self._set_lr(epoch, i, len(batches))
                 feats = source.batch(idx, gen)  # the global batch: the generator advances as in one process
                 if parallel:
                     sl = distributed.share(len(idx))
-                    feats, idx_here = distributed.batch_slice(feats, sl), idx[sl]
+                    feats, idx_here = feats.rows(sl), idx[sl]
                 else:
                     idx_here = idx
                 if pin:
@@ -224,10 +246,13 @@ class Trainer:
                 y = labels[idx_here].to(self.device)
                 t = None if targets is None else targets[idx_here].to(self.device)
                 with method.backbone.autocast(), sharded():
-                    logits = method(feats)
-                    loss, parts = method.loss(logits.float(), y, t)
+                    out = method.training_step(Batch(feats, y, t, idx_here))
+                loss = out.loss.float()
+                aux = {k: v.float() for k, v in out.gradient_only.items()}
                 if parallel:  # this slice's share of the global batch's mean loss
-                    loss = loss * (len(idx_here) / len(idx))
+                    share = len(idx_here) / len(idx)
+                    loss = loss * share
+                    aux = {k: v * share for k, v in aux.items()}
                     global_loss = distributed.all_reduce_sum(loss.detach().clone())
                 else:
                     global_loss = loss.detach()
@@ -240,12 +265,21 @@ class Trainer:
                                          f"{self.state.step + 1} (lr {lr:g}); lower --lr, or pass "
                                          f"--nonfinite skip to skip such steps and count them")
                 self.optimizer.zero_grad(set_to_none=True)
+                aux_grads = {name: list(torch.autograd.grad(self.scaler.scale(value), params, retain_graph=True,
+                                                            allow_unused=True))
+                             for name, value in aux.items()}
                 self.scaler.scale(loss).backward()
                 if parallel:
                     distributed.all_reduce_gradients(params)
-                if cfg.grad_clip > 0:
+                    for grads in aux_grads.values():
+                        distributed.all_reduce_tensors(grads, params)
+                if self.fp16:  # the hook and clipping see true gradients
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), cfg.grad_clip)
+                    inv = 1.0 / self.scaler.get_scale()
+                    aux_grads = {k: [None if g is None else g * inv for g in v] for k, v in aux_grads.items()}
+                method.on_before_optimizer_step(params, aux_grads)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 scale_before = self.scaler.get_scale() if self.fp16 else None
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -253,7 +287,9 @@ class Trainer:
                     self.state.skipped_steps += 1  # inf/NaN gradients: the scaler skipped this step
                 self.state.step += 1
                 losses.append(global_loss.item())
-                correct += int((logits.argmax(-1) == y).sum())
+                for name, value in out.parts.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + float(value)
+                correct += int((out.logits.detach().argmax(-1) == y).sum())
                 seen += len(y)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -265,19 +301,25 @@ class Trainer:
             record = {"epoch": epoch + 1, "lr": lr, "loss": float(np.mean(losses)) if losses else float("nan"),
                       "train_accuracy": 100.0 * correct / max(seen, 1), "steps": len(losses),
                       "skipped_steps": self.state.skipped_steps, "seconds": time.perf_counter() - t0}
+            if len(part_sums) > 1 or (part_sums and "ce" not in part_sums):  # named terms beyond the plain CE
+                record.update({f"loss_{k}": v / max(len(losses), 1) for k, v in part_sums.items()})
+            method.on_train_epoch_end(epoch + 1)
             if evaluate is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
                 record.update({f"val_{k}": v for k, v in evaluate().items()})
             self.state.history.append(record)
             self.state.epoch = epoch + 1
             log.info("epoch %d/%d  loss %.4f  train acc %.2f%%  lr %.2e  %.1fs", epoch + 1, cfg.epochs,
                      record["loss"], record["train_accuracy"], lr, record["seconds"])
-            if self.on_epoch and distributed.is_main():  # it writes the run's files
-                self.on_epoch(record)
+            if distributed.is_main():  # the callbacks write the run's files
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, record)
             done = self.state.epoch == cfg.epochs or (cfg.max_steps and self.state.step >= cfg.max_steps)
             if cfg.checkpoint_every and (self.state.epoch % cfg.checkpoint_every == 0 or done):
                 self.save()
             if done:
                 break
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
         return self.state
 
 

@@ -9,9 +9,10 @@ local process pool, Ray or Slurm (submitit); the state lives in the run director
     spec.set_value("data.root", "~/data", "--root")
     summary = run_grid(resolve_cells(expand(spec)), "runs/coop-fewshot", workers=2)
 """
-from .presets import describe_presets, load_preset, preset_names
+from .presets import preset_names
 from .runner import run_grid
-from .spec import Cell, GridSpec, expand, load_spec, merge_over_preset, parse_values, resolve_cells, spec_from_mapping
+from .spec import (Cell, GridSpec, describe_presets, expand, load_preset, load_spec, merge_over_preset, parse_values,
+                   resolve_cells, spec_from_mapping)
 from .status import grid_status
 
 __all__ = ["Cell", "GridSpec", "expand", "load_spec", "spec_from_mapping", "merge_over_preset", "parse_values",

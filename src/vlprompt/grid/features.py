@@ -63,28 +63,29 @@ class FeaturePlan:
         raise (then nothing of it is added)."""
         import dataclasses
 
+        from ..engine.sources import feature_requests
         from ..methods import build_config, method_class
         from ..runs import prepare_data
         from ..runs.config import resolve_data
 
         cls = method_class(cfg.method)
-        if cls.trains_own_image_encoder(build_config(cfg.method, cfg.method_options)):
+        mcfg = build_config(cfg.method, cfg.method_options)
+        requests = feature_requests(cls, mcfg, cfg.train)  # what the run itself will ask the cache for
+        if not requests:
             return  # it encodes its images itself, in training and in evaluation
         model = (cfg.backbone, cfg.pretrained, cfg.precision, cfg.device)
-        common = (model, cfg.preprocess, cfg.cache_dir, bool(cls.needs_local))
-        wanted: list[tuple[tuple, list[str]]] = [(common + ("test", 0, EVAL_BATCH), self._split_paths(cfg.data, "test"))]
-        if cls.learns != "none":
+        local = any(r.local for r in requests)
+        common = (model, cfg.preprocess, cfg.cache_dir, local)
+        wanted: list[tuple[tuple, list[str]]] = []
+        paths = {"test": self._split_paths(cfg.data, "test")}
+        if any(r.split != "test" for r in requests):
             splits, _ = prepare_data(cfg.data, cfg.seed, needs=("train", "val"))
-            train, val = [s.path for s in splits.train], [s.path for s in splits.val]
-            if cls.learns == "fit":
-                wanted.append((common + ("test", 0, EVAL_BATCH), train + val))
-            elif cfg.train is not None and not cfg.train.online:
-                for v in range(cfg.train.views):
-                    wanted.append((common + ("train", v, cfg.train.feature_batch_size), train))
-                if cfg.train.eval_every and val:
-                    wanted.append((common + ("test", 0, EVAL_BATCH), val))
-            elif cfg.train is not None and cfg.train.eval_every and val:  # online: evaluation is cached
-                wanted.append((common + ("test", 0, EVAL_BATCH), val))
+            paths["train"], paths["val"] = [s.path for s in splits.train], [s.path for s in splits.val]
+        train_batch = cfg.train.feature_batch_size if cfg.train is not None else EVAL_BATCH
+        for r in requests:
+            batch = EVAL_BATCH if r.transform == "test" else train_batch
+            for v in range(r.views):
+                wanted.append((common + (r.transform, v, batch), paths[r.split]))
         for e in evaluations:
             if e.get("base_to_new"):
                 continue  # the halves of the cell's own test split, already in

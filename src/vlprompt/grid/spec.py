@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import ConfigError, VLPromptError
+from .presets import missing_requirements, preset_names, read_preset
 
 GRID_KEYS = ("preset", "description", "axes", "grids", "evaluations", "roots")
 EVAL_KEYS = {"dataset", "root", "options", "split", "classes"}
@@ -221,8 +222,6 @@ def spec_from_mapping(obj: dict, where: str = "grid") -> GridSpec:
                     evaluations=_check_evaluations(grid.get("evaluations"), where), roots=dict(roots),
                     description=str(grid.get("description") or ""))
     if grid.get("preset"):
-        from .presets import load_preset
-
         return merge_over_preset(load_preset(grid["preset"]), spec)
     return spec
 
@@ -399,3 +398,33 @@ def parse_values(text: str) -> list:
         except json.JSONDecodeError:
             out.append(item)
     return out
+
+
+def load_preset(name: str) -> GridSpec:
+    """A protocol preset (:mod:`.presets`) as a grid spec; refused, saying why, when the data layer lacks what it
+    requires."""
+    obj = read_preset(name)
+    missing = missing_requirements(name)
+    if missing:
+        raise ConfigError(f"--preset {name}: the {obj['requires']['dataset']} reader has no option(s) "
+                          f"{', '.join(missing)} (vlprompt.data.ordinal): {obj['description'].strip()}")
+    obj.pop("requires", None)
+    spec = spec_from_mapping(obj, f"preset {name}")
+    spec.preset = name
+    return spec
+
+
+def describe_presets() -> str:
+    """One paragraph per protocol preset: its name, its number of cells, its description."""
+    lines = []
+    for name in preset_names():
+        obj = read_preset(name)
+        missing = missing_requirements(name)
+        if missing:
+            count = f"not available: the data layer lacks {', '.join(missing)}"
+        else:
+            spec = load_preset(name)
+            spec.overrides.setdefault("data", {}).setdefault("root", "ROOT")
+            count = f"{len(expand(spec))} cells"
+        lines.append(f"{name} ({count})\n  " + " ".join(str(obj.get("description", "")).split()))
+    return "\n".join(lines)

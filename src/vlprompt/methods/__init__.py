@@ -11,7 +11,7 @@ import importlib
 from typing import Union
 
 from ..errors import ConfigError, VLPromptError
-from .base import Features, Method, MethodConfig, opt
+from .base import Batch, Features, Method, MethodConfig, StepOutput, opt
 
 _REGISTRY: dict[str, Union[str, type]] = {}
 _COMMANDS: dict[str, str] = {}
@@ -26,8 +26,8 @@ def register_method(name: str, target: Union[str, type], *, replace: bool = Fals
         raise VLPromptError(f"a method name must be a non-empty string, got {name!r}")
     if name in _REGISTRY and not replace:
         raise VLPromptError(f"method {name!r} is already registered ({_REGISTRY[name]!r})")
-    if isinstance(target, type) and not issubclass(target, Method):
-        raise VLPromptError(f"{target!r} is not a vlprompt Method subclass")
+    if isinstance(target, type):
+        _check_class(name, target, target.__qualname__)
     if command is not None:
         if _COMMANDS.get(command, name) != name:
             raise VLPromptError(f"command {command!r} is already the command of method {_COMMANDS[command]!r}")
@@ -46,19 +46,19 @@ def method_commands() -> dict[str, str]:
     return dict(_COMMANDS)
 
 
-register_method("zeroshot", "vlprompt.methods.zeroshot:ZeroShot", command="zeroshot")
-register_method("linear-probe", "vlprompt.methods.linear_probe:LinearProbe", command="linear-probe")
-register_method("coop", "vlprompt.methods.coop:CoOp")
-register_method("cocoop", "vlprompt.methods.cocoop:CoCoOp")
-register_method("plot", "vlprompt.methods.plot:PLOT")
-register_method("ordinalclip", "vlprompt.methods.ordinalclip:OrdinalCLIP")
-register_method("rank-linear", "vlprompt.methods.ordinal_baselines:RankLinear")
-register_method("rank-regression", "vlprompt.methods.ordinal_baselines:RankRegression")
-register_method("rank-zeroshot", "vlprompt.methods.ordinal_baselines:RankZeroShot")
-register_method("rank-coop", "vlprompt.methods.ordinal_baselines:RankCoOp")
-register_method("finetune-image", "vlprompt.methods.finetune_image:FinetuneImage")
-register_method("text-transform", "vlprompt.methods.text_transform:TextTransform")
-register_method("text-bias", "vlprompt.methods.text_bias:TextBias")
+register_method("zeroshot", "vlprompt.methods.baselines.zeroshot:ZeroShot", command="zeroshot")
+register_method("linear-probe", "vlprompt.methods.baselines.linear_probe:LinearProbe", command="linear-probe")
+register_method("coop", "vlprompt.methods.prompts.coop:CoOp")
+register_method("cocoop", "vlprompt.methods.prompts.cocoop:CoCoOp")
+register_method("plot", "vlprompt.methods.prompts.plot:PLOT")
+register_method("ordinalclip", "vlprompt.methods.ordinal.ordinalclip:OrdinalCLIP")
+register_method("rank-linear", "vlprompt.methods.ordinal.baselines:RankLinear")
+register_method("rank-regression", "vlprompt.methods.ordinal.baselines:RankRegression")
+register_method("rank-zeroshot", "vlprompt.methods.ordinal.baselines:RankZeroShot")
+register_method("rank-coop", "vlprompt.methods.ordinal.baselines:RankCoOp")
+register_method("finetune-image", "vlprompt.methods.baselines.finetune_image:FinetuneImage")
+register_method("text-transform", "vlprompt.methods.baselines.text_transform:TextTransform")
+register_method("text-bias", "vlprompt.methods.baselines.text_bias:TextBias")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}
@@ -66,6 +66,27 @@ ALIASES = {"linear_probe": "linear-probe"}
 
 def method_names() -> list[str]:
     return list(_REGISTRY)
+
+
+def _check_class(name: str, cls: type, where: str) -> None:
+    """A registered class is a Method named as registered, with a config dataclass, declaring what it reads."""
+    import dataclasses
+
+    from .base import INPUT_KINDS, MethodConfig
+
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise VLPromptError(f"registry entry {name!r} -> {where} is not a Method subclass")
+    if cls.name != name:
+        raise VLPromptError(f"registry entry {name!r} -> {where}: the class is named {cls.name!r} (its `name`)")
+    if not (isinstance(cls.config_class, type) and issubclass(cls.config_class, MethodConfig)
+            and dataclasses.is_dataclass(cls.config_class)):
+        raise VLPromptError(f"method {name!r}: config_class must be a MethodConfig dataclass")
+    if not set(cls.inputs) or not set(cls.inputs) <= set(INPUT_KINDS):
+        raise VLPromptError(f"method {name!r}: inputs must be a non-empty subset of {INPUT_KINDS}")
+    if not set(cls.setup_reads) <= {"train", "val", "train_views"}:
+        raise VLPromptError(f"method {name!r}: setup_reads must be a subset of train, val, train_views")
+    if cls.setup is not Method.setup and not cls.setup_reads:
+        raise VLPromptError(f"method {name!r} overrides setup() but declares no setup_reads: it would get no data")
 
 
 def method_class(name: str) -> type:
@@ -76,11 +97,19 @@ def method_class(name: str) -> type:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(_REGISTRY)}")
     if isinstance(target, str):
         module, _, attr = target.partition(":")
-        target = getattr(importlib.import_module(module), attr)
-        if not (isinstance(target, type) and issubclass(target, Method)):
-            raise VLPromptError(f"registry entry {name!r} -> {_REGISTRY[name]!r} is not a Method subclass")
-        _REGISTRY[name] = target
+        cls = getattr(importlib.import_module(module), attr, None)
+        _check_class(name, cls, repr(target))
+        _REGISTRY[name] = cls
+        target = cls
     return target
+
+
+def method_families() -> dict[str, list[str]]:
+    """``{family: [method names]}`` of every registered method (``vlprompt methods``), in registration order."""
+    out: dict[str, list[str]] = {}
+    for name in _REGISTRY:
+        out.setdefault(method_class(name).family, []).append(name)
+    return out
 
 
 def get_method(name: str):
@@ -104,6 +133,6 @@ def build_method(name: str, config: dict | MethodConfig, backbone, classnames, *
     return cls(build_config(name, config), backbone, classnames)
 
 
-__all__ = ["Method", "MethodConfig", "Features", "opt", "register_method", "unregister_method", "method_names",
-           "method_commands",
+__all__ = ["Method", "MethodConfig", "Features", "Batch", "StepOutput", "opt", "register_method",
+           "unregister_method", "method_names", "method_commands", "method_families",
            "method_class", "get_method", "build_config", "build_method"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: Optional[Sequence] = None,
@@ -112,12 +112,16 @@ def check_fields(obj: Any, where: str) -> None:
                 raise ConfigError(f"{name} must be > {m['gt']}, got {value!r}")
 
 
+#: what a method reads of an image, at every step and in evaluation (:attr:`Method.inputs`)
+INPUT_KINDS = ("global", "local", "images")
+
+
 @dataclass
 class Features:
     """What a method sees of a batch of images.
 
     ``global_``: (B, E) image features of the frozen tower; ``local``: (B, M, E) or None; ``images``: (B, 3, H, W)
-    for methods that train an image encoder (their features are computed inside the method).
+    for methods that run an image tower themselves (a trained image encoder, prompts inside the tower).
     """
 
     global_: Optional[torch.Tensor] = None
@@ -128,13 +132,62 @@ class Features:
         return Features(*(None if t is None else t.to(device, non_blocking=True)
                           for t in (self.global_, self.local, self.images)))
 
+    def rows(self, sl) -> "Features":
+        """Rows ``sl`` (a slice or an index tensor) of every tensor."""
+        return Features(*(None if t is None else t[sl] for t in (self.global_, self.local, self.images)))
+
+
+@dataclass
+class Batch:
+    """One training step's data: ``feats`` (B rows), ``labels`` (B,), ``targets`` (B,) float values of ordinal
+    data or None, ``index`` (B,) the images' positions in the training split."""
+
+    feats: Features
+    labels: torch.Tensor
+    targets: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
+
+
+@dataclass
+class StepOutput:
+    """What :meth:`Method.training_step` returns.
+
+    ``loss``: the scalar the optimiser minimises; ``logits`` (B, K) (training accuracy); ``parts``: named loss
+    terms logged per epoch (detached scalars); ``gradient_only``: named scalar losses whose gradients with respect
+    to the trainable parameters the trainer computes too -- they never enter the update themselves, they reach
+    :meth:`Method.on_before_optimizer_step` (ProGrad's zero-shot KL). The trainer treats them as it treats
+    ``loss``: scaled under fp16 autocast and unscaled, weighted by a rank's share of the batch and summed over the
+    ranks under torchrun."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    parts: dict = dataclasses.field(default_factory=dict)
+    gradient_only: dict = dataclasses.field(default_factory=dict)
+
+
+class SplitData(typing.Protocol):
+    """A split of the run's data as :meth:`Method.setup` and :meth:`Method.after_training` see it (the engine
+    provides it; the features come from the feature cache, computed once)."""
+
+    labels: torch.Tensor  #: (N,)
+    targets: Optional[torch.Tensor]  #: (N,) or None
+
+    def __len__(self) -> int: ...
+
+    def features(self) -> Features:
+        """The frozen tower's features of the un-augmented images (the test transform): (N, E) / (N, M, E)."""
+
+    def views(self) -> Features:
+        """Every cached augmented view of the images: global (V, N, E), local (V, N, M, E) or None."""
+
 
 @dataclass
 class MethodConfig:
     """Base of every method's configuration (a dataclass of :func:`opt` fields; YAML-serialisable).
 
     ``validate()`` checks every field's type and range (from its metadata) and then the method's own rules
-    (override :meth:`check`); it runs before anything is built or written."""
+    (override :meth:`check`); it runs when a config is built from a dict (:meth:`from_dict`) and before anything
+    is built or written."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,37 +209,55 @@ class MethodConfig:
         """Rules between fields (a ConfigError naming them); the field types and ranges are checked before."""
 
 
+def _overrides(cls: type, name: str) -> bool:
+    return getattr(cls, name) is not getattr(Method, name)
+
+
 class Method(nn.Module):
     """A prompt-learning method (or baseline) over a frozen backbone.
 
     Class attributes a subclass sets:
 
-    * ``config_class``: its :class:`MethodConfig` dataclass; ``summary``: one line for ``--help``;
-    * ``learns``: ``"gradient"`` (trained by the engine's loop), ``"fit"`` (fitted in closed form on the frozen
-      features of the train / val splits: :meth:`fit`, e.g. the linear probe) or ``"none"`` (nothing to learn:
-      zero-shot);
-    * ``needs_local`` (local image features), ``trains_image_encoder`` (the engine then passes images);
+    * ``name`` (its registry name), ``family`` (``baselines``, ``prompts``, ``adapters``, ``towers``,
+      ``ordinal``...: how ``vlprompt methods`` groups it), ``summary`` (one line for ``--help``), ``config_class``
+      (its :class:`MethodConfig` dataclass);
+    * ``inputs``: what it reads of an image at every step and in evaluation, a subset of :data:`INPUT_KINDS`:
+      ``global`` / ``local`` features of the frozen tower (cached), or ``images`` (it runs an image tower
+      itself); config-dependent through :meth:`input_kinds`;
+    * ``batch_coupled``: its loss couples the images of a batch (not a mean of per-image terms), so data-parallel
+      ranks may not each take a slice;
     * ``head_kind``: what :meth:`export_head` returns for ``predict``: ``"linear"`` (normalised class text
       features, cosine logits), ``"affine"`` (``weight`` (K, E), ``bias`` (K,) on unnormalised image features),
       ``"prompt"`` (the learned tensors; ``predict`` rebuilds the method) or a kind of the method's own, computed
       by its :meth:`head_logits`;
     * ``uses_template``: the constructor also takes ``template=`` (the dataset's prompt template).
 
-    and implements ``forward`` -> logits (B, K).
+    The lifecycle of a run (Lightning's hooks are the model; every hook is optional):
+
+    1. ``__init__(config, backbone, classnames)``: the method on the training classes;
+    2. :meth:`setup` (train, val): state built from the training features before any step (class means, caches,
+       data-derived step sizes, multipliers) -- also a whole closed-form fit (the linear probe);
+    3. when :meth:`trains` (its trainable parameters, ``train.epochs`` epochs): per step :meth:`training_step`,
+       :meth:`on_before_optimizer_step`; per epoch :meth:`on_train_epoch_end`;
+    4. :meth:`after_training` (val): searches on the validation split (hyper-parameters), final state;
+    5. the test evaluation (``forward`` -> logits (B, K)), then :meth:`on_test_end` (plots, run artefacts).
+
+    Whether a run reads training data follows from these declarations (:meth:`needs_training_data`): zero-shot
+    overrides none of them and only evaluates; the linear probe only sets itself up.
     """
 
     name: ClassVar[str] = "method"
+    family: ClassVar[str] = "other"
     config_class: ClassVar[type] = MethodConfig
     summary: ClassVar[str] = ""
-    learns: ClassVar[str] = "gradient"
-    needs_local: ClassVar[bool] = False
-    trains_image_encoder: ClassVar[bool] = False
+    inputs: ClassVar[frozenset] = frozenset({"global"})
+    batch_coupled: ClassVar[bool] = False
     head_kind: ClassVar[str] = "linear"
     #: the constructor takes ``template=`` (the dataset's own prompt template, for hand-crafted prompts)
     uses_template: ClassVar[bool] = False
-    #: the loss is a mean of per-sample terms, so data-parallel ranks may each take a slice of the batch (set
-    #: False for a loss that couples the samples of a batch, e.g. OrdinalCLIP's text-to-image term)
-    loss_is_per_sample: ClassVar[bool] = True
+    #: what :meth:`setup` / :meth:`after_training` read: ``train`` / ``val`` (un-augmented features of the split),
+    #: ``train_views`` (every cached augmented view of the training images, :meth:`setup_views` of them)
+    setup_reads: ClassVar[frozenset] = frozenset()
 
     def __init__(self, config: MethodConfig, backbone, classnames: Sequence[str]):
         super().__init__()
@@ -206,7 +277,8 @@ class Method(nn.Module):
     # -- the recipe -----------------------------------------------------------------------------------
     @classmethod
     def data_defaults(cls) -> dict:
-        """Defaults of data fields this method changes (e.g. zero-shot: ``{"shots": 0}``)."""
+        """Defaults of data fields this method changes (e.g. zero-shot: ``{"shots": 0}``; Tip-Adapter's crop
+        scale)."""
         return {}
 
     @classmethod
@@ -217,31 +289,77 @@ class Method(nn.Module):
         return {}
 
     @classmethod
-    def trains_own_image_encoder(cls, config: MethodConfig) -> bool:
-        """Whether this configuration trains an image encoder on the images (then no features are cached and
-        ``views`` / ``online`` do not apply); decided from the config alone, before anything is built."""
-        return cls.trains_image_encoder
-
-    @classmethod
     def config_for_loading(cls, options: dict) -> dict:
         """The options that rebuild a saved method whose learned state is then loaded over it (e.g. no download
         of pre-trained image-encoder weights that the saved state replaces anyway). Default: as saved."""
         return options
 
+    # -- what a run of this method reads (decided from the config alone, before anything is built) ----------
+    @classmethod
+    def trains(cls, config: MethodConfig) -> bool:
+        """Whether the method learns by gradient (then ``train`` options apply and the engine's loop runs)."""
+        return True
+
+    @classmethod
+    def input_kinds(cls, config: MethodConfig) -> frozenset:
+        """What it reads of an image for this config (default: :attr:`inputs`)."""
+        return frozenset(cls.inputs)
+
+    @classmethod
+    def setup_views(cls, config: MethodConfig, train) -> int:
+        """How many cached augmented views of the training images :meth:`setup` reads (``train_views``): by
+        default the training views (``train.views``)."""
+        return int(train.views or 0) if train is not None else 0
+
+    @classmethod
+    def needs_training_data(cls, config: MethodConfig) -> bool:
+        """Whether a run reads the train / val splits: it trains, or its setup / after-training hooks read them."""
+        return cls.trains(config) or bool(cls.setup_reads)
+
     # -- hooks ---------------------------------------------------------------------------------------------
-    def selection(self) -> Optional[tuple[str, str]]:
-        """``(metric, "min" | "max")``: keep the epoch with the best validation metric, or None (the last)."""
-        return None
+    def setup(self, train: SplitData, val: Optional[SplitData]) -> dict:
+        """State built from the training data before any training step (caches, class means, step sizes...), or a
+        closed-form fit; returns what results.json reports of it. Reads only what :attr:`setup_reads` declares."""
+        return {}
 
-    def fit(self, train: Features, labels: torch.Tensor, val: Optional[Features], val_labels: Optional[torch.Tensor],
-            *, progress: bool = False) -> dict:
-        """Closed-form fitting (``learns == "fit"``) on the frozen test-transform features of the train and
-        val splits; returns what results.json reports of it."""
-        raise NotImplementedError(f"{self.name} does not fit in closed form (learns={self.learns!r})")
+    def training_step(self, batch: Batch) -> StepOutput:
+        """One step's loss: by default ``forward`` then :meth:`loss` (cross-entropy)."""
+        logits = self(batch.feats)
+        loss, parts = self.loss(logits.float(), batch.labels, batch.targets)
+        return StepOutput(loss, logits, parts)
 
-    def after_training(self, run_dir, logits: Optional[torch.Tensor], samples) -> dict:
+    def on_before_optimizer_step(self, params: list[torch.Tensor],
+                                 gradients: dict[str, list[Optional[torch.Tensor]]]) -> None:
+        """After backward, the sum over ranks and the fp16 unscaling, before gradient clipping and the optimiser
+        step: ``params`` are the trainable parameters (their ``.grad`` may be changed in place), ``gradients`` the
+        gradients of the step's ``gradient_only`` losses, one per parameter (None where a parameter has none)."""
+
+    def on_train_epoch_end(self, epoch: int) -> None:
+        """After epoch ``epoch`` (1-based) and before its checkpoint; state it keeps goes in
+        :meth:`training_state`."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Tensors the hooks keep between steps / epochs (not learned tensors): saved in every checkpoint, so a
+        resumed run continues exactly."""
+        return {}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise CheckpointError(f"{self.name} keeps no training state, the checkpoint has {sorted(state)}")
+
+    def after_training(self, val: Optional[SplitData]) -> dict:
+        """After training (or setup), before the test evaluation: searches on the validation split; returns what
+        results.json reports of it. Never sees the test split."""
+        return {}
+
+    def on_test_end(self, run_dir, logits: Optional[torch.Tensor], samples) -> dict:
         """Run artefacts written after the test evaluation (plots...); returns entries for results.json."""
         return {}
+
+    def selection(self) -> Optional[tuple]:
+        """``(metric, "min" | "max")`` or ``(metric, mode, "first" | "last")`` (which of equal epochs wins,
+        default the first): keep the epoch with the best validation metric, or None (the last)."""
+        return None
 
     def interpretable_vectors(self) -> list[tuple[dict, torch.Tensor]]:
         """Learned vectors in the token-embedding space, ``(label dict, (M, D) tensor)`` each, for
@@ -315,8 +433,6 @@ class Method(nn.Module):
         return {k: v.detach() for k, v in self.state_dict().items()}
 
     def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
-        from ..errors import CheckpointError
-
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

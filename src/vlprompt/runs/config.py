@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..data.protocol import SAMPLER_HELP, SAMPLERS
+from ..engine.sources import uses_cached_features
 from ..engine.trainer import TrainConfig
 from ..errors import ConfigError
 from ..methods import build_config, method_class
@@ -192,11 +193,11 @@ def resolve(request: dict | RunConfig) -> RunConfig:
     _known("train", train_req, TrainConfig)
 
     train: Optional[TrainConfig] = None
-    if cls.learns == "gradient":
+    if cls.trains(mcfg):
         train = TrainConfig(**{**preset.get("train", {}), **train_req}).validate()
         if train.epochs is None:
             raise ConfigError(f"{name}: train.epochs is not set by the method's preset; give --epochs")
-        own_images = cls.trains_own_image_encoder(mcfg)
+        own_images = not uses_cached_features(cls, mcfg)
         # options that do not apply are refused when given a value other than the one the run will use (a
         # resolved config.yaml, which holds every field, resolves to itself)
         views = None if (own_images or train.online) else (1 if not train.augment else train.views)
@@ -215,7 +216,7 @@ def resolve(request: dict | RunConfig) -> RunConfig:
                           f"{', '.join('--' + k.replace('_', '-') for k in sorted(train_req))} do not apply")
 
     # the seed drives few-shot sampling and training; where neither happens it does not apply
-    seed_applies = cls.learns == "gradient" or data.shots > 0
+    seed_applies = cls.trains(mcfg) or data.shots > 0
     seed = request.get("seed", 1 if seed_applies else None)
     if not seed_applies:
         if request.get("seed") is not None:
@@ -223,7 +224,7 @@ def resolve(request: dict | RunConfig) -> RunConfig:
         seed = None
     elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"--seed must be an integer >= 0, got {seed!r}")
-    if cls.learns == "none" and data.shots:
+    if not cls.needs_training_data(mcfg) and data.shots:
         raise ConfigError(f"{name} uses no training images: --shots must be 0, got {data.shots}")
     if data.shots == 0 and data.allow_fewer:
         raise ConfigError("--allow-fewer applies to few-shot sampling (--shots > 0)")

@@ -30,14 +30,16 @@ import torch
 
 from .._io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from ..backbone import Backbone, load_backbone
-from ..cache import DTYPES as CACHE_DTYPES, FeatureCache
-from ..data import (DatasetSplits, ImageDataset, check_samples, few_shot_split, load_dataset, load_split,
+from ..cache import FeatureCache
+from ..data import (DatasetSplits, check_samples, few_shot_split, load_dataset, load_split,
                     save_split, subsample_classes, transform_id)
 from ..data.transforms import build_transforms
 from ..engine import distributed
-from ..engine.trainer import CachedViews, OnlineImages, Trainer, TrainState, predict_logits, seed_everything
+from ..engine.callbacks import BestEpoch, MetricsJsonl, TensorBoard, TrainingCurve
+from ..engine.sources import eval_source, features_of_images, sample_targets, split_data, train_source
+from ..engine.trainer import Trainer, predict_logits, seed_everything
 from ..errors import CheckpointError, ConfigError, DataError, VLPromptError
-from ..methods import Method, build_method, method_class
+from ..methods import Method, build_config, build_method, method_class
 from ..methods.base import Features, cosine_logits
 from . import directory
 from .config import DataConfig, RunConfig, config_hash, default_cache_dir, dump_config, request_of, resolve
@@ -56,9 +58,10 @@ def attach_log_file(run_dir: Path) -> logging.Handler:
 
 
 # -- data -------------------------------------------------------------------------------------------
-def needed_splits(cls: type) -> tuple[str, ...]:
-    """The splits a method's run reads: a method that learns nothing only evaluates on test."""
-    return ("test",) if cls.learns == "none" else ("train", "val", "test")
+def needed_splits(cls: type, config) -> tuple[str, ...]:
+    """The splits a method's run reads: a method that neither trains nor sets itself up from the training data
+    only evaluates on test (:meth:`Method.needs_training_data`)."""
+    return ("train", "val", "test") if cls.needs_training_data(config) else ("test",)
 
 
 def prepare_data(data: DataConfig, seed: Optional[int], needs: Sequence[str] = ("train", "val", "test"),
@@ -106,32 +109,16 @@ def transforms_for(preprocess: str, backbone: Backbone):
 
 
 # -- features -----------------------------------------------------------------------------------------
-def eval_features(backbone: Backbone, samples, transform, cache: FeatureCache, local: bool, batch_size: int = 64,
-                  workers: int = 0):
-    """One view (the test transform) of ``samples``, read from the cache batch by batch."""
-    rows = cache.open(backbone, [s.path for s in samples], transform, transform_id=transform_id(transform),
-                      view=0, seed=0, local=local, batch_size=batch_size, num_workers=workers)
-    return CachedViews.from_rows([rows])
-
-
-def _targets(samples) -> Optional[torch.Tensor]:
-    if samples and all(s.target is not None for s in samples):
-        return torch.tensor([float(s.target) for s in samples])
-    return None
-
-
 def evaluate(method: Method, backbone: Backbone, samples, transform, cache: FeatureCache,
              batch_size: int = 256, progress: bool = False) -> tuple[dict, torch.Tensor]:
-    """Metrics and logits of ``method`` on ``samples`` (the frozen tower's features come from the cache)."""
+    """Metrics and logits of ``method`` on ``samples`` (what it reads comes from :func:`engine.sources.eval_source`:
+    the frozen tower's features from the cache, or the images)."""
     if not samples:
         raise DataError("nothing to evaluate: the split is empty")
     labels = torch.tensor([s.label for s in samples])
-    if method.trains_image_encoder:
-        source = OnlineImages(ImageDataset(samples, transform), backbone, local=False, encode=False)
-    else:
-        if distributed.active() and not isinstance(cache, distributed.RankSharedCache):
-            cache = distributed.RankSharedCache(cache)
-        source = eval_features(backbone, samples, transform, cache, method.needs_local)
+    if distributed.active() and not isinstance(cache, distributed.RankSharedCache):
+        cache = distributed.RankSharedCache(cache)
+    source = eval_source(method, backbone, samples, transform, cache)
     if distributed.active():  # each rank a contiguous share of the images, gathered in order
         share = distributed.share(len(samples))
         mine = predict_logits(method, _Offset(source, share.start), share.stop - share.start, batch_size,
@@ -139,7 +126,7 @@ def evaluate(method: Method, backbone: Backbone, samples, transform, cache: Feat
         logits = distributed.gather_rows(mine)
     else:
         logits = predict_logits(method, source, len(samples), batch_size, progress)
-    return method.metrics(logits, labels, _targets(samples)), logits
+    return method.metrics(logits, labels, sample_targets(samples)), logits
 
 
 class _Offset:
@@ -151,27 +138,6 @@ class _Offset:
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Features:
         return self.source.batch(idx + self.offset, gen)
-
-
-def train_source(cfg: RunConfig, method: Method, backbone: Backbone, splits: DatasetSplits, cache: FeatureCache,
-                 train_tf):
-    samples = splits.train
-    tc = cfg.train
-    if method.trains_image_encoder:
-        return OnlineImages(ImageDataset(samples, train_tf), backbone, local=False, encode=False,
-                            workers=tc.batch_workers)
-    if tc.online:
-        return OnlineImages(ImageDataset(samples, train_tf), backbone, local=method.needs_local, encode=True,
-                            workers=tc.batch_workers)
-    paths = [s.path for s in samples]
-    tid = transform_id(train_tf)
-    views = []
-    for v in range(tc.views):  # encoded now where missing; read batch by batch during training
-        log.info("train features: view %d/%d", v + 1, tc.views)
-        views.append(cache.open(backbone, paths, train_tf, transform_id=tid, view=v, seed=0,
-                                local=method.needs_local, batch_size=tc.feature_batch_size,
-                                num_workers=tc.batch_workers, dtype=CACHE_DTYPES[tc.cache_dtype]))
-    return CachedViews.from_rows(views)
 
 
 # -- method files -------------------------------------------------------------------------------------
@@ -241,13 +207,13 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
     # everything that can be refused, before anything is written
     t_start = time.perf_counter()
     cls = method_class(cfg.method)
-    needs = needed_splits(cls)
+    needs = needed_splits(cls, build_config(cfg.method, cfg.method_options))
     same_request = bool(marker and marker.get("request_hash") == request_hash and not force)
 
     split_file = run_dir / "split.json"
     splits, skipped = prepare_data(cfg.data, cfg.seed, needs,
                                    split_file if (same_request and split_file.is_file()) else None)
-    if cls.learns != "none" and not splits.train:
+    if "train" in needs and not splits.train:
         raise DataError(f"{cfg.data.dataset}: no training images")
     if not splits.test:
         raise DataError(f"{cfg.data.dataset}: no test images to evaluate on")
@@ -257,9 +223,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
     method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template)
     # record what is actually used (e.g. the number of context vectors a word init gives)
     cfg = dataclasses.replace(cfg, method_options=method.config.to_dict())
-    if cfg.train is not None and method.trains_image_encoder != cls.trains_own_image_encoder(method.config):
-        raise VLPromptError(f"{cfg.method}: trains_own_image_encoder() disagrees with the built method")
-    if method.learns == "gradient":
+    if cls.trains(method.config) and cfg.train is not None:
         distributed.check_supported(method, cfg.train, len(splits.train))
     adopted = None
     if not same_request and not force and directory.is_run_dir(run_dir):
@@ -340,20 +304,32 @@ def finish_run(run_dir: Path, cfg: RunConfig, identity: dict, results: dict, *, 
 
 def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, splits: DatasetSplits, train_tf,
              test_tf, resume: bool, progress: bool, t_start: float) -> dict:
+    """The method's lifecycle (:class:`Method`): setup from the training data, training when it trains, the
+    after-training hook on the validation split, the learned tensors saved, the test evaluation, the artefacts."""
     log.info("%s on %s: %d classes, %d train / %d val / %d test images", cfg.method, splits.name,
              splits.num_classes, len(splits.train), len(splits.val), len(splits.test))
     described = method.describe()
     for k, v in described.items():
         log.info("%s: %s = %s", cfg.method, k, v)
+    cls = type(method)
     cache = FeatureCache(cfg.cache_dir, progress=progress)
     if distributed.active():  # each rank encodes its share of the images
         cache = distributed.RankSharedCache(cache)
+    transforms = (train_tf, test_tf)
     timings: dict = {}
     results: dict = {}
-    state = TrainState()
-    t0 = time.perf_counter()
-    if method.learns == "gradient":
-        state, selected = _train(cfg, run_dir, method, backbone, splits, cache, train_tf, test_tf, resume, progress,
+    train_data = val_data = None
+    if cls.needs_training_data(method.config):
+        workers = cfg.train.batch_workers if cfg.train is not None else 0
+        train_data = split_data(method, cfg.train, backbone, splits.train, transforms, cache, workers=workers)
+        val_data = split_data(method, cfg.train, backbone, splits.val, transforms, cache,
+                              workers=workers) if splits.val else None
+    if cls.setup_reads:
+        t0 = time.perf_counter()
+        results["setup"] = method.setup(train_data, val_data) or {}
+        timings["setup_s"] = time.perf_counter() - t0
+    if cls.trains(method.config) and cfg.train is not None:
+        state, selected = _train(cfg, run_dir, method, backbone, splits, cache, transforms, resume, progress,
                                  timings)
         results["train"] = {"final_loss": state.history[-1]["loss"] if state.history else None,
                             "final_train_accuracy": state.history[-1]["train_accuracy"] if state.history else None,
@@ -361,19 +337,11 @@ def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, 
         results["epochs"] = cfg.train.epochs
         if selected is not None:
             results["selected_epoch"] = selected
-    elif method.learns == "fit":
-        t0 = time.perf_counter()
-        train = eval_features(backbone, splits.train, test_tf, cache, method.needs_local)
-        val = eval_features(backbone, splits.val, test_tf, cache, method.needs_local) if splits.val else None
-        timings["features_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fit = method.fit(Features(global_=train.global_[0], local=None if train.local is None else train.local[0]),
-                         torch.tensor([s.label for s in splits.train]),
-                         None if val is None else Features(global_=val.global_[0],
-                                                           local=None if val.local is None else val.local[0]),
-                         None if val is None else torch.tensor([s.label for s in splits.val]), progress=progress)
-        timings["fit_s"] = time.perf_counter() - t0
-        results["fit"] = fit
+    t0 = time.perf_counter()
+    after = method.after_training(val_data) or {}
+    if after:
+        results["after_training"] = after
+        timings["after_training_s"] = time.perf_counter() - t0
     if distributed.is_main():
         save_method(run_dir, cfg, method, splits)
     t0 = time.perf_counter()
@@ -385,130 +353,40 @@ def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, 
            "shots": cfg.data.shots, "seed": cfg.seed, "metrics": metrics, **results, "method_info": described,
            "timings": timings, "world_size": distributed.world_size()}
     if distributed.is_main():  # it writes files
-        out.update(method.after_training(run_dir, test_logits, splits.test) or {})
+        out.update(method.on_test_end(run_dir, test_logits, splits.test) or {})
     return out
 
 
-def _train(cfg, run_dir, method, backbone, splits, cache, train_tf, test_tf, resume, progress, timings):
+def _train(cfg, run_dir, method, backbone, splits, cache, transforms, resume, progress, timings):
     tc = cfg.train
     t0 = time.perf_counter()
-    source = train_source(cfg, method, backbone, splits, cache, train_tf)
+    source = train_source(method, tc, backbone, splits.train, transforms, cache)
     timings["features_s"] = time.perf_counter() - t0
     labels = torch.tensor([s.label for s in splits.train])
-    targets = _targets(splits.train)
-    writer = _tensorboard(run_dir) if cfg.tensorboard else None
-    selection = _Selection(method, run_dir) if (splits.val and tc.eval_every and method.selection()) else None
+    targets = sample_targets(splits.train)
     if tc.eval_every and not splits.val:
         log.warning("--eval-every %d: %s has no val split; nothing is evaluated during training", tc.eval_every,
                     splits.name)
+    callbacks = [MetricsJsonl(run_dir, resumed=resume)]
+    if cfg.tensorboard:
+        callbacks.append(TensorBoard(run_dir))
+    best = BestEpoch(method, run_dir) if (splits.val and tc.eval_every and method.selection()) else None
+    if best is not None:
+        callbacks.append(best)
+    callbacks.append(TrainingCurve(run_dir))
     trainer = Trainer(method, tc, run_dir, seed=cfg.seed, config_hash=cfg.identity_hash(), progress=progress,
-                      on_epoch=lambda rec: (_on_epoch(run_dir, rec, writer),
-                                            selection and selection.update(trainer.state.history)))
-    main = distributed.is_main()
-    if resume and trainer.resume():
-        if main:
-            _rewrite_metrics(run_dir, trainer.state.history)
-    elif main:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                      callbacks=callbacks)
+    if resume:
+        trainer.resume()
+    _, test_tf = transforms
 
     def val_metrics():
         return evaluate(method, backbone, splits.val, test_tf, cache)[0] if splits.val else {}
 
     t0 = time.perf_counter()
-    try:
-        trainer.fit(source, labels, targets, evaluate=val_metrics)
-    finally:
-        if writer is not None:
-            writer.close()
+    trainer.fit(source, labels, targets, evaluate=val_metrics)
     timings["train_s"] = time.perf_counter() - t0
-    distributed.barrier()  # rank 0 has written the selected epoch's tensors
-    selected = selection.restore(trainer.state.history) if selection is not None else None
-    if main:
-        plot_curve(run_dir, trainer.state.history)
-    return trainer.state, selected
-
-
-class _Selection:
-    """Keep the learned tensors of the epoch with the best validation metric (``method.selection()``, when
-    ``eval_every`` evaluates on a validation split carved from the training data); they replace the last
-    epoch's at the end. The file survives interruptions, so resumed runs agree."""
-
-    def __init__(self, method: Method, run_dir: Path):
-        self.method = method
-        self.key, self.mode = method.selection()
-        self.path = run_dir / "best.safetensors"
-
-    def _best(self, history: list) -> Optional[dict]:
-        recs = [r for r in history if f"val_{self.key}" in r]
-        if not recs:
-            return None
-        pick = min if self.mode == "min" else max
-        return pick(recs, key=lambda r: r[f"val_{self.key}"])  # the first of equals
-
-    def update(self, history: list) -> None:
-        if history and self._best(history) is history[-1]:
-            atomic_save_safetensors(self.path, self.method.learned_state())
-
-    def restore(self, history: list) -> Optional[int]:
-        best = self._best(history)
-        if best is None or not self.path.exists():
-            return None
-        from safetensors.torch import load_file
-
-        device = self.method.backbone.device
-        self.method.load_learned_state({k: v.to(device) for k, v in load_file(str(self.path)).items()})
-        log.info("selected epoch %d (val %s %.4f)", best["epoch"], self.key, best[f"val_{self.key}"])
-        return int(best["epoch"])
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'vlprompt[tensorboard]'") from e
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _on_epoch(run_dir: Path, record: dict, writer=None) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-    if writer is not None:
-        for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                writer.add_scalar(key, value, record["epoch"])
-        writer.flush()
-
-
-def _rewrite_metrics(run_dir: Path, history: list) -> None:
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-
-
-def plot_curve(run_dir: Path, history: list) -> Optional[Path]:
-    if not history:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, ax1 = plt.subplots(figsize=(6, 3.5))
-    ax1.plot(epochs, [r["loss"] for r in history], color="tab:blue", label="loss")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("training loss", color="tab:blue")
-    ax2 = ax1.twinx()
-    ax2.plot(epochs, [r["train_accuracy"] for r in history], color="tab:orange", label="train accuracy")
-    if any("val_accuracy" in r for r in history):
-        pts = [(r["epoch"], r["val_accuracy"]) for r in history if "val_accuracy" in r]
-        ax2.plot(*zip(*pts), "o-", color="tab:green", label="val accuracy")
-    ax2.set_ylabel("accuracy (%)")
-    fig.legend(loc="lower center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    out = run_dir / "training_curve.png"
-    tmp = run_dir / ".training_curve.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return trainer.state, (best.selected if best is not None else None)
 
 
 # -- after a run ------------------------------------------------------------------------------------
@@ -613,9 +491,7 @@ def head_logits(info: dict, tensors: dict, backbone: Backbone, x: torch.Tensor, 
         feats = backbone.encode_image(x).float()
         return (feats @ tensors["weight"].to(feats.device).t() + tensors["bias"].to(feats.device)).cpu()
     if kind == "prompt":
-        feats = backbone.encode_image(x, local=method.needs_local)
-        f = Features(global_=feats[0], local=feats[1]) if method.needs_local else Features(global_=feats)
-        return method(f).float().cpu()
+        return method(features_of_images(method, backbone, x.to(backbone.device))).float().cpu()
     return method_class(info["method"]).head_logits(tensors, info, backbone, x).cpu()
 
 

@@ -492,7 +492,7 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     """Import an original run into ``output`` (see the module doc); returns its results (``results.json``)."""
     from ..backbone import load_backbone
     from ..cache import FeatureCache
-    from ..methods import build_method, method_class
+    from ..methods import build_config, build_method, method_class
     from .config import config_hash, resolve
     from .execute import (evaluate, finish_run, needed_splits, prepare_data, run_directory, save_method,
                           transforms_for)
@@ -504,7 +504,7 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--output {run_dir} is a file, not a directory")
     cls = method_class(cfg.method)
-    splits, skipped = prepare_data(cfg.data, cfg.seed, needed_splits(cls))
+    splits, skipped = prepare_data(cfg.data, cfg.seed, needed_splits(cls, build_config(cfg.method, cfg.method_options)))
     if not splits.test:
         raise ConfigError(f"{cfg.data.dataset}: no test images to evaluate the imported run on")
     backbone = load_backbone(cfg.backbone, cfg.pretrained, cfg.device, precision=cfg.precision)

@@ -64,7 +64,7 @@ import math
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteError
+from ...errors import NonFiniteError
 
 __all__ = ["sinkhorn_plan", "reference_sinkhorn", "transport_logits"]
 

@@ -42,8 +42,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data.transforms import CLIP_MEAN, CLIP_STD
-from ..errors import BackboneError, ConfigError
+from ...data.transforms import CLIP_MEAN, CLIP_STD
+from ...errors import BackboneError, ConfigError
 
 log = logging.getLogger(__name__)
 

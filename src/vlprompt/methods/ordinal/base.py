@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.ranks import consecutive_integers, rank_values_from_names
-from ..errors import CheckpointError, ConfigError, VLPromptError
-from .base import Features, Method, MethodConfig, opt
-from .image_encoders import (IMAGE_ENCODERS, INPUT_NORMS, build_image_encoder, describe_encoder, has_imagenet_weights,
+from ...data.ranks import consecutive_integers, rank_values_from_names
+from ...errors import CheckpointError, ConfigError, VLPromptError
+from ..base import Features, Method, MethodConfig, opt
+from ..parts.image_encoders import (IMAGE_ENCODERS, INPUT_NORMS, build_image_encoder, describe_encoder, has_imagenet_weights,
                              resolve_weights)
-from .ordinal_parts import (RankEmbeddings, ordinal_metrics, ordinality_score, predict, regression_decode,
+from .parts import (RankEmbeddings, ordinal_metrics, ordinality_score, predict, regression_decode,
                             regression_logits, similarity_matrix)
-from .prompts import clean_init_words
+from ..parts.context import clean_init_words
+from ..parts.options import TEXT_MODES
 
 __all__ = ["PAPER_TRAIN", "IMDB_WIKI", "MORPH_CONTEXT", "DEFAULT_N_CTX", "TEXT_MODES", "OrdinalConfig",
            "OrdinalMethod", "RankPrompts", "PromptPrototypes", "head_predictions"]
@@ -54,8 +55,6 @@ MORPH_CONTEXT = "age estimation: the age of the person is"
 #: context vectors of a random context when n_ctx is not given (the reference's num_context_tokens: 10)
 DEFAULT_N_CTX = 10
 
-#: how the text tower encodes the rank prompts (all exact; auto: the fastest exact one, see vlprompt.text)
-TEXT_MODES = ("auto", "plain", "cut", "prefix")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,13 +113,13 @@ class OrdinalMethod(Method):
 
     #: OrdinalCLIP's text-to-image term couples the images of a batch (and the regression baseline standardises
     #: over it): not a mean of per-sample terms
-    loss_is_per_sample: ClassVar[bool] = False
+    batch_coupled: ClassVar[bool] = True
 
     @classmethod
     def config_for_loading(cls, options: dict) -> dict:
         # a saved torchvision encoder's every weight is in the learned state: build it without fetching the
         # pre-trained file, keeping the input normalisation those weights implied
-        from .image_encoders import resolve_weights
+        from ..parts.image_encoders import resolve_weights
 
         name = options.get("image_encoder", "clip")
         if name == "clip" or resolve_weights(name, options.get("image_encoder_weights", "auto")) == "none":
@@ -130,7 +129,8 @@ class OrdinalMethod(Method):
                 "image_encoder_input_norm": "imagenet" if norm == "auto" else norm}
 
     name: ClassVar[str] = "ordinal"
-    trains_image_encoder: ClassVar[bool] = True
+    family: ClassVar[str] = "ordinal"
+    inputs: ClassVar[frozenset] = frozenset({"images"})
     head_kind: ClassVar[str] = "ordinal"
 
     def __init__(self, config: OrdinalConfig, backbone, classnames: Sequence[str], *, own_image_encoder: bool = True):
@@ -140,11 +140,10 @@ class OrdinalMethod(Method):
         self.image_encoder = None
         self._encoder_info: dict = {}
         if not own_image_encoder:
-            self.trains_image_encoder = False
+            pass
         elif not self.trains_own_image_encoder(config):
             # a frozen CLIP tower is the backbone's: use its (cached) features, no copy, no per-step encoding
             resolve_weights("clip", config.image_encoder_weights)
-            self.trains_image_encoder = False
             self._encoder_info = {"image_encoder": "clip", "image_encoder_weights": "backbone",
                                   "image_encoder_weights_source": "the backbone's frozen image tower (cached features)",
                                   "image_encoder_input_norm": "clip"}
@@ -188,6 +187,11 @@ class OrdinalMethod(Method):
     def trains_own_image_encoder(cls, config) -> bool:
         """False for a frozen ``clip`` encoder (the backbone's cached features are used), else True."""
         return not (config.image_encoder == "clip" and config.lr_image_encoder == 0)
+
+    @classmethod
+    def input_kinds(cls, config) -> frozenset:
+        """Images for a trained image encoder; the frozen tower's (cached) features otherwise."""
+        return frozenset({"images"}) if cls.trains_own_image_encoder(config) else frozenset({"global"})
 
     def selection(self) -> Optional[tuple[str, str]]:
         """Keep the epoch with the lowest validation MAE of the expectation (the reference keeps its best
@@ -341,7 +345,7 @@ class OrdinalMethod(Method):
         itself for ``rank-regression``)."""
         return head_predictions(logits, tensors, info)["value"]
 
-    def after_training(self, run_dir, logits: Optional[torch.Tensor], samples) -> dict:
+    def on_test_end(self, run_dir, logits: Optional[torch.Tensor], samples) -> dict:
         """Run-directory extras: ``predictions.png`` (predicted vs true values on ``samples``),
         ``prototype_similarity.png`` (cosine similarities of the prototypes) and the prototypes' ordinality
         (percent, :func:`.ordinal_parts.ordinality_score`, both definitions), returned for ``results.json``."""

@@ -1,4 +1,5 @@
-"""Learned context vectors placed around class names: the prompt layout shared by CoOp, CoCoOp and PLOT.
+"""Learned context vectors placed around class names: the prompt layout shared by CoOp, CoCoOp, PLOT, KgCoOp
+and ProGrad (:class:`PromptContext`), and :class:`ContextPromptMethod`, the base of the methods that learn one.
 
 A prompt is ``<sot> ctx_1 .. ctx_M <class name> . <eot> <pad>..`` (class token at the end), or with the class
 name in the middle (context split at M // 2) or at the front. The learned context is stored without the class
@@ -27,11 +28,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError, VLPromptError
+from ...errors import ConfigError, VLPromptError
+from ..base import Method
+from .options import INIT_LENGTHS
 
 DEFAULT_N_CTX = 16  # context vectors of a random init when n_ctx is not given (CoOp's and PLOT's papers)
-
-INIT_LENGTHS = ("tokens", "words")  # how a word init's length is counted (see the module doc)
 
 
 class ClassTokenPosition(str, Enum):
@@ -276,3 +277,31 @@ class PromptContext(nn.Module):
         if suffix.dim() == 3:
             suffix = suffix[None].expand(g, *suffix.shape)
         return torch.cat([prefix[:, None].expand(g, suffix.shape[1], *prefix.shape[1:]), suffix], dim=2)
+
+
+class ContextPromptMethod(Method):
+    """Base of the methods that learn a context (:class:`PromptContext`) from a :class:`.options.ContextOptions`
+    config: builds ``self.prompt`` (``n_prompts`` prompt sets; class-specific when the config says ``csc``), records
+    the number of context vectors actually learned in ``self.config`` (a word init decides it), moves the prompts
+    to other class lists and exposes the learned vectors to ``vlprompt interpret``."""
+
+    def __init__(self, config, backbone, classnames: Sequence[str], *, n_prompts: int = 1,
+                 chunk_size: Optional[int] = None):
+        import dataclasses
+
+        super().__init__(config, backbone, classnames)
+        self.prompt = PromptContext(backbone.text, classnames, n_ctx=config.n_ctx, csc=getattr(config, "csc", False),
+                                    position=config.class_position, init_words=config.init, n_prompts=n_prompts,
+                                    init_std=config.init_std, text_mode=config.text_mode,
+                                    chunk_size=getattr(config, "chunk_size", chunk_size),
+                                    init_length=config.init_length)
+        # record what was learned (method.json / config.yaml write this config); the caller's object is left alone
+        self.config = dataclasses.replace(config, n_ctx=self.prompt.n_ctx)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        self.prompt.set_classnames(classnames)  # first: a refused class list leaves the method unchanged
+        super().set_classnames(classnames)
+
+    def interpretable_vectors(self) -> list[tuple[dict, torch.Tensor]]:
+        """({"prompt": n, "class": class name or None}, (M, D) context vectors) per learned context block."""
+        return self.prompt.interpretable_vectors()

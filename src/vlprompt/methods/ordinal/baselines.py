@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.templates import DEFAULT_TEMPLATE
-from ..errors import ConfigError, VLPromptError
-from .base import Features, MethodConfig, opt
-from .ordinal_base import (IMDB_WIKI, MORPH_CONTEXT, TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes,
+from ...data.templates import DEFAULT_TEMPLATE
+from ...errors import ConfigError, VLPromptError
+from ..base import Features, MethodConfig, opt
+from .base import (IMDB_WIKI, MORPH_CONTEXT, TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes,
                            RankPrompts, _check_rank_values)
-from .ordinal_parts import ordinal_loss, regression_decode, regression_logits, regression_units
+from .parts import ordinal_loss, regression_decode, regression_logits, regression_units
 
 __all__ = ["RankLinear", "RankLinearConfig", "RankRegression", "RankRegressionConfig", "RankZeroShot",
            "RankZeroShotConfig", "RankCoOp", "RankCoOpConfig"]
@@ -186,8 +186,11 @@ class RankZeroShot(OrdinalMethod):
     name = "rank-zeroshot"
     config_class = RankZeroShotConfig
     summary = "zero-shot CLIP over rank sentences (nothing trained)"
-    learns = "none"
     uses_template = True
+
+    @classmethod
+    def trains(cls, config) -> bool:
+        return False
 
     def __init__(self, config: RankZeroShotConfig, backbone, classnames: Sequence[str], *,
                  template: Optional[str] = None):

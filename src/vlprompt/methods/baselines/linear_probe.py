@@ -1,6 +1,6 @@
 """CoOp's linear probe as a method: logistic regression on the frozen, unnormalised image features.
 
-Fitted in closed form (``learns = "fit"``) by :func:`fit_linear_probe` (scikit-learn L-BFGS,
+Fitted in closed form in its :meth:`~LinearProbe.setup` by :func:`fit_linear_probe` (scikit-learn L-BFGS,
 C searched on the few-shot val split as CoOp's ``lpclip/linear_probe.py`` does) on the test-transform features
 of the very train / val images every other method of the same data, shots and seed uses. The fitted classifier
 is an ``affine`` head: logits (B, K) = features @ weight.T + bias, so a linear-probe run evaluates on other data
@@ -17,8 +17,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError, VLPromptError
-from .base import Features, Method, MethodConfig, opt
+from ...errors import ConfigError, VLPromptError
+from ..base import Features, Method, MethodConfig, opt
 
 #: CoOp's coarse sweep of C (its order: on a tie the first, i.e. the largest C, wins)
 COARSE_C_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
@@ -42,9 +42,10 @@ class LinearProbeConfig(MethodConfig):
 
 class LinearProbe(Method):
     name = "linear-probe"
+    family = "baselines"
     config_class = LinearProbeConfig
     summary = "CoOp's linear probe: logistic regression on the frozen image features (C searched on val)"
-    learns = "fit"
+    setup_reads = frozenset({"train", "val"})
     head_kind = "affine"
 
     def __init__(self, config: LinearProbeConfig, backbone, classnames):
@@ -62,7 +63,17 @@ class LinearProbe(Method):
                                 f"classes); the given class list differs ({differ})")
         super().set_classnames(classnames)
 
-    def fit(self, train: Features, labels, val, val_labels, *, progress: bool = False) -> dict:
+    @classmethod
+    def trains(cls, config) -> bool:
+        return False
+
+    def setup(self, train, val) -> dict:
+        """The fit on the un-augmented features of the train split, C chosen on the val split's."""
+        return self.fit(train.features(), train.labels, None if val is None or not len(val) else val.features(),
+                        None if val is None or not len(val) else val.labels)
+
+    def fit(self, train: Features, labels, val: Optional[Features], val_labels, *, progress: bool = False) -> dict:
+        """Fit on features (N, E) with labels (N,); C searched on (``val``, ``val_labels``) unless fixed."""
         cfg = self.config
         res = fit_linear_probe(train.global_, labels, None if val is None else val.global_, val_labels,
                                cfg, progress=progress)

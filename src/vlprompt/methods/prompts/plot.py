@@ -6,7 +6,7 @@ token at the end, middle or front, random or word init). An image is M local fea
 applied at every cell of the final grid; ViT: the projected patch tokens). For every (image, class) pair the
 M local features and the N prompt features are two discrete distributions; with ``sim = local . text`` (cosines of
 L2-normalised features) and cost ``1 - sim``, an entropic transport plan ``T`` (M, N) is found by Sinkhorn
-(:func:`vlprompt.ot.sinkhorn_plan`, one batched call, each problem stopping on its own) and
+(:func:`vlprompt.methods.parts.ot.sinkhorn_plan`, one batched call, each problem stopping on its own) and
 
     logits[b, k] = logit_scale * sum_{m, n} T[b, k, m, n] * sim[b, k, m, n].
 
@@ -31,10 +31,11 @@ from typing import ClassVar, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, VLPromptError
-from ..ot import sinkhorn_plan, transport_logits
-from .base import Features, opt
-from .coop import CoOp, CoOpConfig
+from ...errors import CheckpointError, VLPromptError
+from ..parts.ot import sinkhorn_plan, transport_logits
+from ..base import Features, opt
+from ..parts.context import ContextPromptMethod
+from ..parts.options import ClassContextOptions
 
 MARGINALS = ("uniform", "global_similarity")
 
@@ -44,7 +45,7 @@ MAX_PROBLEMS = 32768
 
 
 @dataclass
-class PLOTConfig(CoOpConfig):
+class PLOTConfig(ClassContextOptions):
     n_prompts: int = opt(4, "prompts per class N", min=1)
     ot_eps: float = opt(0.1, "entropic regularisation of the transport", gt=0)
     ot_iters: int = opt(100, "at most this many Sinkhorn iterations", min=1)
@@ -135,12 +136,13 @@ def global_feature_logits(global_: torch.Tensor, text: torch.Tensor, scale: floa
         return scale * g @ t.t()
 
 
-class PLOT(CoOp):
+class PLOT(ContextPromptMethod):
     """N learned prompts per class, compared with the image's local features by optimal transport."""
 
     name = "plot"
+    family = "prompts"
     config_class = PLOTConfig
-    needs_local: ClassVar[bool] = True
+    inputs: ClassVar[frozenset] = frozenset({"global", "local"})
     summary = "N prompts per class matched to local image features by optimal transport"
 
     @classmethod

@@ -10,7 +10,6 @@ as B x K exceeds it, and batching would then cost as much per image as batch 1.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Features, Method, MethodConfig, opt
-from .coop import POSITIONS, TEXT_MODES
-from .prompts import PromptContext
+from ..base import Features, opt
+from ..parts.context import ContextPromptMethod
+from ..parts.options import ContextOptions
 
 #: floats saved for backward per suffix token, layer and width unit of the text tower: 13-14 measured with
 #: torch.autograd.graph.saved_tensors_hooks (fp32, widths 64 and 512, suffixes of 4 and 13 tokens); 16 keeps a
@@ -35,16 +34,8 @@ _FALLBACK_BUDGET = 2 << 30  # where the OS does not say how much memory is avail
 
 
 @dataclass
-class CoCoOpConfig(MethodConfig):
-    n_ctx: Optional[int] = opt(None, "context vectors M (default: the number of --init tokens, 4 for the paper's "
-                               "'a photo of a'; 16 with a random init)", min=1)
+class CoCoOpConfig(ContextOptions):
     init: Optional[str] = opt("a photo of a", "initialise the context from words ('none': random N(0, init_std))")
-    class_position: str = opt("end", "where the class name goes in the prompt", choices=POSITIONS)
-    init_std: float = opt(0.02, "standard deviation of the random context init", gt=0)
-    init_length: str = opt("tokens", "how --init's length is counted: tokens (one learned vector per BPE token) or "
-                           "words (the original CoOp: one per space-separated word; the init's further tokens "
-                           "stay fixed before the class name)", choices=("tokens", "words"))
-    text_mode: str = opt("auto", "text path (all exact; auto picks the fastest)", choices=TEXT_MODES)
     text_memory_mb: Optional[float] = opt(
         None, "memory (MB) the text tower's activations may take: a training batch whose B x K prompts fit is "
         "encoded at once with nothing recomputed, a larger one in chunks recomputed in backward (same gradients, "
@@ -61,8 +52,9 @@ def available_memory_bytes(device: torch.device) -> int:
         return _FALLBACK_BUDGET
 
 
-class CoCoOp(Method):
+class CoCoOp(ContextPromptMethod):
     name = "cocoop"
+    family = "prompts"
     config_class = CoCoOpConfig
     summary = ("context conditioned on each image by a meta-network. The paper's recipe trains one image per "
                "optimizer step (batch 1, 10 epochs); --batch-size B takes B images per step, i.e. B times fewer "
@@ -86,12 +78,7 @@ class CoCoOp(Method):
         return {k: v for k, v in options.items() if k not in ("chunk_size", "image_chunk")}
 
     def __init__(self, config: CoCoOpConfig, backbone, classnames: Sequence[str]):
-        super().__init__(config, backbone, classnames)
-        self.prompt = PromptContext(backbone.text, classnames, n_ctx=config.n_ctx, csc=False,
-                                    position=config.class_position, init_words=config.init,
-                                    init_std=config.init_std, text_mode=config.text_mode, chunk_size=None,
-                                    init_length=config.init_length)
-        self.config = dataclasses.replace(config, n_ctx=self.prompt.n_ctx)  # what was learned (method.json)
+        super().__init__(config, backbone, classnames)  # a unified context; chunks follow the memory budget
         if config.text_memory_mb is not None:
             self.text_memory_bytes = int(config.text_memory_mb * 2 ** 20)
         else:
@@ -102,14 +89,6 @@ class CoCoOp(Method):
             ("relu", nn.ReLU(inplace=True)),
             ("linear2", nn.Linear(max(e // 16, 1), d)),
         ])).to(backbone.device)
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        self.prompt.set_classnames(classnames)
-        super().set_classnames(classnames)
-
-    def interpretable_vectors(self) -> list[tuple[dict, torch.Tensor]]:
-        """({"prompt": 0, "class": None}, (M, D)): the learned context before the image-conditioned shift."""
-        return self.prompt.interpretable_vectors()
 
     def describe(self) -> dict:
         return {"text_memory_mb": round(self.text_memory_bytes / 2 ** 20, 1)}

@@ -16,25 +16,27 @@ from typing import ClassVar, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, VLPromptError
-from .base import Features, cosine_logits
-from .image_encoders import ClipImageEncoder
-from .text_transform import HandCraftedConfig, TextFeatureAdapter
+from ...errors import CheckpointError, VLPromptError
+from ..base import Features, cosine_logits
+from ..parts.image_encoders import ClipImageEncoder
+from ..parts.handcrafted import TextFeatureAdapter
+from ..parts.options import HandCraftedOptions
 
 __all__ = ["FinetuneImageConfig", "FinetuneImage"]
 
 
 @dataclass
-class FinetuneImageConfig(HandCraftedConfig):
+class FinetuneImageConfig(HandCraftedOptions):
     pass
 
 
 class FinetuneImage(TextFeatureAdapter):
     name = "finetune-image"
+    family = "baselines"
     config_class = FinetuneImageConfig
     summary = ("CoOp paper's baseline: CLIP's image encoder fine-tuned, the classifier the frozen text features of "
                "the hand-crafted prompts")
-    trains_image_encoder: ClassVar[bool] = True
+    inputs: ClassVar[frozenset] = frozenset({"images"})  # it trains its own copy of the image tower
     head_kind: ClassVar[str] = "finetune-image"
 
     def __init__(self, config: FinetuneImageConfig, backbone, classnames: Sequence[str], template: str | None = None):

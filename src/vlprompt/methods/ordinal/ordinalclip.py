@@ -4,7 +4,7 @@ Each of the ``R`` ranks becomes a prompt ``<sot> ctx_1..ctx_M rank_r(1..T) . <eo
 by all ranks (from words, or random N(0, 0.02)) and ``T`` rank tokens per rank, interpolated from ``B`` learned
 base rank embeddings (:class:`.ordinal_parts.RankEmbeddings`) or free. CLIP's frozen text tower encodes the
 ``R`` prompts into "language prototypes" ``(R, E)``; a trainable image encoder
-(:mod:`vlprompt.methods.image_encoders`) is trained so that ``logits = exp(logit_scale) * cos(image, prototype)``
+(:mod:`vlprompt.methods.parts.image_encoders`) is trained so that ``logits = exp(logit_scale) * cos(image, prototype)``
 (the logit scale frozen) fit the ranks under :func:`.ordinal_parts.ordinal_loss` (cross-entropy + the
 text-to-image KL term). Predictions are the argmax rank and the expectation over rank values.
 
@@ -25,11 +25,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .base import opt
-from .ordinal_base import (IMDB_WIKI, MORPH_CONTEXT, TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes,
+from ...errors import ConfigError
+from ..base import opt
+from .base import (IMDB_WIKI, MORPH_CONTEXT, TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes,
                            RankPrompts, _word_embeddings)
-from .ordinal_parts import INTERPOLATION_KINDS, RankEmbeddings, ordinal_loss
+from .parts import INTERPOLATION_KINDS, RankEmbeddings, ordinal_loss
 
 __all__ = ["OrdinalCLIPConfig", "OrdinalCLIP"]
 

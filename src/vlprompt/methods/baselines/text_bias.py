@@ -16,18 +16,20 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .text_transform import HandCraftedConfig, TextFeatureAdapter
+from ..parts.handcrafted import TextFeatureAdapter
+from ..parts.options import HandCraftedOptions
 
 __all__ = ["TextBiasConfig", "TextBias"]
 
 
 @dataclass
-class TextBiasConfig(HandCraftedConfig):
+class TextBiasConfig(HandCraftedOptions):
     pass
 
 
 class TextBias(TextFeatureAdapter):
     name = "text-bias"
+    family = "baselines"
     config_class = TextBiasConfig
     summary = "CoOp paper's baseline: a bias (from 0) learned on the text features of the hand-crafted prompts"
 

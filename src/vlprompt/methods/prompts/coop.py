@@ -1,0 +1,43 @@
+"""CoOp (Zhou et al., IJCV 2022): a learned context in front of (or around) each class name."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..base import Features, cosine_logits
+from ..parts.context import ContextPromptMethod
+from ..parts.options import ClassContextOptions
+from ..parts.recipes import coop_recipe
+
+
+@dataclass
+class CoOpConfig(ClassContextOptions):
+    pass
+
+
+class CoOp(ContextPromptMethod):
+    name = "coop"
+    family = "prompts"
+    config_class = CoOpConfig
+    summary = "learned context (unified or class-specific; class token end/middle/front)"
+
+    @classmethod
+    def preset(cls, data) -> dict:
+        """CoOp's recipe (:func:`..parts.recipes.coop_recipe`): SGD lr 0.002, momentum 0.9, weight decay 5e-4,
+        batch 32, one constant warm-up epoch at 1e-5, cosine, epochs by shots (50 / 100 / 100 / 200 / 200 for
+        1 / 2 / 4 / 8 / 16 shots, ImageNet 50)."""
+        return {"train": coop_recipe(data)}
+
+    def text_features(self) -> torch.Tensor:
+        """(K, E) class text features, not normalised; computed once per evaluation."""
+        return self.once_per_eval(lambda: self.prompt.encode()[0])
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return cosine_logits(feats.global_, self.text_features(), self.logit_scale)
+
+    def export_head(self):
+        with torch.no_grad():
+            text = F.normalize(self.prompt.encode()[0].float(), dim=-1)
+        return {"text_features": text}, {"kind": "linear", "logit_scale": self.logit_scale}
