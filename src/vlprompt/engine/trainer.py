@@ -303,7 +303,7 @@ class Trainer:
                       "skipped_steps": self.state.skipped_steps, "seconds": time.perf_counter() - t0}
             if len(part_sums) > 1 or (part_sums and "ce" not in part_sums):  # named terms beyond the plain CE
                 record.update({f"loss_{k}": v / max(len(losses), 1) for k, v in part_sums.items()})
-            method.on_train_epoch_end(epoch + 1)
+            method.on_train_epoch_end(epoch + 1, cfg.epochs)
             if evaluate is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
                 record.update({f"val_{k}": v for k, v in evaluate().items()})
             self.state.history.append(record)

@@ -64,7 +64,27 @@ register_method("text-bias", "vlprompt.methods.baselines.text_bias:TextBias")
 ALIASES = {"linear_probe": "linear-probe"}
 
 
+#: the entry-point group of methods shipped by other packages: ``[project.entry-points."vlprompt.methods"]``
+#: ``my-method = "my_package.module:MyMethod"`` makes ``--method my-method`` work once the package is installed
+ENTRY_POINT_GROUP = "vlprompt.methods"
+_entry_points_loaded = False
+
+
+def _load_entry_points() -> None:
+    """Register the methods other installed packages declare (lazily: imported on first use, as ours)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _REGISTRY and ep.name not in ALIASES:
+            register_method(ep.name, ep.value)
+
+
 def method_names() -> list[str]:
+    _load_entry_points()
     return list(_REGISTRY)
 
 
@@ -92,6 +112,8 @@ def _check_class(name: str, cls: type, where: str) -> None:
 def method_class(name: str) -> type:
     """The :class:`Method` subclass registered as ``name``."""
     name = ALIASES.get(name, name)
+    if name not in _REGISTRY:
+        _load_entry_points()
     target = _REGISTRY.get(name)
     if target is None:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(_REGISTRY)}")
@@ -107,7 +129,7 @@ def method_class(name: str) -> type:
 def method_families() -> dict[str, list[str]]:
     """``{family: [method names]}`` of every registered method (``vlprompt methods``), in registration order."""
     out: dict[str, list[str]] = {}
-    for name in _REGISTRY:
+    for name in method_names():
         out.setdefault(method_class(name).family, []).append(name)
     return out
 

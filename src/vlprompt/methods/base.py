@@ -186,8 +186,10 @@ class MethodConfig:
     """Base of every method's configuration (a dataclass of :func:`opt` fields; YAML-serialisable).
 
     ``validate()`` checks every field's type and range (from its metadata) and then the method's own rules
-    (override :meth:`check`); it runs when a config is built from a dict (:meth:`from_dict`) and before anything
-    is built or written."""
+    (override :meth:`check`); it runs when a config is constructed, so an invalid config never exists."""
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -334,9 +336,9 @@ class Method(nn.Module):
         step: ``params`` are the trainable parameters (their ``.grad`` may be changed in place), ``gradients`` the
         gradients of the step's ``gradient_only`` losses, one per parameter (None where a parameter has none)."""
 
-    def on_train_epoch_end(self, epoch: int) -> None:
-        """After epoch ``epoch`` (1-based) and before its checkpoint; state it keeps goes in
-        :meth:`training_state`."""
+    def on_train_epoch_end(self, epoch: int, epochs: int) -> None:
+        """After epoch ``epoch`` (1-based) of ``epochs``, before the validation evaluation and the epoch's
+        checkpoint; state it keeps between epochs goes in :meth:`training_state`."""
 
     def training_state(self) -> dict[str, torch.Tensor]:
         """Tensors the hooks keep between steps / epochs (not learned tensors): saved in every checkpoint, so a
@@ -424,6 +426,23 @@ class Method(nn.Module):
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
+
+    def learned_tensor(self, name: str) -> torch.Tensor:
+        """One learned tensor by its name in :meth:`learned_state` (e.g. ``"prompt.ctx"``)."""
+        state = self.learned_state()
+        if name not in state:
+            raise KeyError(f"{self.name} has no learned tensor {name!r}; it has {sorted(state)}")
+        return state[name]
+
+    @torch.no_grad()
+    def set_learned_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Overwrite one learned tensor in place (same shape; converted to its dtype and device)."""
+        target = self.state_dict(keep_vars=True).get(name)
+        if target is None or name not in self.learned_state():
+            raise KeyError(f"{self.name} has no learned tensor {name!r}; it has {sorted(self.learned_state())}")
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(f"learned tensor {name!r} has shape {tuple(target.shape)}, got {tuple(value.shape)}")
+        target.copy_(value.to(target.device, target.dtype))
 
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": self.trainable_parameters(), "lr": lr}]
