@@ -212,3 +212,17 @@ def test_a_metric_that_is_not_a_number_is_an_error_naming_the_run(tmp_path):
     run = _write_run(tmp_path / "a", _identity(1), None)
     with pytest.raises(VLPromptError, match=f"{run}: accuracy is None"):
         summarize(collect_results([tmp_path]))
+
+
+def test_cli_table_on_a_folder_without_finished_runs_is_one_line_and_writes_nothing(tmp_path, capsys):
+    empty = tmp_path / "runs"
+    empty.mkdir()
+    out_md = tmp_path / "table.md"
+    assert main(["table", str(empty), "--output", str(out_md)]) == 2
+    err = capsys.readouterr().err
+    assert "no run results under" in err and str(empty) in err and len(err.strip().splitlines()) == 1
+    assert not out_md.exists()
+    (empty / "unfinished").mkdir()  # a run that has not written results.json yet
+    (empty / "unfinished" / "run.json").write_text(json.dumps({"vlprompt_run": 1, "status": "running"}))
+    assert main(["table", str(empty), "--json", "--output", str(out_md)]) == 2
+    assert not out_md.exists() and capsys.readouterr().out == ""
