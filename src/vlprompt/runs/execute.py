@@ -520,10 +520,19 @@ def _run_identity(run_dir: Path) -> Optional[dict]:
         return None
 
 
+def run_cache_dir(run_dir: str | Path) -> str:
+    """The feature cache a run used (``cache_dir`` of its config.yaml), where its evaluations look first: the
+    default cache only for a run that records none."""
+    held = directory.held_config(Path(run_dir)) or {}
+    cache_dir = held.get("cache_dir")
+    return cache_dir if isinstance(cache_dir, str) and cache_dir else default_cache_dir()
+
+
 def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", device: Optional[str] = None,
                  cache_dir: Optional[str] = None, progress: bool = True, backbone: Optional[Backbone] = None) -> dict:
     """Evaluate a finished run on any dataset / class split (its classes replace the trained ones); writes
-    ``RUN/eval/<dataset>-<classes>-<split>.json``."""
+    ``RUN/eval/<dataset>-<classes>-<split>.json``. Features come from ``cache_dir``, by default the run's own
+    (:func:`run_cache_dir`)."""
     run_dir = Path(run_dir)
     if split not in ("train", "val", "test"):
         raise ConfigError(f"--split must be train, val or test, got {split!r}")
@@ -535,7 +544,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", 
     if not samples:
         raise DataError(f"{data.dataset}: no {split} images")
     _, test_tf = transforms_for(meta.get("preprocess", "coop"), backbone)
-    cache = FeatureCache(cache_dir or default_cache_dir(), progress=progress)
+    cache = FeatureCache(cache_dir or run_cache_dir(run_dir), progress=progress)
     metrics, _ = evaluate(method, backbone, samples, test_tf, cache, progress=progress)
     result = {"run": str(run_dir), "method": meta["method"], "trained_on": meta["dataset"],
               "dataset": data.dataset, "classes": data.classes, "split": split, "metrics": metrics,
@@ -553,8 +562,17 @@ def harmonic_mean(base: float, new: float) -> float:
 def base_to_new(run_dir: str | Path, data: DataConfig, *, metric: str = "accuracy", device: Optional[str] = None,
                 cache_dir: Optional[str] = None, progress: bool = True) -> dict:
     """The base-to-new protocol: test accuracy on the base classes and on the new classes (each half
-    relabelled from 0), and their harmonic mean. Writes ``RUN/eval/base2new-<dataset>.json``."""
+    relabelled from 0), and their harmonic mean. Writes ``RUN/eval/base2new-<dataset>.json``. Only of a run
+    trained on the base classes (or of a method that learns nothing): any other is refused
+    (:func:`vlprompt.report.base_to_new_problem`)."""
+    from ..report import base_to_new_problem, run_identity
+
     run_dir = Path(run_dir)
+    problem = base_to_new_problem(run_identity(run_dir)[0]) if (run_dir / "method.json").is_file() else None
+    if problem is not None:
+        raise ConfigError(f"--base-to-new: {run_dir}: {problem}, and base / new / H would not measure generalisation "
+                          f"to unseen classes. Train on the base half (--classes base) and evaluate that run, or "
+                          f"evaluate this one on a class split with --classes base|new")
     _, meta, backbone = load_method(run_dir, device=device)
     out = {}
     for half in ("base", "new"):
