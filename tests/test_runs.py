@@ -365,6 +365,36 @@ def test_skipped_bad_images_are_counted_in_results_and_log(model_files, cache_di
     assert "unreadable image(s) skipped" in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_integer_csv_labels_warn_in_log_and_results_and_names_come_from_a_file(model_files, cache_dir, tmp_path,
+                                                                                capsys):
+    from conftest import write_csv
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for i in range(12):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.jpg")
+        rows.append([f"img/{i}.jpg", i % 2])
+    csv_file = write_csv(tmp_path / "labels.csv", ["path", "label"], rows)
+    cfg, weights = model_files
+    args = ["zeroshot", "--backbone", str(cfg), "--pretrained", str(weights), "--dataset", "csv", "--root",
+            str(csv_file), "--cache-dir", cache_dir]
+    rc, out, err = _main([*args, "--output", str(tmp_path / "numbers")], capsys)
+    assert rc == 0, err
+    (warning,) = json.loads(out)["warnings"]
+    assert "class names are numbers" in warning and "--dataset-option classnames=" in warning
+    assert f"WARNING {warning}\n" in (tmp_path / "numbers" / "log.txt").read_text()
+    assert json.loads((tmp_path / "numbers" / "method.json").read_text())["classnames"] == ["0", "1"]
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    rc, out, err = _main([*args, "--dataset-option", f"classnames={names}", "--output", str(tmp_path / "named")],
+                         capsys)
+    assert rc == 0, err
+    assert json.loads(out)["warnings"] == [] and "WARNING" not in (tmp_path / "named" / "log.txt").read_text()
+    method = json.loads((tmp_path / "named" / "method.json").read_text())
+    assert method["classnames"] == ["cat", "dog"] and method["config"]["templates"] == ["a photo of a {}."]
+
+
 def test_zero_shot_run_on_a_local_dir_model_equals_open_clips_pipeline(folder, cache_dir, tmp_path, capsys):
     """A model whose preprocess config says mean = std = 0.5 (not CLIP's): a zero-shot run through vlprompt
     gives open_clip's own create_model_and_transforms logits on the same images."""

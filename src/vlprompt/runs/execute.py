@@ -99,6 +99,15 @@ def prepare_data(data: DataConfig, seed: Optional[int], needs: Sequence[str] = (
     return splits, skipped
 
 
+def data_warnings(splits: DatasetSplits) -> list[str]:
+    """The warnings the dataset's reader recorded (``extra["warnings"]``, e.g. class names that are bare numbers),
+    each logged once; results.json and eval files carry them."""
+    warnings = [str(w) for w in splits.extra.get("warnings") or []]
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
 def transforms_for(preprocess: str, backbone: Backbone):
     """(train, test) image transforms: the weights' own pixel statistics with CoOp's crop/flip policy
     (``coop``) or open_clip's own pipeline for these weights (``model``)."""
@@ -283,9 +292,11 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
                        main=main):
         for name, n in skipped.items():
             log.warning("%s split: %d unreadable image(s) skipped (--skip-bad-images)", name, n)
+        warnings = data_warnings(splits)  # in log.txt, now that it is attached
         results = _execute(cfg, run_dir, method, backbone, splits, train_tf, test_tf, state.action == "resume",
                            progress, t_start)
         results["skipped_images"] = skipped
+        results["warnings"] = warnings
         return finish_run(run_dir, cfg, identity, results, main=main)
 
 
@@ -543,12 +554,14 @@ def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", 
     samples = getattr(splits, split)
     if not samples:
         raise DataError(f"{data.dataset}: no {split} images")
+    warnings = data_warnings(splits)
     _, test_tf = transforms_for(meta.get("preprocess", "coop"), backbone)
     cache = FeatureCache(cache_dir or run_cache_dir(run_dir), progress=progress)
     metrics, _ = evaluate(method, backbone, samples, test_tf, cache, progress=progress)
     result = {"run": str(run_dir), "method": meta["method"], "trained_on": meta["dataset"],
               "dataset": data.dataset, "classes": data.classes, "split": split, "metrics": metrics,
-              "skipped_images": skipped, "identity": _run_identity(run_dir), "eval_data": data.to_dict()}
+              "skipped_images": skipped, "warnings": warnings, "identity": _run_identity(run_dir),
+              "eval_data": data.to_dict()}
     name = f"{data.dataset.replace(':', '_').replace('/', '_')}-{data.classes}-{split}.json"
     atomic_write_json(run_dir / "eval" / name, result)
     return result
