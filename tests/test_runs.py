@@ -514,3 +514,33 @@ def test_threads_is_validated_applied_and_not_part_of_the_identity(model_files, 
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_read_only_cache_filled_by_a_first_run_serves_a_second_run(model_files, folder, tmp_path, read_only,
+                                                                      capsys):
+    """A lab's shared, read-only cache: a run of another method on the same images reads every feature from it
+    and writes nothing there; a run that needs a feature it lacks stops with one line naming it."""
+    cache = tmp_path / "shared-cache"
+    common = [*_common(model_files, folder, str(cache)), "--shots", "2", "--views", "1", "--epochs", "1"]
+    rc, out, err = _main(["train", "--method", "coop", *common, "--output", str(tmp_path / "coop")], capsys)
+    assert rc == 0, err
+    coop = json.loads(out)
+    before = {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(cache.rglob("*"))}
+    read_only(cache)
+    rc, out, err = _main(["train", "--method", "text-bias", *common, "--output", str(tmp_path / "bias")], capsys)
+    assert rc == 0, err
+    bias = json.loads(out)
+    assert bias["metrics"]["num_samples"] == coop["metrics"]["num_samples"] == 9
+    # evaluation of the first run reads the same cache (the run's own) too
+    rc, out, err = _main(["eval", str(tmp_path / "coop"), "--dataset", "folder", "--root", str(folder), "--quiet"],
+                         capsys)
+    assert rc == 0, err
+    assert json.loads(out)["metrics"]["accuracy"] == pytest.approx(coop["metrics"]["accuracy"])
+    # a second augmented view was never encoded: one line naming the cache
+    views2 = [*common[:-4], "--views", "2", "--epochs", "1"]
+    rc, out, err = _main(["train", "--method", "coop", *views2, "--output", str(tmp_path / "views2")], capsys)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"feature cache {cache} is read-only here" in lines[0]
+    assert "pass a writable --cache-dir" in lines[0]
+    assert {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(cache.rglob("*"))} == before
