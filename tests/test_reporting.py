@@ -355,7 +355,8 @@ def test_base_to_new_files_of_runs_trained_on_every_class_are_never_beside_the_p
     its "new" classes were trained on. The report and the table leave it out and say so; a base-trained sibling of
     the same recipe still gets CoCoOp's numbers."""
     for seed in (1, 2):
-        _write_b2n(tmp_path / "all" / f"seed{seed}", _identity(seed, dataset="dtd", classes="all", **COCOOP), 90.0, 80.0)
+        ident = _identity(seed, dataset="dtd", classes="all", **COCOOP)
+        _write_b2n(tmp_path / "all" / f"seed{seed}", ident, 90.0, 80.0)
     # an older layout: no identity in the file, the run's configuration in its config.yaml
     legacy = tmp_path / "legacy"
     _write_b2n(legacy, _identity(3, dataset="dtd", classes="all", **COCOOP), 90.0, 80.0)

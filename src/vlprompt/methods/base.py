@@ -170,7 +170,9 @@ class Method(nn.Module):
       features, cosine logits), ``"affine"`` (``weight`` (K, E), ``bias`` (K,) on unnormalised image features),
       ``"prompt"`` (the learned tensors; ``predict`` rebuilds the method) or a kind of the method's own, computed
       by its :meth:`head_logits`;
-    * ``uses_template``: the constructor also takes ``template=`` (the dataset's prompt template).
+    * ``uses_template``: the constructor also takes ``template=`` (the dataset's prompt template); with
+      ``template_field`` (the config field of its hand-crafted prompt template(s)) and :meth:`expand_templates`,
+      an evaluation on another dataset resolves the user's request again with that dataset's own prompt;
 
     and implements ``forward`` -> logits (B, K).
     """
@@ -184,6 +186,10 @@ class Method(nn.Module):
     head_kind: ClassVar[str] = "linear"
     #: the constructor takes ``template=`` (the dataset's own prompt template, for hand-crafted prompts)
     uses_template: ClassVar[bool] = False
+    #: the config field holding the hand-crafted prompt template(s) of a ``uses_template`` method. The value the
+    #: user asked for (``template_request``, e.g. ``["dataset"]``) is kept in method.json, so that an evaluation on
+    #: another dataset resolves it again with that dataset's own prompt (the papers' cross-dataset protocol)
+    template_field: ClassVar[Optional[str]] = None
     #: the loss is a mean of per-sample terms, so data-parallel ranks may each take a slice of the batch (set
     #: False for a loss that couples the samples of a batch, e.g. OrdinalCLIP's text-to-image term)
     loss_is_per_sample: ClassVar[bool] = True
@@ -195,6 +201,8 @@ class Method(nn.Module):
         self.classnames = list(classnames)
         self._eval_cache: Any = None
         self._eval_key: Any = None
+        #: the ``template_field`` value the user asked for, before :meth:`expand_templates` (set by the subclass)
+        self.template_request: Any = None
 
     # nn.Module would register the backbone as a submodule; keep it out of state_dict / parameters
     def __setattr__(self, key, value):
@@ -221,6 +229,19 @@ class Method(nn.Module):
         """Whether this configuration trains an image encoder on the images (then no features are cached and
         ``views`` / ``online`` do not apply); decided from the config alone, before anything is built."""
         return cls.trains_image_encoder
+
+    @classmethod
+    def expand_templates(cls, request: Any, dataset_template: Optional[str]) -> Any:
+        """The ``template_field`` value a request stands for on a dataset whose own prompt is ``dataset_template``
+        (what the constructor uses: e.g. ``["dataset"]`` -> ``[dataset_template]``). Default: the request."""
+        return request
+
+    @classmethod
+    def template_follows_dataset(cls, request: Any) -> bool:
+        """Whether a ``template_field`` request depends on the dataset's own prompt (``dataset``, ``ensemble``, a
+        default of None), rather than naming its templates outright (a custom string, ``imagenet80``)."""
+        return (cls.template_field is not None
+                and cls.expand_templates(request, "{} (1).") != cls.expand_templates(request, "{} (2)."))
 
     @classmethod
     def config_for_loading(cls, options: dict) -> dict:

@@ -72,12 +72,18 @@ class ZeroShot(Method):
     summary = "zero-shot CLIP: hand-crafted prompts or a prompt ensemble (nothing trained)"
     learns = "none"
     uses_template = True
+    template_field = "templates"
 
     def __init__(self, config: ZeroShotConfig, backbone, classnames, template: str | None = None):
         super().__init__(config, backbone, classnames)
         # the templates actually used (set names expanded), recorded in method.json / config.yaml
-        self.templates = resolve_templates(config.templates, template or DEFAULT_TEMPLATE)
+        self.template_request = list(config.templates)
+        self.templates = self.expand_templates(config.templates, template)
         self.config = ZeroShotConfig(templates=list(self.templates))
+
+    @classmethod
+    def expand_templates(cls, request, dataset_template):
+        return resolve_templates(request, dataset_template or DEFAULT_TEMPLATE)
 
     @classmethod
     def data_defaults(cls) -> dict:

@@ -186,16 +186,33 @@ def train_source(cfg: RunConfig, method: Method, backbone: Backbone, splits: Dat
 # -- method files -------------------------------------------------------------------------------------
 def save_method(run_dir: Path, cfg: RunConfig, method: Method, splits: DatasetSplits) -> None:
     atomic_save_safetensors(run_dir / "prompt.safetensors", method.learned_state())
-    atomic_write_json(run_dir / "method.json", {
-        "method": cfg.method, "config": method.config.to_dict(), "classnames": list(method.classnames),
-        "backbone": cfg.backbone, "pretrained": cfg.pretrained, "dataset": cfg.data.dataset,
-        "template": splits.template, "preprocess": cfg.preprocess, "image_size": method.backbone.image_size})
+    meta = {"method": cfg.method, "config": method.config.to_dict(), "classnames": list(method.classnames),
+            "backbone": cfg.backbone, "pretrained": cfg.pretrained, "dataset": cfg.data.dataset,
+            "template": splits.template, "preprocess": cfg.preprocess, "image_size": method.backbone.image_size}
+    if method.template_field:  # what the user asked for (e.g. ["dataset"]), resolved again on other datasets
+        meta["template_request"] = method.template_request
+    atomic_write_json(run_dir / "method.json", meta)
+
+
+def template_request(cls: type, meta: dict):
+    """The template request of a saved ``uses_template`` method (method.json's ``template_request``). A run written
+    before it was recorded holds only the resolved templates: when they are what the method's default request
+    (the dataset's own prompt) gives on its dataset, that default is taken, else the templates as they are."""
+    if "template_request" in meta:
+        return meta["template_request"]
+    saved = (meta.get("config") or {}).get(cls.template_field)
+    default = cls.config_class().to_dict().get(cls.template_field)
+    return default if cls.expand_templates(default, meta.get("template")) == saved else saved
 
 
 def load_method(run_dir: Path, backbone: Optional[Backbone] = None, classnames: Optional[Sequence[str]] = None,
-                device: Optional[str] = None) -> tuple[Method, dict, Backbone]:
+                device: Optional[str] = None, dataset_template: Optional[str] = None
+                ) -> tuple[Method, dict, Backbone]:
     """Rebuild a run's method from its directory, optionally on another class list (a class-specific context or
-    a linear probe refuses class lists other than its own)."""
+    a linear probe refuses class lists other than its own). ``dataset_template``: the own prompt of the dataset
+    it is rebuilt for; a method whose hand-crafted templates follow its dataset's (zero-shot and the baselines on
+    its class features, with the default ``dataset`` templates) then uses that one, explicit templates stay.
+    ``meta["templates_from"]`` says which: ``"evaluated dataset"`` or ``"run"``."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
@@ -207,11 +224,17 @@ def load_method(run_dir: Path, backbone: Optional[Backbone] = None, classnames: 
         state = load_file(str(run_dir / "prompt.safetensors"))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{run_dir}: cannot read the trained method ({e})") from e
+    cls = method_class(meta["method"])
+    options, template = cls.config_for_loading(dict(meta["config"])), meta.get("template")
+    if cls.template_field:
+        request = template_request(cls, meta)
+        meta["templates_from"] = "run"
+        if dataset_template is not None and cls.template_follows_dataset(request):
+            options[cls.template_field], template = request, dataset_template
+            meta["templates_from"] = "evaluated dataset"
     if backbone is None:
         backbone = load_backbone(meta["backbone"], meta["pretrained"], device)
-    cls = method_class(meta["method"])
-    method = build_method(meta["method"], cls.config_for_loading(dict(meta["config"])), backbone, meta["classnames"],
-                          template=meta.get("template"))
+    method = build_method(meta["method"], options, backbone, meta["classnames"], template=template)
     method.load_learned_state({k: v.to(backbone.device) for k, v in state.items()})
     if classnames is not None and list(classnames) != list(meta["classnames"]):
         method.set_classnames(classnames)
@@ -550,16 +573,23 @@ def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", 
     data = dataclasses.replace(data, shots=0, allow_fewer=False)
     data.root = os.path.abspath(os.path.expanduser(data.root))
     splits, skipped = prepare_data(data, None, needs=(split,))
-    method, meta, backbone = load_method(run_dir, backbone=backbone, classnames=splits.classnames, device=device)
+    method, meta, backbone = load_method(run_dir, backbone=backbone, classnames=splits.classnames, device=device,
+                                         dataset_template=splits.template)
     samples = getattr(splits, split)
     if not samples:
         raise DataError(f"{data.dataset}: no {split} images")
     warnings = data_warnings(splits)
+    prompts = {}
+    if method.template_field:  # the papers' cross-dataset protocol: the evaluated dataset's own prompt
+        prompts = {"templates": getattr(method.config, method.template_field), "templates_from": meta["templates_from"]}
+        log.info("%s: prompt template(s) %s (%s)", meta["method"], prompts["templates"],
+                 "the evaluated dataset's own prompt" if meta["templates_from"] == "evaluated dataset"
+                 else "as the run was configured")
     _, test_tf = transforms_for(meta.get("preprocess", "coop"), backbone)
     cache = FeatureCache(cache_dir or run_cache_dir(run_dir), progress=progress)
     metrics, _ = evaluate(method, backbone, samples, test_tf, cache, progress=progress)
     result = {"run": str(run_dir), "method": meta["method"], "trained_on": meta["dataset"],
-              "dataset": data.dataset, "classes": data.classes, "split": split, "metrics": metrics,
+              "dataset": data.dataset, "classes": data.classes, "split": split, "metrics": metrics, **prompts,
               "skipped_images": skipped, "warnings": warnings, "identity": _run_identity(run_dir),
               "eval_data": data.to_dict()}
     name = f"{data.dataset.replace(':', '_').replace('/', '_')}-{data.classes}-{split}.json"
