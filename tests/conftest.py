@@ -124,7 +124,7 @@ def read_only(monkeypatch):
     def refuse(path):
         raise PermissionError(errno.EROFS, "Read-only file system (test)", os.fsdecode(path))
 
-    real = {"open": builtins.open, "io_open": io.open, "os_open": os.open, "access": os.access}
+    real = {"open": builtins.open, "os_open": os.open, "access": os.access}
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
     def guarded_open(file, mode="r", *args, **kwargs):
