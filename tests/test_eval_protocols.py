@@ -175,7 +175,8 @@ def test_explicit_templates_are_kept_on_another_dataset(templates, kept, model_f
     run(resolve(req), tmp_path / "zs", progress=False)
     res = evaluate_run(tmp_path / "zs", target, progress=False)
     if kept == "target":  # CoOp's ensemble is its 7 prompts plus the dataset's own: the evaluated dataset's
-        assert res["templates"] == [*IMAGENET_TEMPLATES_SELECT, TEXTURE] and res["templates_from"] == "evaluated dataset"
+        assert res["templates"] == [*IMAGENET_TEMPLATES_SELECT, TEXTURE]
+        assert res["templates_from"] == "evaluated dataset"
     else:
         assert res["templates"] == (kept or list(IMAGENET_TEMPLATES_SELECT)) and res["templates_from"] == "run"
 
