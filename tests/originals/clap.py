@@ -214,7 +214,7 @@ def clap_train(features: torch.Tensor, labels: torch.Tensor, base: torch.Tensor,
       ``batch_size``: so an epoch sees about N of the R N features, and with N < 256 ONE step on 256 of them.
     - Step: ``CE(zs_lp_logits(batch)) + zero_shot_constraint`` (omitted for "none"); Dassl's
       ``model_backward_and_update``: zero_grad, backward, ``SGD(momentum 0.9, weight_decay 0, dampening 0,
-      nesterov False)`` step (optimizer.py:108-115; config l.16-23; defaults.py:154-156).
+      nesterov False)`` step (optimizer.py:105-113; config l.16-23; defaults.py:154-156).
     - lr per epoch: :func:`dassl_lr` (epoch 0 at 1e-5, then cosine from 0.1).
     - After each epoch, with "adaptative": :func:`outer_step`. No validation, no model selection: the last
       epoch is the model (saved as model.pth.tar-300 and loaded with ``--load-epoch 300``).

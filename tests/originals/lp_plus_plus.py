@@ -145,9 +145,11 @@ def lpp_train(features: torch.Tensor, labels: torch.Tensor, val_features: torch.
               test_labels: torch.Tensor | None = None, classifier: torch.nn.Linear | None = None) -> dict:
     """linear_probe_p2.py:94-167, LP++'s full-batch loop on L2-normalised features.
 
-    - ``features`` (N, D): the support set, ONE augmented view per image (main.py:100-101: the train loader
-      applies RandomResizedCrop(224, scale (0.5, 1)) + flip, extracted once); ``val_features``: the K-shot val
-      set with CLIP's test preprocess (main.py:102-103).
+    - ``features`` (N, D): the support set, ONE augmented view per image, extracted once (linear_probe_p2.py:
+      70-79): the train loader applies main.py:69-74's RandomResizedCrop(224, scale (0.5, 1)) + flip, and is
+      shuffled because base.yaml:36 sets ``finetune: True`` (main.py:96-101); the loop below is invariant to
+      that order up to summation order. ``val_features``: the K-shot val set through CLIP's test preprocess
+      (main.py:102-103).
     - Head: :func:`init_classifier` (pass ``classifier`` to reuse one); lr_w = :func:`calculate_lr_w`,
       alpha_0 = :func:`calculate_init_alpha` for every class, lr_alpha = :func:`calculate_lr_alpha`.
     - Each of the ``epochs`` (300) steps: logits on ALL support features, CE (mean), ``SGD(head, lr_w,
