@@ -7,10 +7,10 @@ and the upstream Dassl it runs on (KaiyangZhou/Dassl.pytorch@c61a1b570ac6333bd50
 
 In torch (fp32) on open_clip modules. Precision of the original: with the default ``PREC fp16`` (train.py:95;
 ``fp32``/``amp`` would crash in ``_get_base_text_features``, whose text encoder stays on the CPU while the
-tokens go to CUDA, adapters.py:93-123) the class text features are computed by the fp16 CLIP, then the whole
-model is cast to fp32 (adapters.py:520) and the image tower runs in fp32 too (the fp16 cast of the input
-raises inside ``try`` and the ``except`` falls back to ``image.float()``, adapters.py:311-314); matmuls may use
-TF32 (adapters.py:24-27). Only the fp16 text features are an artefact to note.
+tokens go to CUDA, adapters.py:93-123; read from the code, not run) the class text features are computed by
+the fp16 CLIP, then the whole model is cast to fp32 (adapters.py:520) and the image tower runs in fp32 too (the
+fp16 cast of the input raises inside ``try`` and the ``except`` falls back to ``image.float()``,
+adapters.py:311-314); matmuls may use TF32 (adapters.py:24-27). Only the fp16 text features are an artefact.
 
 Shapes: C classes, D the embedding width, N support images, R = 20 augmented repetitions; the prototypes
 and the text features are (C, D) (row per class, unlike Tip-Adapter's (D, C)).
@@ -177,6 +177,16 @@ def outer_step(prototypes: torch.Tensor, base: torch.Tensor, multipliers: torch.
     return new_multipliers.detach().clone(), h.detach().clone()
 
 
+def clap_loss(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, base: torch.Tensor,
+              multipliers: torch.Tensor, logit_scale: torch.Tensor, constraint: str = "l2") -> torch.Tensor:
+    """forward_backward (adapters.py:698-707): CE (mean) of :func:`zs_lp_logits` on a batch of unnormalised
+    features (B, D), plus :func:`zero_shot_constraint` unless ``constraint == "none"`` (ZS-LP)."""
+    loss = F.cross_entropy(zs_lp_logits(features, prototypes, logit_scale), labels)
+    if constraint != "none":
+        loss = loss + zero_shot_constraint(prototypes, base, multipliers, constraint)
+    return loss
+
+
 # -- Dassl's schedule and batches -------------------------------------------------------------------------
 def dassl_lr(epoch: int, base_lr: float = 0.1, max_epoch: int = 300, warmup_epochs: int = 1,
              warmup_lr: float = 1e-5) -> float:
@@ -242,9 +252,7 @@ def clap_train(features: torch.Tensor, labels: torch.Tensor, base: torch.Tensor,
         order = orders[epoch] if orders is not None else torch.randperm(features.shape[0], generator=generator)
         for b in range(steps):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            loss = F.cross_entropy(zs_lp_logits(features[idx], prototypes, logit_scale), labels[idx])
-            if use_penalty:
-                loss = loss + zero_shot_constraint(prototypes, base, multipliers, constraint)
+            loss = clap_loss(features[idx], labels[idx], prototypes, base, multipliers, logit_scale, constraint)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -134,6 +134,13 @@ def lpp_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return vision + torch.ones(features.shape[0], 1, dtype=features.dtype) @ alpha * text
 
 
+def lpp_loss(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             alpha: torch.Tensor, clip_weights: torch.Tensor) -> torch.Tensor:
+    """linear_probe_p2.py:127-130: CE (mean over all N support images) of :func:`lpp_logits`; its gradients
+    reach weight, bias (through SGD) and alpha (accumulated, see :func:`lpp_train`)."""
+    return F.cross_entropy(lpp_logits(features, weight, bias, alpha, clip_weights), labels)
+
+
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     # linear_probe_p2.py:145: np.mean(argmax == labels) * 100.0 (a float64)
     return float(np.mean(logits.argmax(dim=1).cpu().numpy() == labels.cpu().numpy()) * 100.0)
@@ -173,8 +180,7 @@ def lpp_train(features: torch.Tensor, labels: torch.Tensor, val_features: torch.
     best_acc, best_epoch, best_state, test_acc = 0.0, 0, None, None
     losses = []
     for epoch in range(epochs):
-        logits = lpp_logits(features, classifier.weight, classifier.bias, alpha, clip_weights)
-        loss = F.cross_entropy(logits, labels)
+        loss = lpp_loss(features, labels, classifier.weight, classifier.bias, alpha, clip_weights)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

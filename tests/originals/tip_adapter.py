@@ -225,6 +225,15 @@ def run_tip_adapter(cache_keys, cache_values, search_features, search_labels, te
 
 
 # -- Tip-Adapter-F ----------------------------------------------------------------------------------------
+def tip_adapter_f_loss(features: torch.Tensor, labels: torch.Tensor, adapter_weight: torch.Tensor,
+                       clip_weights: torch.Tensor, cache_values: torch.Tensor, alpha: float,
+                       beta: float) -> torch.Tensor:
+    """main.py:91-96: the training loss of one batch, CE (mean) of :func:`tip_logits` with the learned keys
+    ``adapter_weight`` (N, D) and the INITIAL alpha / beta; features (B, D) L2-normalised, labels (B,)."""
+    logits = tip_logits(features, clip_weights, cache_values, alpha, beta, adapter_weight=adapter_weight)
+    return F.cross_entropy(logits, labels)
+
+
 def epoch_batches(n: int, batch_size: int = TRAIN_BATCH, order: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """The index batches of one epoch of ``DataLoader(shuffle=True, batch_size=256, drop_last=False)``
@@ -272,8 +281,8 @@ def tip_adapter_f_train(cache_keys: torch.Tensor, cache_values: torch.Tensor, cl
         feats = train_features[epoch] if train_features.dim() == 3 else train_features
         order = None if orders is None else orders[epoch]
         for idx in epoch_batches(n, batch_size, order, generator):
-            logits = tip_logits(feats[idx], clip_weights, cache_values, init_alpha, init_beta, adapter_weight=weight)
-            loss = F.cross_entropy(logits, train_labels[idx])
+            loss = tip_adapter_f_loss(feats[idx], train_labels[idx], weight, clip_weights, cache_values, init_alpha,
+                                      init_beta)
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.zero_grad()
             loss.backward()
