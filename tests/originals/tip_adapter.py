@@ -138,7 +138,7 @@ def build_cache_keys(view_features: torch.Tensor) -> torch.Tensor:
 
 def build_cache_values(labels: torch.Tensor) -> torch.Tensor:
     """utils.py:62: ``F.one_hot(labels)`` (N,) -> (N, C) with C = max label + 1 (no num_classes given: a
-    missing last class would shrink C), cast to the feature dtype (the original: ``.half()``)."""
+    missing last class would shrink C), as fp32 (the original: ``.half()``)."""
     return F.one_hot(labels).float()
 
 
@@ -151,9 +151,13 @@ def build_cache_model(model, views: torch.Tensor, labels: torch.Tensor) -> tuple
     return build_cache_keys(feats), build_cache_values(labels)
 
 
-def affinity(features: torch.Tensor, cache_keys: torch.Tensor) -> torch.Tensor:
-    """main.py:39: (B, D) x (D, N) -> (B, N) cosine of each image to each cached training image."""
-    return features @ cache_keys
+def affinity(features: torch.Tensor, cache_keys: torch.Tensor | None = None,
+             adapter_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """main.py:39 (``f K``) or main.py:91 (``adapter(f)`` = f adapter^T, the learned keys (N, D) of Tip-Adapter-F):
+    (B, D) -> (B, N), the cosine of each image to each cached training image. Give exactly one of the two."""
+    if (cache_keys is None) == (adapter_weight is None):
+        raise ValueError("give exactly one of cache_keys and adapter_weight")
+    return features @ cache_keys if adapter_weight is None else features @ adapter_weight.t()
 
 
 def tip_logits(features: torch.Tensor, clip_weights: torch.Tensor, cache_values: torch.Tensor, alpha: float,
@@ -162,9 +166,7 @@ def tip_logits(features: torch.Tensor, clip_weights: torch.Tensor, cache_values:
     """main.py:32-42 (Tip-Adapter) and main.py:91-94 (Tip-Adapter-F, ``adapter_weight`` (N, D) the learned keys):
     ``100 f W + alpha * exp(-(beta - beta * A)) L`` with A = f K (or f adapter^T); the cache term is computed as
     the original writes it, ``(-1) * (beta - beta * A)``. (B, D) -> (B, C)."""
-    if (cache_keys is None) == (adapter_weight is None):
-        raise ValueError("give exactly one of cache_keys and adapter_weight")
-    aff = features @ cache_keys if adapter_weight is None else features @ adapter_weight.t()
+    aff = affinity(features, cache_keys, adapter_weight)
     cache_logits = ((-1) * (beta - beta * aff)).exp() @ cache_values
     clip_logits = CLIP_LOGIT_SCALE * features @ clip_weights
     return clip_logits + cache_logits * alpha
@@ -194,7 +196,8 @@ def search_hp(cache_keys: torch.Tensor | None, cache_values: torch.Tensor, featu
     (Tip-Adapter-F; ``cache_keys`` is then unused). ``features`` are the split searched: the full val split in
     main.py (main.py:47, 132), the TEST set in main_imagenet.py (l.43, 110). Returns (beta, alpha, best_acc)."""
     betas, alphas = search_grid(search_scale, search_step)
-    aff = features @ cache_keys if adapter_weight is None else features @ adapter_weight.t()
+    # the original recomputes these (and the cache term) for every pair; computing them once changes no value
+    aff = affinity(features, cache_keys, adapter_weight)
     clip_logits = CLIP_LOGIT_SCALE * features @ clip_weights
     best_acc, best_beta, best_alpha = 0, 0, 0
     for beta in betas:
