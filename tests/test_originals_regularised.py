@@ -286,7 +286,8 @@ def test_taskres_logits_residual_and_alpha(model):
 
 
 def test_taskres_recipe_and_imagenet_subset_indexes():
-    assert taskres.recipe("OxfordFlowers", 1)["alpha"] == 1.0 and taskres.recipe("DescribableTextures", 1)["alpha"] == 0.5
+    assert taskres.recipe("OxfordFlowers", 1)["alpha"] == 1.0
+    assert taskres.recipe("DescribableTextures", 1)["alpha"] == 0.5
     assert taskres.recipe("ImageNet", 16)["lr"] == 2e-4 and taskres.recipe("ImageNet", 16)["max_epoch"] == 200
     assert taskres.recipe("EuroSAT", 4)["config"] == "adam_lr2e-3_B256_ep100"
     assert taskres.imagenet_subset_indexes(["b", "missile"], ["a", "missile", "b", "missile"]) == [2, 1]
@@ -351,7 +352,8 @@ def test_checkpoints_have_the_originals_layout_and_load_without_running_code(mod
         assert (run / folder / "checkpoint").read_text() == f"model.pth.tar-{epoch}\n"
         assert "dassl" not in sys.modules
         ckpt = load_checkpoint(path)
-        assert set(ckpt) == {"state_dict", "epoch", "optimizer", "scheduler"} | ({"val_result"} if val_result else set())
+        extra = {"val_result"} if val_result else set()
+        assert set(ckpt) == {"state_dict", "epoch", "optimizer", "scheduler"} | extra
         assert ckpt["epoch"] == epoch and list(ckpt["state_dict"]) == keys
         for key, dtype in dtypes.items():
             assert ckpt["state_dict"][key].dtype == dtype, (module.__name__, key)

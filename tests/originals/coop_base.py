@@ -28,7 +28,6 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
 TOKENIZER = open_clip.get_tokenizer("RN50")  # CLIP's BPE: the originals' clip.tokenize and _tokenizer.encode
@@ -45,12 +44,14 @@ DASSL_DATASET_NAMES = {
 
 # -- CLIP's text and image paths ----------------------------------------------------------------------------
 def tokenize(texts: Sequence[str]) -> torch.Tensor:
-    """``torch.cat([clip.tokenize(p) for p in texts])``: (N, 77) int64, SOT 49406 ... EOT 49407, zero padding."""
+    """``torch.cat([clip.tokenize(p) for p in texts])`` (kgcoop.py:139, 159; prograd.py:116): (N, 77) int64,
+    SOT 49406 ... EOT 49407, zero padding."""
     return torch.cat([TOKENIZER([t]) for t in texts])
 
 
 def bpe_length(text: str) -> int:
-    """``len(_tokenizer.encode(text))``: the BPE token count the originals use for ``name_lens``."""
+    """``len(_tokenizer.encode(text))``: the BPE token count the originals use for ``name_lens`` (kgcoop.py:128,
+    prograd.py:113)."""
     return len(TOKENIZER.encode(text))
 
 
@@ -164,7 +165,7 @@ def dassl_epoch_lr(epoch: int, base_lr: float, max_epoch: int, *, warmup_epoch: 
     warm-up epochs (counted inside ``max_epoch``), then ``base_lr * (1 + cos(pi * (epoch - warmup_epoch) /
     max_epoch)) / 2``. The cosine's period is ``max_epoch``, not ``max_epoch - warmup_epoch``, so the last epoch
     runs at a small positive rate (0.002 -> 4.9e-7 for 100 epochs). torch computes the same values recursively
-    (equal to ~1e-15 relative)."""
+    (equal to ~1e-15 relative). Sources: fork:dassl/optim/lr_scheduler.py:35-54, 130-143."""
     if epoch < warmup_epoch:
         return warmup_lr
     t = epoch - warmup_epoch
@@ -249,9 +250,10 @@ def write_dassl_checkpoint(directory, model_name: str, state_dict: Mapping[str, 
 def registered_optimizer_and_scheduler(params: Sequence[torch.nn.Parameter], name: str, lr: float, epoch: int,
                                        max_epoch: int, **optim_kw):
     """The optimizer and scheduler of a registered module as they stand after ``epoch`` epochs: built like
-    Dassl builds them, the scheduler stepped once per epoch, and optimizer state for every parameter that
-    trains (``requires_grad``) in the form torch writes it (SGD: a momentum buffer; Adam: step, exp_avg,
-    exp_avg_sq). The state's values are zeros: the tests need the file's layout, not a trajectory."""
+    Dassl builds them for ``register_model`` (fork:dassl/engine/trainer.py:87-107; e.g. kgcoop.py:280-282), the
+    scheduler stepped once per epoch, and optimizer state for every parameter that trains (``requires_grad``)
+    in the form torch writes it (SGD: a momentum buffer; Adam: step, exp_avg, exp_avg_sq). The state's values
+    are zeros: the tests need the file's layout, not a trajectory."""
     optimizer = dassl_optimizer(params, name, lr, **optim_kw)
     scheduler = dassl_scheduler(optimizer, max_epoch)
     with warnings.catch_warnings():
