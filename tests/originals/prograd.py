@@ -20,7 +20,11 @@ Quirks (each also in the docstring of the function concerned):
 - ``prograd_backward_and_update`` zips each registered model's parameters with ONE flat list of KL gradients
   gathered over all models: correct only with one registered model (ProGrad registers one); a parameter
   without a gradient crashes it (``p.grad.clone()`` of None, trainer.py:326);
-- the amp branch hands a tuple to the GradScaler and fails (prograd.py:364-373);
+- the amp branch hands a tuple to the GradScaler and fails (prograd.py:364-373); with the default PREC "fp16"
+  ``ctx`` is an fp16 parameter: both gradients, their norms and dot products and the SGD step are fp16 (no loss
+  scaling) while the teacher runs fp32 (prograd.py:308-315); here everything is fp32;
+- a saved ProGrad context is not a plain CoOp context: evaluating it needs ProGrad's prompt text ("X" * (16 - p)
+  + phrase + name), whose fixed suffix starts with the phrase's spilled token for the comma datasets;
 - the README's CoOp 16-shot command passes 8 shots (README.md:48).
 """
 from __future__ import annotations
