@@ -91,9 +91,10 @@ def test_every_third_party_module_imported_by_the_package_is_a_dependency():
 
 def test_every_third_party_module_imported_by_the_tests_is_in_the_dev_extra():
     tests = REPO / "tests"
+    # local: the test modules (conftest helpers) and test packages (tests/originals: `from originals.x import`)
     local = {p.stem for p in tests.glob("*.py")} | {p.parent.name for p in tests.glob("*/__init__.py")}
-    imports = _third_party_imports(tests, frozenset(local))  # local: test modules and packages (originals)
-    assert "pytest" in imports
+    imports = _third_party_imports(tests, frozenset(local))
+    assert "pytest" in imports and "originals" not in imports
     assert _undeclared(imports, _declared(("dev",))) == []
 
 
