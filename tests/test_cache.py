@@ -681,3 +681,62 @@ def test_resnet_tower_in_channels_last_equals_the_plain_layout(models):
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
     g, loc = bb.encode_image(x, local=True)
     assert torch.allclose(g, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# read-only caches (a lab's shared cache, a read-only mount)
+# ------------------------------------------------------------------------------------------------------------
+def tree(folder):
+    """Every file and folder under ``folder`` with its size and mtime: equal trees mean nothing was written."""
+    return {str(p): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("access", [True, False], ids=["os.access says read-only", "writes fail"])
+def test_a_read_only_cache_serves_what_it_holds_and_a_miss_names_it(access, vit, images, root, read_only):
+    filled = get(root, vit, images[:4], local=True)
+    before = tree(root)
+    read_only(root, access=access)
+    vit.images = 0
+    again = get(root, vit, images[:4], local=True)
+    assert (again.hits, again.misses) == (4, 0) and vit.images == 0
+    assert torch.equal(again.global_, filled.global_) and torch.equal(again.local, filled.local)
+    rows = FeatureCache(root, progress=False).open(vit, images[:4], eval_tf(), transform_id="eval32", local=True)
+    assert torch.equal(rows.read(torch.tensor([3, 0]))[0], filled.global_[[3, 0]])
+    rows.close()
+    for request in (dict(paths=images), dict(paths=images[:4], transform_id="another")):  # 2 missing; a new dir
+        with pytest.raises(CacheError) as e:
+            get(root, vit, request["paths"], local=True, transform_id=request.get("transform_id", "eval32"))
+        message = str(e.value)
+        assert "\n" not in message and f"feature cache {root} is read-only" in message
+        assert "pass a writable --cache-dir" in message
+    assert "lacks 2 of the 6" in str(CacheError_of(lambda: get(root, vit, images, local=True)))
+    assert vit.images == 0 and tree(root) == before
+
+
+def CacheError_of(call):
+    with pytest.raises(CacheError) as e:
+        call()
+    return e.value
+
+
+def test_a_read_only_cache_with_damaged_shards_is_left_as_it_is(vit, images, root, read_only, caplog):
+    first = get(root, vit, images, shard_size=2, batch_size=2)
+    _flip(first.directory / "shard-00001.safetensors")  # found when its rows are read (row checksums)
+    _truncate(first.directory / "shard-00002.safetensors")  # found at look-up (byte size)
+    before = tree(root)
+    read_only(root)
+    with caplog.at_level(logging.WARNING, logger="vlprompt.cache"):
+        assert get(root, vit, images[:2]).hits == 2  # the intact shard still serves
+        message = str(CacheError_of(lambda: get(root, vit, images[:4])))
+        assert "shard-00001.safetensors is invalid" in message and "read-only" in message
+        message = str(CacheError_of(lambda: get(root, vit, images)))
+        assert "lacks 2 of the 6" in message  # the truncated shard's images
+    assert "shard-00002.safetensors is invalid" in caplog.text and "not using it (read-only cache)" in caplog.text
+    assert tree(root) == before and vit.images == N  # nothing dropped, rewritten or encoded
+
+
+def test_clearing_a_read_only_cache_is_one_line(vit, images, root, read_only):
+    get(root, vit, images)
+    read_only(root)
+    with pytest.raises(CacheError, match="read-only here .* cannot be cleared"):
+        clear_cache(root)

@@ -373,3 +373,55 @@ def test_a_run_written_before_the_sampler_existed_resumes_on_its_own_images(mode
     res = run(resolve(req), tmp_path / "run", resume=True, progress=False)  # the same command after the upgrade
     assert load_split(tmp_path / "run" / "split.json").train == old_images
     assert res["config"]["data"]["sampler"] == "sorted"  # what the run really used
+
+
+def test_lpclip_linear_probe_fits_the_rows_in_the_scripts_order(model_files, folder, tmp_path, monkeypatch):
+    """--sampler lpclip: the linear probe's L-BFGS (order-sensitive at tol 1e-4) is fed the rows CoOp's
+    lpclip/linear_probe.py feeds it: ``train_feature[selected_idx_list]``, its features in the order
+    feat_extractor.py wrote them (the train split in file order), grouped by np.unique(label), each class in
+    np.random.choice's draw order. The split file here interleaves the classes and is not sorted."""
+    from conftest import write_csv
+    from vlprompt.backbone import load_backbone
+    from vlprompt.cache import FeatureCache
+    from vlprompt.data import transform_id
+    from vlprompt.methods import linear_probe
+    from vlprompt.runs import transforms_for
+
+    images = sorted(str(p) for p in folder.rglob("*.jpg"))
+    rows = [[p, Path(p).parent.name, ("train", "train", "train", "val", "val", "test")[i % 6]]
+            for i, p in enumerate(images)]
+    random.Random(4).shuffle(rows)
+    csv_file = write_csv(tmp_path / "split.csv", ["path", "label", "split"], rows)
+    fitted = []
+    real_fit = linear_probe.fit_logistic
+
+    def spy(x, y, C, max_iter=1000):
+        fitted.append((x.copy(), y.copy()))
+        return real_fit(x, y, C, max_iter)
+
+    monkeypatch.setattr(linear_probe, "fit_logistic", spy)
+    cfg, weights = model_files
+    req = {"method": "linear-probe", "backbone": str(cfg), "pretrained": str(weights), "seed": 2,
+           "cache_dir": str(tmp_path / "cache"),
+           "data": {"dataset": "csv", "root": str(csv_file), "shots": 2, "sampler": "lpclip"}}
+    run(resolve(req), tmp_path / "run", progress=False)
+
+    # the script, written out: features of the whole train split in file order, then its sampling
+    ds = load_dataset("csv", str(csv_file))
+    assert _first_appearance(ds.train) != sorted(_first_appearance(ds.train))
+    backbone = load_backbone(str(cfg), str(weights), device="cpu")
+    _, test_tf = transforms_for("coop", backbone)
+    feats = FeatureCache(tmp_path / "cache", progress=False).get(
+        backbone, [s.path for s in ds.train], test_tf, transform_id=transform_id(test_tf)).global_
+    train_feature = feats.double().numpy()
+    train_label = np.array([s.label for s in ds.train])
+    np.random.seed(2)
+    selected_idx_list = []
+    for label in np.unique(train_label):
+        label_collection = np.where(train_label == label)[0]
+        selected_idx_list.extend(np.random.choice(label_collection, size=2, replace=False))
+    assert fitted and all(np.array_equal(x, train_feature[selected_idx_list]) for x, _ in fitted)
+    assert all(np.array_equal(y, train_label[selected_idx_list]) for _, y in fitted)
+    # not vacuous: the file order is not the class order, and a draw order is not the sorted one
+    assert not np.array_equal(fitted[0][0], train_feature[sorted(selected_idx_list)])
+    assert any(a > b for a, b in zip(selected_idx_list[::2], selected_idx_list[1::2]))

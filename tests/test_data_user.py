@@ -131,6 +131,40 @@ def test_csv_class_name_labels_and_generated_split(tmp_path):
     assert load_dataset("csv", path, classnames=str(names_file)).classnames == ["dog", "cat face"]
 
 
+def test_csv_integer_labels_without_names_warn_and_take_names_from_a_file(tmp_path):
+    """Integer labels and no names: the class names would be "0", "1", "7" inside the prompts ("a photo of a 0."):
+    one warning line in extra["warnings"] (the run puts it in log.txt and results.json); a names file (line i names
+    label i) or a classname column gives words, and no warning."""
+    rows = []
+    for i in range(12):
+        jpeg(tmp_path / "i" / f"{i}.jpg", i)
+        rows.append([f"i/{i}.jpg", [0, 1, 7][i % 3]])
+    path = write_csv(tmp_path / "d.csv", ["path", "label"], rows)
+    ds = load_dataset("csv", path)
+    assert ds.classnames == ["0", "1", "7"]
+    (warning,) = ds.extra["warnings"]
+    assert "\n" not in warning and str(path) in warning and "'a photo of a 0.'" in warning
+    assert "classnames=" in warning and "classname column" in warning
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(["zero", "one", "two", "three", "four", "five", "six", "seven"]) + "\n")
+    named = load_dataset("csv", path, classnames=str(names))
+    assert named.classnames[7] == "seven" and {s.classname for s in named.train} == {"zero", "one", "seven"}
+    assert "warnings" not in named.extra
+    with_column = write_csv(tmp_path / "c.csv", ["path", "label", "classname"],
+                            [[r[0], r[1], {0: "cat", 1: "dog", 7: "owl"}[r[1]]] for r in rows])
+    assert "warnings" not in load_dataset("csv", with_column).extra
+    ages = write_csv(tmp_path / "a.csv", ["path", "label", "age"], [[r[0], r[1], 20 + r[1]] for r in rows])
+    assert "warnings" not in load_dataset("csv", ages, target="age").extra  # ranks named by numbers: on purpose
+
+
+def test_folder_of_numbered_class_folders_warns(tmp_path):
+    for c in ("0", "1"):
+        for i in range(4):
+            jpeg(tmp_path / "data" / c / f"{i}.jpg", i)
+    (warning,) = load_dataset("folder", tmp_path / "data").extra["warnings"]
+    assert "'a photo of a 0.'" in warning and "class folders" in warning
+
+
 def test_csv_unknown_class_names_file_row_and_class(tmp_path):
     jpeg(tmp_path / "a.jpg")
     path = write_csv(tmp_path / "d.csv", ["path", "label"], [["a.jpg", "dog"], ["a.jpg", "unicorn"]])

@@ -13,10 +13,10 @@ from vlprompt.stats import mean_std
 
 
 def _identity(seed, method="coop", dataset="caltech101", root="/data/caltech-101", shots=16, epochs=200,
-              **method_options):
+              classes="all", **method_options):
     train = {"epochs": epochs, "lr": 0.002, "batch_size": 32} if method != "zeroshot" else None
     ident = {"method": method, "backbone": "RN50", "pretrained": "openai", "precision": "amp",
-             "data": {"dataset": dataset, "root": root, "options": {}, "shots": shots, "classes": "all"},
+             "data": {"dataset": dataset, "root": root, "options": {}, "shots": shots, "classes": classes},
              "method_options": method_options, "seed": seed}
     if train:
         ident["train"] = train
@@ -171,10 +171,10 @@ def _write_b2n(run_dir, identity, base, new, eval_root="/data/caltech-101"):
 
 def test_base_to_new_groups_by_identity_and_eval_data_with_h_on_averages(tmp_path):
     for seed, (base, new) in zip((1, 2), ((90.0, 50.0), (70.0, 70.0))):
-        _write_b2n(tmp_path / f"coop{seed}", _identity(seed), base, new)
-        _write_b2n(tmp_path / f"csc{seed}", _identity(seed, csc=True), base - 10, new - 10)
+        _write_b2n(tmp_path / f"coop{seed}", _identity(seed, classes="base"), base, new)
+        _write_b2n(tmp_path / f"csc{seed}", _identity(seed, classes="base", csc=True), base - 10, new - 10)
         # The same trained run evaluated on another copy of the data: its own row.
-        _write_b2n(tmp_path / f"coop{seed}-other", _identity(seed), 10.0, 20.0, eval_root="/other")
+        _write_b2n(tmp_path / f"coop{seed}-other", _identity(seed, classes="base"), 10.0, 20.0, eval_root="/other")
     rows = summarize_base_to_new([tmp_path])
     assert len(rows) == 3 and all(r["runs"] == 2 and r["seeds"] == [1, 2] for r in rows)
     (coop,) = [r for r in rows if r["identity"]["method_options"] == {}
@@ -188,8 +188,8 @@ def test_base_to_new_groups_by_identity_and_eval_data_with_h_on_averages(tmp_pat
 
 
 def test_base_to_new_duplicate_seed_is_an_error(tmp_path):
-    _write_b2n(tmp_path / "a", _identity(1), 80.0, 60.0)
-    _write_b2n(tmp_path / "b", _identity(1), 81.0, 61.0)
+    _write_b2n(tmp_path / "a", _identity(1, classes="base"), 80.0, 60.0)
+    _write_b2n(tmp_path / "b", _identity(1, classes="base"), 81.0, 61.0)
     with pytest.raises(VLPromptError, match="duplicate"):
         summarize_base_to_new([tmp_path])
 
@@ -212,3 +212,17 @@ def test_a_metric_that_is_not_a_number_is_an_error_naming_the_run(tmp_path):
     run = _write_run(tmp_path / "a", _identity(1), None)
     with pytest.raises(VLPromptError, match=f"{run}: accuracy is None"):
         summarize(collect_results([tmp_path]))
+
+
+def test_cli_table_on_a_folder_without_finished_runs_is_one_line_and_writes_nothing(tmp_path, capsys):
+    empty = tmp_path / "runs"
+    empty.mkdir()
+    out_md = tmp_path / "table.md"
+    assert main(["table", str(empty), "--output", str(out_md)]) == 2
+    err = capsys.readouterr().err
+    assert "no run results under" in err and str(empty) in err and len(err.strip().splitlines()) == 1
+    assert not out_md.exists()
+    (empty / "unfinished").mkdir()  # a run that has not written results.json yet
+    (empty / "unfinished" / "run.json").write_text(json.dumps({"vlprompt_run": 1, "status": "running"}))
+    assert main(["table", str(empty), "--json", "--output", str(out_md)]) == 2
+    assert not out_md.exists() and capsys.readouterr().out == ""

@@ -348,3 +348,50 @@ def test_base_to_new_shows_the_trained_dataset_only_when_it_is_not_the_evaluated
     rows = build_report([tmp_path])["base2new"]
     assert sorted(r["columns"]["data.dataset"] for r in rows) == ["dtd", "imagenet"]
     assert {r["dataset"] for r in rows} == {"dtd"}
+
+
+def test_base_to_new_files_of_runs_trained_on_every_class_are_never_beside_the_papers(tmp_path, capsys):
+    """An eval/base2new-*.json of a run trained on all classes (written by an earlier version, which allowed it):
+    its "new" classes were trained on. The report and the table leave it out and say so; a base-trained sibling of
+    the same recipe still gets CoCoOp's numbers."""
+    for seed in (1, 2):
+        ident = _identity(seed, dataset="dtd", classes="all", **COCOOP)
+        _write_b2n(tmp_path / "all" / f"seed{seed}", ident, 90.0, 80.0)
+    # an older layout: no identity in the file, the run's configuration in its config.yaml
+    legacy = tmp_path / "legacy"
+    _write_b2n(legacy, _identity(3, dataset="dtd", classes="all", **COCOOP), 90.0, 80.0)
+    doc = json.loads((legacy / "eval" / "base2new-dtd.json").read_text())
+    config = doc.pop("identity")
+    (legacy / "eval" / "base2new-dtd.json").write_text(json.dumps(doc))
+    (legacy / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    with pytest.raises(VLPromptError, match="no run results under .*trained on every class"):
+        build_report([tmp_path])
+    # the same recipe trained on the base half: its row, beside the paper; the others left out, named
+    _write_b2n(tmp_path / "base" / "seed1", _identity(1, dataset="dtd", classes="base", **COCOOP), 70.0, 60.0)
+    report = build_report([tmp_path])
+    (row,) = report["base2new"]
+    assert row["paths"] == [str(tmp_path / "base" / "seed1" / "eval" / "base2new-dtd.json")]
+    assert row["paper_base"]["value"] == 77.01 and row["base"] == 70.0
+    assert sorted(e["path"] for e in report["base2new_excluded"]) == sorted(
+        str(p / "eval" / "base2new-dtd.json") for p in (tmp_path / "all" / "seed1", tmp_path / "all" / "seed2", legacy))
+    assert all("trained on every class" in e["reason"] for e in report["base2new_excluded"])
+    md = render(report, "md")
+    assert "90.00" not in md and md.count("not a base-to-new result (left out)") == 3
+    # vlprompt table: the same rule
+    assert main(["table", str(tmp_path / "all"), str(legacy), "--json"]) == 2
+    assert "trained on every class" in capsys.readouterr().err
+    assert main(["table", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["base_to_new"]) == 1 and len(data["base_to_new_excluded"]) == 3
+    assert main(["table", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("not a base-to-new result (left out)") == 3
+
+
+def test_zero_shot_base_to_new_of_all_classes_is_clips_row(tmp_path):
+    """Zero-shot learns nothing: evaluated on both halves it is CoCoOp's CLIP row, whatever its classes."""
+    ident = _identity(None, method="zeroshot", dataset="dtd", shots=0, backbone="ViT-B-16", classes="all",
+                      templates=["dataset"])
+    _write_b2n(tmp_path / "zs", ident, 53.24, 59.90)
+    report = build_report([tmp_path])
+    (row,) = report["base2new"]
+    assert report["base2new_excluded"] == [] and row["paper_base"]["value"] == 53.24

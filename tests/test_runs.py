@@ -365,6 +365,36 @@ def test_skipped_bad_images_are_counted_in_results_and_log(model_files, cache_di
     assert "unreadable image(s) skipped" in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_integer_csv_labels_warn_in_log_and_results_and_names_come_from_a_file(model_files, cache_dir, tmp_path,
+                                                                                capsys):
+    from conftest import write_csv
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for i in range(12):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.jpg")
+        rows.append([f"img/{i}.jpg", i % 2])
+    csv_file = write_csv(tmp_path / "labels.csv", ["path", "label"], rows)
+    cfg, weights = model_files
+    args = ["zeroshot", "--backbone", str(cfg), "--pretrained", str(weights), "--dataset", "csv", "--root",
+            str(csv_file), "--cache-dir", cache_dir]
+    rc, out, err = _main([*args, "--output", str(tmp_path / "numbers")], capsys)
+    assert rc == 0, err
+    (warning,) = json.loads(out)["warnings"]
+    assert "class names are numbers" in warning and "--dataset-option classnames=" in warning
+    assert f"WARNING {warning}\n" in (tmp_path / "numbers" / "log.txt").read_text()
+    assert json.loads((tmp_path / "numbers" / "method.json").read_text())["classnames"] == ["0", "1"]
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    rc, out, err = _main([*args, "--dataset-option", f"classnames={names}", "--output", str(tmp_path / "named")],
+                         capsys)
+    assert rc == 0, err
+    assert json.loads(out)["warnings"] == [] and "WARNING" not in (tmp_path / "named" / "log.txt").read_text()
+    method = json.loads((tmp_path / "named" / "method.json").read_text())
+    assert method["classnames"] == ["cat", "dog"] and method["config"]["templates"] == ["a photo of a {}."]
+
+
 def test_zero_shot_run_on_a_local_dir_model_equals_open_clips_pipeline(folder, cache_dir, tmp_path, capsys):
     """A model whose preprocess config says mean = std = 0.5 (not CLIP's): a zero-shot run through vlprompt
     gives open_clip's own create_model_and_transforms logits on the same images."""
@@ -484,3 +514,33 @@ def test_threads_is_validated_applied_and_not_part_of_the_identity(model_files, 
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_read_only_cache_filled_by_a_first_run_serves_a_second_run(model_files, folder, tmp_path, read_only,
+                                                                      capsys):
+    """A lab's shared, read-only cache: a run of another method on the same images reads every feature from it
+    and writes nothing there; a run that needs a feature it lacks stops with one line naming it."""
+    cache = tmp_path / "shared-cache"
+    common = [*_common(model_files, folder, str(cache)), "--shots", "2", "--views", "1", "--epochs", "1"]
+    rc, out, err = _main(["train", "--method", "coop", *common, "--output", str(tmp_path / "coop")], capsys)
+    assert rc == 0, err
+    coop = json.loads(out)
+    before = {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(cache.rglob("*"))}
+    read_only(cache)
+    rc, out, err = _main(["train", "--method", "text-bias", *common, "--output", str(tmp_path / "bias")], capsys)
+    assert rc == 0, err
+    bias = json.loads(out)
+    assert bias["metrics"]["num_samples"] == coop["metrics"]["num_samples"] == 9
+    # evaluation of the first run reads the same cache (the run's own) too
+    rc, out, err = _main(["eval", str(tmp_path / "coop"), "--dataset", "folder", "--root", str(folder), "--quiet"],
+                         capsys)
+    assert rc == 0, err
+    assert json.loads(out)["metrics"]["accuracy"] == pytest.approx(coop["metrics"]["accuracy"])
+    # a second augmented view was never encoded: one line naming the cache
+    views2 = [*common[:-4], "--views", "2", "--epochs", "1"]
+    rc, out, err = _main(["train", "--method", "coop", *views2, "--output", str(tmp_path / "views2")], capsys)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"feature cache {cache} is read-only here" in lines[0]
+    assert "pass a writable --cache-dir" in lines[0]
+    assert {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(cache.rglob("*"))} == before

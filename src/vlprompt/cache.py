@@ -37,6 +37,12 @@ again (by :meth:`FeatureCache.get` at once; a training run stops with :class:`Co
 when run again); a stored feature is never used unverified. An unreadable or foreign ``index.json`` is
 discarded (warning) and the directory rebuilt.
 
+Read-only caches (a lab's shared cache, a read-only mount): a cache directory this process may not write
+(``os.access(W_OK)`` on it or its files; the nearest existing folder when it does not exist yet) is only read,
+under a shared lock, and nothing in it is changed -- no index rebuilt, no leftover removed, no invalid shard
+dropped (it is skipped). It serves the features it holds; a request it cannot serve is a :class:`CacheError`
+naming the directory (pass a writable cache directory) instead of a write that would fail.
+
 Memory: :meth:`FeatureCache.open` returns :class:`CachedRows`, which reads only the rows a batch asks for, so a
 run's memory depends on its batch, not on the number of images x views x local tokens;
 :meth:`FeatureCache.get` reads everything into memory (evaluation-sized requests).
@@ -62,6 +68,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -92,7 +99,34 @@ _ST_DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16",
 
 
 class CacheError(VLPromptError):
-    """The feature cache could not be used as asked (bad arguments, inconsistent features)."""
+    """The feature cache could not be used as asked (bad arguments, inconsistent features, a read-only cache that
+    lacks what is asked)."""
+
+
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _under(path, root) -> bool:
+    """Whether ``path`` (an OSError's file name) lies in the folder ``root``."""
+    if path is None:
+        return False
+    p, r = os.path.abspath(os.fsdecode(path)), os.path.abspath(os.fsdecode(root))
+    return p == r or p.startswith(r + os.sep)
+
+
+def writable(directory: Path) -> bool:
+    """Whether this process may add to the cache directory ``directory``: the directory (or, while it does not
+    exist, the nearest existing folder above it, where it would be created) and the cache's own files in it pass
+    ``os.access(W_OK)`` (which also reports a read-only mount)."""
+    directory = Path(directory)
+    if not directory.exists():
+        parent = directory.parent
+        while not parent.exists() and parent.parent != parent:
+            parent = parent.parent
+        return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    return all(os.access(directory / name, os.W_OK) for name in (INDEX, JOURNAL, LOCK) if (directory / name).exists())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -400,6 +434,35 @@ class FeatureCache:
         for i, k in enumerate(keys):
             first.setdefault(k, i)
 
+        if writable(directory):
+            try:
+                where, shards, misses = self._fill(directory, meta, backbone, first, idents, abs_paths, keys,
+                                                   local=local, dtype=dtype, seed=seed, view=view,
+                                                   transform=transform, loader=loader, dataset=dataset,
+                                                   batch_size=batch_size, num_workers=num_workers)
+                return CachedRows(self, directory, keys, where, shards, local=local, dtype_name=dtype_name,
+                                  embed_dim=int(getattr(backbone, "embed_dim", 0) or 0), hits=len(first) - misses,
+                                  misses=misses)
+            except OSError as e:  # a write refused although the folder looked writable (another owner, a mount)
+                if e.errno not in _READ_ONLY_ERRNOS or not _under(e.filename, self.root):
+                    raise
+                log.info("feature cache %s: %s: reading it as a read-only cache", directory, e)
+        with self._locked(directory, shared=True):
+            where, shards = self._lookup(directory, meta, backbone, set(first), local, dtype_name, read_only=True)
+        missing = [k for k in first if k not in where]
+        if missing:
+            raise CacheError(self._read_only_message(directory, f"lacks {len(missing)} of the {len(first)} image "
+                                                                f"features asked for"))
+        return CachedRows(self, directory, keys, where, shards, local=local, dtype_name=dtype_name,
+                          embed_dim=int(getattr(backbone, "embed_dim", 0) or 0), hits=len(first), misses=0,
+                          read_only=True)
+
+    def _fill(self, directory: Path, meta: dict, backbone, first: dict, idents: list, abs_paths: list, keys: list, *,
+              local: bool, dtype: torch.dtype, seed: int, view: int, transform, loader, dataset, batch_size: int,
+              num_workers: int) -> tuple[dict, dict, int]:
+        """Look the keys up in a writable directory and encode (and store) the missing images: (where, shards,
+        number of images encoded)."""
+        dtype_name = _dtype_name(dtype)
         with self._locked(directory):
             where, shards = self._lookup(directory, meta, backbone, set(first), local, dtype_name)
         missing = [k for k in first if k not in where]
@@ -416,9 +479,11 @@ class FeatureCache:
             if lost:
                 raise CacheError(f"feature cache {directory}: {len(lost)} image(s) just encoded are no longer in "
                                  f"the cache (removed by another process?); run again")
-        return CachedRows(self, directory, keys, where, shards, local=local, dtype_name=dtype_name,
-                          embed_dim=int(getattr(backbone, "embed_dim", 0) or 0), hits=len(first) - len(missing),
-                          misses=len(missing))
+        return where, shards, len(missing)
+
+    def _read_only_message(self, directory: Path, what: str) -> str:
+        return (f"feature cache {self.root} is read-only here and {what} (directory {directory}): pass a writable "
+                f"--cache-dir (a new folder is fine; only the missing features are encoded there)")
 
     def transformed(self, paths, transform=None, *, view: int = 0, seed: int = 0,
                     loader: Optional[Callable] = None) -> torch.Tensor:
@@ -435,15 +500,21 @@ class FeatureCache:
 
     # -- index --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _locked(self, directory: Path) -> Iterator[None]:
-        directory.mkdir(parents=True, exist_ok=True)
+    def _locked(self, directory: Path, shared: bool = False) -> Iterator[None]:
+        """The directory's lock: exclusive (the directory and its lock file created if needed), or ``shared``
+        for a read-only directory (readers wait for a writer that holds it; nothing is created)."""
+        if not shared:
+            directory.mkdir(parents=True, exist_ok=True)
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no inter-process lock
             yield
             return
-        with open(directory / LOCK, "a+") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        if shared and not (directory / LOCK).is_file():  # no writer ever used it
+            yield
+            return
+        with open(directory / LOCK, "r" if shared else "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
                 yield
             finally:
@@ -454,29 +525,30 @@ class FeatureCache:
         return {**meta, "backbone": str(getattr(backbone, "name", "")),
                 "embed_dim": int(getattr(backbone, "embed_dim", 0) or 0) or None, "local_tokens": None}
 
-    def _load_index(self, directory: Path, meta: dict, backbone) -> dict:
+    def _load_index(self, directory: Path, meta: dict, backbone, read_only: bool = False) -> Optional[dict]:
         """Read and check ``index.json`` (lock held); a missing, broken or foreign one starts the directory
-        afresh."""
+        afresh (``read_only``: None, the directory serves nothing)."""
         path = directory / INDEX
         if not path.exists():
-            return self._reset(directory, meta, backbone)
+            return None if read_only else self._reset(directory, meta, backbone)
+        action = "not using it (read-only)" if read_only else "rebuilding it"
         try:
             index = json.loads(path.read_text())
             if not isinstance(index, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            log.warning("feature cache %s: unreadable index (%s): rebuilding it", directory, e)
-            return self._reset(directory, meta, backbone)
+            log.warning("feature cache %s: unreadable index (%s): %s", directory, e, action)
+            return None if read_only else self._reset(directory, meta, backbone)
         wrong = {k: (index.get(k), v) for k, v in meta.items() if index.get(k) != v}
         if wrong:
-            log.warning("feature cache %s: the index describes other features (%s): rebuilding it", directory,
-                        ", ".join(f"{k}={a!r} not {b!r}" for k, (a, b) in wrong.items()))
-            return self._reset(directory, meta, backbone)
+            log.warning("feature cache %s: the index describes other features (%s): %s", directory,
+                        ", ".join(f"{k}={a!r} not {b!r}" for k, (a, b) in wrong.items()), action)
+            return None if read_only else self._reset(directory, meta, backbone)
         emb = getattr(backbone, "embed_dim", None)
         if emb is not None and index.get("embed_dim") not in (None, int(emb)):
-            log.warning("feature cache %s: index says E=%s, the backbone has E=%s: rebuilding it", directory,
-                        index.get("embed_dim"), emb)
-            return self._reset(directory, meta, backbone)
+            log.warning("feature cache %s: index says E=%s, the backbone has E=%s: %s", directory,
+                        index.get("embed_dim"), emb, action)
+            return None if read_only else self._reset(directory, meta, backbone)
         return index
 
     def _reset(self, directory: Path, meta: dict, backbone) -> dict:
@@ -488,13 +560,17 @@ class FeatureCache:
         _write_index(directory, index)
         return index
 
-    def _lookup(self, directory: Path, meta: dict, backbone, wanted: set, local: bool,
-                dtype_name: str) -> tuple[dict[str, tuple[str, int]], dict[str, "_Shard"]]:
+    def _lookup(self, directory: Path, meta: dict, backbone, wanted: set, local: bool, dtype_name: str,
+                read_only: bool = False) -> tuple[dict[str, tuple[str, int]], dict[str, "_Shard"]]:
         """(key -> (shard, row), shard -> its checked layout) for the ``wanted`` keys found in valid shards (lock
-        held); a shard that fails its checks is dropped (warning) and its images count as missing."""
-        index = self._load_index(directory, meta, backbone)
+        held); a shard that fails its checks is dropped (warning; ``read_only``: skipped, nothing written) and its
+        images count as missing."""
+        index = self._load_index(directory, meta, backbone, read_only)
+        if index is None:
+            return {}, {}
         live, where = _read_journal(directory, wanted)
-        self._collect_garbage(directory, live)
+        if not read_only:
+            self._collect_garbage(directory, live)
         refs: dict[str, list[tuple[str, int]]] = {}
         for k, (name, row) in where.items():
             refs.setdefault(name, []).append((k, row))
@@ -504,9 +580,13 @@ class FeatureCache:
                 shards[name] = _check_shard(directory, name, live[name], refs[name], local, dtype_name,
                                             index.get("embed_dim"), index.get("local_tokens"))
             except _BadShard as e:
-                log.warning("feature cache %s: shard %s is invalid (%s): dropping it; its images will be encoded "
-                            "again", directory, name, e)
-                self._drop_shard(directory, name, str(e))
+                if read_only:
+                    log.warning("feature cache %s: shard %s is invalid (%s): not using it (read-only cache)",
+                                directory, name, e)
+                else:
+                    log.warning("feature cache %s: shard %s is invalid (%s): dropping it; its images will be "
+                                "encoded again", directory, name, e)
+                    self._drop_shard(directory, name, str(e))
                 for k, _ in refs[name]:
                     del where[k]
         return where, shards
@@ -555,6 +635,9 @@ class FeatureCache:
         for d in self._directories():
             if fingerprint is not None and d.parent.name != fingerprint:
                 continue
+            if not writable(d):
+                raise CacheError(f"feature cache {self.root} is read-only here (directory {d}): it cannot be cleared "
+                                 f"by this user")
             with self._locked(d):
                 for p in d.iterdir():
                     if p.name != LOCK and (p.name in (INDEX, JOURNAL) or SHARD_RE.match(p.name)
@@ -767,11 +850,12 @@ class CachedRows:
     MAX_OPEN_FILES = 64
 
     def __init__(self, cache: FeatureCache, directory: Path, keys: list[str], where: dict, shards: dict, *,
-                 local: bool, dtype_name: str, embed_dim: int, hits: int, misses: int):
+                 local: bool, dtype_name: str, embed_dim: int, hits: int, misses: int, read_only: bool = False):
         import numpy as np
 
         self.cache, self.directory, self.keys = cache, directory, keys
         self.local, self.dtype_name, self.hits, self.misses = local, dtype_name, hits, misses
+        self.read_only = read_only
         names = sorted(shards)
         self._shards = [shards[n] for n in names]
         slot = {n: i for i, n in enumerate(names)}
@@ -871,6 +955,9 @@ class CachedRows:
         return buf
 
     def _corrupt(self, shard: _Shard, reason: str) -> None:
+        if self.read_only:  # nothing can be dropped or encoded again here
+            raise CacheError(self.cache._read_only_message(self.directory, f"its shard {shard.name} is invalid "
+                                                                           f"({reason})"))
         with self.cache._locked(self.directory):
             live, _ = _read_journal(self.directory, set())
             if shard.name in live:

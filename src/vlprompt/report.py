@@ -227,10 +227,40 @@ def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
     return _add_columns(out, identities, GROUP_KEYS, _SHOWN)
 
 
-def summarize_base_to_new(paths: Iterable[str | Path]) -> list[dict]:
+def base_to_new_problem(identity: Optional[dict]) -> Optional[str]:
+    """Why the base-to-new protocol does not apply to the run of ``identity`` (its identity, with or without the
+    seed), or None when it does. The protocol (CoCoOp) trains on the base half of the classes only, so that the
+    new half is unseen: base / new / H of a run trained on every class (or on the new half) would measure nothing
+    of the kind. A method that learns nothing (zero-shot) applies whatever its classes."""
+    if not isinstance(identity, dict):
+        return "the run records no configuration, so its training classes are unknown"
+    method = identity.get("method")
+    try:
+        from .methods import build_config, method_class
+
+        cls = method_class(str(method))
+        try:
+            config = build_config(str(method), identity.get("method_options") or {})
+        except VLPromptError:  # options of another version: the method's defaults tell whether it learns
+            config = cls.config_class()
+        learns = cls.needs_training_data(config)
+    except VLPromptError:  # a method not registered here: take it as one that learns
+        learns = True
+    if not learns:
+        return None
+    classes = (identity.get("data") or {}).get("classes")
+    if classes == "base":
+        return None
+    return (f"the run ({method}) was trained on {'every class' if classes == 'all' else repr(classes) + ' classes'}, "
+            f"not on the base half alone, so its 'new' classes are not unseen")
+
+
+def summarize_base_to_new(paths: Iterable[str | Path], excluded: Optional[list] = None) -> list[dict]:
     """Base-to-new results (``RUN/eval/base2new-*.json``) averaged over seeds per configuration: one row per
     (run identity without the seed, evaluated data, metric). H is computed on the averages, as CoCoOp does.
-    Results without the evaluated data (older versions) or whose run has no identity are never merged."""
+    Results without the evaluated data (older versions) or whose run has no identity are never merged. Results
+    of runs the protocol does not apply to (:func:`base_to_new_problem`: trained on every class, e.g. files an
+    earlier version wrote) are left out, and listed in ``excluded`` (``{"path", "reason"}``) when given."""
     items = []
     for f in _find(paths, "base2new-*.json"):
         r = _read_json(f, "base-to-new results")
@@ -240,6 +270,11 @@ def summarize_base_to_new(paths: Iterable[str | Path]) -> list[dict]:
             seed = ident.pop("seed", None)
         else:
             ident, seed = run_identity(run_dir)
+        problem = base_to_new_problem(ident)
+        if problem is not None:
+            if excluded is not None:
+                excluded.append({"path": str(f), "reason": problem})
+            continue
         eval_data = r.get("eval_data")
         if ident is None or not isinstance(eval_data, dict):
             ident, key = None, f"unidentified:{f}"
@@ -275,9 +310,10 @@ def _seeds(row: dict) -> str:
     return ", ".join(_MISSING if s is None else _fmt(s) for s in row["seeds"])
 
 
-def markdown(summary: list[dict], b2n: list[dict]) -> str:
+def markdown(summary: list[dict], b2n: list[dict], excluded: Optional[list] = None) -> str:
     """Both tables in Markdown; the options that vary between rows are columns (— : the row lacks the option,
-    ? : the run records no configuration). Std: :data:`vlprompt.stats.STD_CONVENTION`."""
+    ? : the run records no configuration). Std: :data:`vlprompt.stats.STD_CONVENTION`. ``excluded``: base-to-new
+    results left out (:func:`summarize_base_to_new`), named under the tables."""
     lines = []
     if summary:
         cols = _column_keys(summary)
@@ -300,4 +336,11 @@ def markdown(summary: list[dict], b2n: list[dict]) -> str:
                          + f"{s['base']:.2f} | {s['new']:.2f} | {s['harmonic_mean']:.2f} | {s['runs']} | "
                          f"{_seeds(s)} |")
         lines += ["", "H: harmonic mean of the average base and new accuracies (CoCoOp)"]
+    if excluded:
+        lines += [""] + [excluded_line(e) for e in excluded]
     return "\n".join(lines) + "\n"
+
+
+def excluded_line(entry: dict) -> str:
+    """One line naming a base-to-new result left out of the tables, and why."""
+    return f"not a base-to-new result (left out): {entry['path']}: {entry['reason']}; train with --classes base"

@@ -14,7 +14,8 @@ from ..errors import ConfigError
 S = argparse.SUPPRESS
 
 
-def add_backbone_options(p: argparse.ArgumentParser, device_only: bool = False) -> None:
+def add_backbone_options(p: argparse.ArgumentParser, device_only: bool = False,
+                         cache_default: str = "~/.cache/vlprompt/features or $VLPROMPT_CACHE") -> None:
     g = p.add_argument_group("model")
     if not device_only:
         g.add_argument("--backbone", default=S, help="open_clip model name, hf-hub:org/name, local-dir:/path, or a "
@@ -30,8 +31,7 @@ def add_backbone_options(p: argparse.ArgumentParser, device_only: bool = False) 
     g.add_argument("--threads", type=int, default=S,
                    help="CPU threads of torch (default: torch's). On a machine other processes also load, 1 thread "
                         "per process avoids waiting on descheduled threads (measured: docs/benchmarks/cpu_contention.md)")
-    g.add_argument("--cache-dir", default=S, help="feature cache directory (default ~/.cache/vlprompt/features "
-                   "or $VLPROMPT_CACHE)")
+    g.add_argument("--cache-dir", default=S, help=f"feature cache directory (default {cache_default})")
 
 
 def add_data_options(p: argparse.ArgumentParser, fewshot: bool = True, required: bool = False) -> None:

@@ -30,14 +30,19 @@ def register(sub) -> None:
 
 def cmd_table(args) -> int:
     from .._io import atomic_write_text
-    from ..report import collect_results, markdown, summarize, summarize_base_to_new
+    from ..errors import VLPromptError
+    from ..report import collect_results, excluded_line, markdown, summarize, summarize_base_to_new
     from ..stats import STD_CONVENTION
 
     summary = summarize(collect_results(args.paths), args.metric)
-    b2n = summarize_base_to_new(args.paths)
-    text = markdown(summary, b2n)
+    excluded: list = []
+    b2n = summarize_base_to_new(args.paths, excluded)
+    if not (summary or b2n):  # refused before anything is written, as `vlprompt report`
+        raise VLPromptError(f"no run results under {', '.join(map(str, args.paths))} (results.json of a finished "
+                            f"run, or eval/base2new-*.json)" + (f"; {excluded_line(excluded[0])}" if excluded else ""))
+    text = markdown(summary, b2n, excluded)
     if args.json:
-        print_json({"std": STD_CONVENTION, "runs": summary, "base_to_new": b2n})
+        print_json({"std": STD_CONVENTION, "runs": summary, "base_to_new": b2n, "base_to_new_excluded": excluded})
     else:
         print(text, end="")
     if args.output:

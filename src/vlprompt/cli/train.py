@@ -113,7 +113,7 @@ def register(sub, method: Optional[str] = None) -> None:
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--base-to-new", action="store_true",
                    help="evaluate the base and the new classes (test split) and report their harmonic mean")
-    add_backbone_options(e, device_only=True)
+    add_backbone_options(e, device_only=True, cache_default="the run's own, from its config.yaml")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="export a deployable head (safetensors + JSON)")

@@ -28,6 +28,20 @@ def clean_classname(name: str) -> str:
     return " ".join(str(name).replace("_", " ").split())
 
 
+_NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?$")
+
+
+def numeric_names_warning(classnames: Sequence[str], source: str, how: str) -> list[str]:
+    """``[one line]`` when every class name is a bare number (the class names of integer labels): the text
+    prompts then read "a photo of a 0." and carry no word of the class; ``how`` says how to give names. ``[]``
+    otherwise. Ordinal readers, whose rank names are numbers by design, do not call it."""
+    if not classnames or not all(_NUMBER.match(str(c).strip()) for c in classnames):
+        return []
+    shown = ", ".join(repr(str(c)) for c in list(classnames)[:3]) + (", ..." if len(classnames) > 3 else "")
+    return [f"{source}: the class names are numbers ({shown}), so the text prompts carry no word of the class "
+            f"(e.g. 'a photo of a {classnames[0]}.'); {how}"]
+
+
 def split_camel_case(name: str) -> str:
     """``"ApplyEyeMakeup"`` -> ``"Apply_Eye_Makeup"`` (CoOp's renaming of UCF101 actions)."""
     parts = re.findall(r"[A-Z][^A-Z]*", name)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import DataError
-from ._util import (MAX_NAMED, check_exist, clean_classname, list_images, list_subdirs, split_per_class,
-                    split_trainval)
+from ._util import (MAX_NAMED, check_exist, clean_classname, list_images, list_subdirs, numeric_names_warning,
+                    split_per_class, split_trainval)
 from .base import DatasetSplits, Sample
 from .templates import DEFAULT_TEMPLATE, check_template
 
@@ -24,7 +24,8 @@ FOLDER_LAYOUT = ("<root>/<class>/*.jpg            (split generated: 50% train / 
                  "or <root>/train|val|test/<class>/*.jpg   (val/ optional: then 20% of train per class)")
 
 CSV_LAYOUT = ("a CSV file with a header: path,label[,classname][,split][,<target>] (no other columns)\n"
-              "  path: relative to the CSV's folder or absolute; label: class index or class name;\n"
+              "  path: relative to the CSV's folder or absolute; label: class index or class name (indices are\n"
+              "  named by the classname column or by the option classnames=<file>, one name per line);\n"
               "  split: train/val/test (else generated 50/20/30 per class); target: a numeric column named "
               "by target=<column> (ordinal tasks)")
 
@@ -85,6 +86,10 @@ def read_folder(root: str | os.PathLike, *, split_seed: int = 1, template: str =
     empty = [names[i] for i in range(len(names)) if not any(s.label == i for s in (*train, *val, *test))]
     if empty:
         raise DataError(f"folder dataset: class folder(s) without images in {root}: {empty[:MAX_NAMED]}")
+    warnings = numeric_names_warning(names, f"folder dataset {root}", "name the class folders by their classes "
+                                     "(or use a CSV file with a classname column)")
+    if warnings:
+        extra["warnings"] = warnings
     return DatasetSplits(name=name, classnames=names, train=train, val=val, test=test, template=template, extra=extra)
 
 
@@ -282,6 +287,12 @@ def read_csv(root: str | os.PathLike, *, target: Optional[str] = None, classname
     else:
         train, val, test = split_per_class(samples, split_seed)
         extra.update(split_source="generated", split_seed=split_seed)
+    if target is None:  # with a target column the labels may be ranks named by their numbers on purpose
+        warnings = numeric_names_warning(names, f"csv dataset {path}", "give the names with the reader option "
+                                         "classnames=<file> (--dataset-option classnames=names.txt: one name per "
+                                         "line, line i naming label i) or a classname column")
+        if warnings:
+            extra["warnings"] = warnings
     return DatasetSplits(name=name, classnames=names, train=train, val=val, test=test, template=template, extra=extra)
 
 

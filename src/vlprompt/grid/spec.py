@@ -364,6 +364,7 @@ def resolve_cells(cells: list[Cell]) -> list[Cell]:
     """Resolve and validate every cell (:func:`vlprompt.runs.resolve`) and its evaluations before anything runs:
     the first bad cell stops the grid, named. Two cells that resolve to the same run (an axis that changes
     nothing the numbers depend on) are refused too."""
+    from ..report import base_to_new_problem
     from ..runs import resolve
     from ..runs.config import resolve_data
 
@@ -372,7 +373,11 @@ def resolve_cells(cells: list[Cell]) -> list[Cell]:
         try:
             c.config = resolve(c.request)
             for e in c.evaluations:
-                if not e.get("base_to_new"):
+                if e.get("base_to_new"):
+                    problem = base_to_new_problem(c.config.identity())
+                    if problem is not None:
+                        raise ConfigError(f"evaluation base_to_new: {problem} (give the cell data.classes: base)")
+                else:
                     resolve_data({k: v for k, v in e.items() if k in ("dataset", "root", "options", "classes")})
                     if e.get("split", "test") not in ("train", "val", "test"):
                         raise ConfigError(f"evaluation split must be train, val or test, got {e['split']!r}")

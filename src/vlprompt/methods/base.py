@@ -232,7 +232,9 @@ class Method(nn.Module):
       features, cosine logits), ``"affine"`` (``weight`` (K, E), ``bias`` (K,) on unnormalised image features),
       ``"prompt"`` (the learned tensors; ``predict`` rebuilds the method) or a kind of the method's own, computed
       by its :meth:`head_logits`;
-    * ``uses_template``: the constructor also takes ``template=`` (the dataset's prompt template).
+    * ``uses_template``: the constructor also takes ``template=`` (the dataset's prompt template); with
+      ``template_field`` (the config field of its hand-crafted prompt template(s)) and :meth:`expand_templates`,
+      an evaluation on another dataset resolves the user's request again with that dataset's own prompt.
 
     The lifecycle of a run (Lightning's hooks are the model; every hook is optional):
 
@@ -257,6 +259,10 @@ class Method(nn.Module):
     head_kind: ClassVar[str] = "linear"
     #: the constructor takes ``template=`` (the dataset's own prompt template, for hand-crafted prompts)
     uses_template: ClassVar[bool] = False
+    #: the config field holding the hand-crafted prompt template(s) of a ``uses_template`` method. The value the
+    #: user asked for (``template_request``, e.g. ``["dataset"]``) is kept in method.json, so that an evaluation on
+    #: another dataset resolves it again with that dataset's own prompt (the papers' cross-dataset protocol)
+    template_field: ClassVar[Optional[str]] = None
     #: what :meth:`setup` / :meth:`after_training` read: ``train`` / ``val`` (un-augmented features of the split),
     #: ``train_views`` (every cached augmented view of the training images, :meth:`setup_views` of them)
     setup_reads: ClassVar[frozenset] = frozenset()
@@ -268,6 +274,8 @@ class Method(nn.Module):
         self.classnames = list(classnames)
         self._eval_cache: Any = None
         self._eval_key: Any = None
+        #: the ``template_field`` value the user asked for, before :meth:`expand_templates` (set by the subclass)
+        self.template_request: Any = None
 
     # nn.Module would register the backbone as a submodule; keep it out of state_dict / parameters
     def __setattr__(self, key, value):
@@ -289,6 +297,19 @@ class Method(nn.Module):
         ``{"train": {TrainConfig field: value}, "method_options": {config field: value}}``; the user's own
         settings override it. Name the source of each value in the code."""
         return {}
+
+    @classmethod
+    def expand_templates(cls, request: Any, dataset_template: Optional[str]) -> Any:
+        """The ``template_field`` value a request stands for on a dataset whose own prompt is ``dataset_template``
+        (what the constructor uses: e.g. ``["dataset"]`` -> ``[dataset_template]``). Default: the request."""
+        return request
+
+    @classmethod
+    def template_follows_dataset(cls, request: Any) -> bool:
+        """Whether a ``template_field`` request depends on the dataset's own prompt (``dataset``, ``ensemble``, a
+        default of None), rather than naming its templates outright (a custom string, ``imagenet80``)."""
+        return (cls.template_field is not None
+                and cls.expand_templates(request, "{} (1).") != cls.expand_templates(request, "{} (2)."))
 
     @classmethod
     def config_for_loading(cls, options: dict) -> dict:

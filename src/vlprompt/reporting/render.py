@@ -155,6 +155,7 @@ def _footer(report: dict) -> list[str]:
              "paper numbers are shown only for the same protocol, backbone, weights, shots and recipe options"]
     if report["ignored"]:
         lines.append(f"runs without accuracy or MAE (not shown): {', '.join(report['ignored'])}")
+    lines += [table.excluded_line(e) for e in report.get("base2new_excluded", [])]
     for s in report["sources"]:
         lines.append(f"[{s['ref']}] {s['paper']}: {s['source']}" + (f" — {s['citation']}" if s["citation"] else ""))
     return lines

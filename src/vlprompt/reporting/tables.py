@@ -3,7 +3,9 @@
 * few-shot: mean ± std over seeds per configuration (``vlprompt table``'s grouping: identity minus the seed), the
   average over CoOp's 11 datasets per recipe and shot count (only when all 11 are there; else the missing ones
   are named);
-* base-to-new (``RUN/eval/base2new-*.json``): base, new and H on the averages, per dataset and over the 11;
+* base-to-new (``RUN/eval/base2new-*.json``): base, new and H on the averages, per dataset and over the 11; only
+  of runs trained on the base half (:func:`vlprompt.report.base_to_new_problem`; the others are listed as left
+  out, never shown beside the papers' base-to-new numbers);
 * transfer (``RUN/eval/<dataset>-all-test.json`` of another dataset): domain generalisation (ImageNet to its four
   variants) and cross-dataset transfer, with their averages when every target is there;
 * ordinal: MAE and accuracy (argmax and expectation) over the folds (``data.options.fold``) or the seeds.
@@ -197,8 +199,8 @@ def _fewshot_average(fewshot: list[dict], papers: _Papers) -> list[dict]:
     return sorted(groups, key=lambda g: (str(g["method"]), _num(g["shots"]), g["group"]))
 
 
-def _base_to_new(paths, papers: _Papers) -> list[dict]:
-    out = table.summarize_base_to_new(paths)
+def _base_to_new(paths, papers: _Papers, excluded: list) -> list[dict]:
+    out = table.summarize_base_to_new(paths, excluded)  # runs not trained on the base half are left out
     cache: dict[str, dict] = {}
     for s in out:
         for p in s["paths"]:
@@ -373,17 +375,19 @@ def build_report(paths: Iterable[str | Path], papers: Optional[list[PublishedNum
     classification = [r for r in rows if "accuracy" in r.get("metrics", {}) and "mae_expectation" not in r["metrics"]]
     ignored = [r["_path"] for r in rows if not {"accuracy", "mae_expectation"} & set(r.get("metrics", {}))]
     fewshot = _fewshot(classification, cited)
-    b2n = _base_to_new(paths, cited)
+    b2n_excluded: list = []
+    b2n = _base_to_new(paths, cited, b2n_excluded)
     transfer = _transfer(paths, cited)
     report = {
         "std": STD_CONVENTION, "collapse_rule": COLLAPSE_RULE,
         "fewshot": fewshot, "fewshot_average": _fewshot_average(fewshot, cited),
         "base2new": b2n, "base2new_average": _base_to_new_average(b2n, cited),
         "transfer": transfer, "transfer_average": _transfer_average(transfer),
-        "ordinal": _ordinal(ordinal, cited), "ignored": ignored,
+        "ordinal": _ordinal(ordinal, cited), "ignored": ignored, "base2new_excluded": b2n_excluded,
     }
     if not (fewshot or b2n or transfer or report["ordinal"]):
-        raise VLPromptError(f"no run results under {', '.join(map(str, paths))} (results.json or eval/*.json)")
+        raise VLPromptError(f"no run results under {', '.join(map(str, paths))} (results.json or eval/*.json)"
+                            + (f"; {table.excluded_line(b2n_excluded[0])}" if b2n_excluded else ""))
     by_source = {n.source: n for n in cited.numbers}
     notes = paper_notes() if papers is None else {}
     report["sources"] = [{"ref": i, "source": s, "paper": by_source[s].paper, "file": by_source[s].file,

@@ -102,6 +102,15 @@ def prepare_data(data: DataConfig, seed: Optional[int], needs: Sequence[str] = (
     return splits, skipped
 
 
+def data_warnings(splits: DatasetSplits) -> list[str]:
+    """The warnings the dataset's reader recorded (``extra["warnings"]``, e.g. class names that are bare numbers),
+    each logged once; results.json and eval files carry them."""
+    warnings = [str(w) for w in splits.extra.get("warnings") or []]
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
 def transforms_for(preprocess: str, backbone: Backbone):
     """(train, test) image transforms: the weights' own pixel statistics with CoOp's crop/flip policy
     (``coop``) or open_clip's own pipeline for these weights (``model``)."""
@@ -143,16 +152,33 @@ class _Offset:
 # -- method files -------------------------------------------------------------------------------------
 def save_method(run_dir: Path, cfg: RunConfig, method: Method, splits: DatasetSplits) -> None:
     atomic_save_safetensors(run_dir / "prompt.safetensors", method.learned_state())
-    atomic_write_json(run_dir / "method.json", {
-        "method": cfg.method, "config": method.config.to_dict(), "classnames": list(method.classnames),
-        "backbone": cfg.backbone, "pretrained": cfg.pretrained, "dataset": cfg.data.dataset,
-        "template": splits.template, "preprocess": cfg.preprocess, "image_size": method.backbone.image_size})
+    meta = {"method": cfg.method, "config": method.config.to_dict(), "classnames": list(method.classnames),
+            "backbone": cfg.backbone, "pretrained": cfg.pretrained, "dataset": cfg.data.dataset,
+            "template": splits.template, "preprocess": cfg.preprocess, "image_size": method.backbone.image_size}
+    if method.template_field:  # what the user asked for (e.g. ["dataset"]), resolved again on other datasets
+        meta["template_request"] = method.template_request
+    atomic_write_json(run_dir / "method.json", meta)
+
+
+def template_request(cls: type, meta: dict):
+    """The template request of a saved ``uses_template`` method (method.json's ``template_request``). A run written
+    before it was recorded holds only the resolved templates: when they are what the method's default request
+    (the dataset's own prompt) gives on its dataset, that default is taken, else the templates as they are."""
+    if "template_request" in meta:
+        return meta["template_request"]
+    saved = (meta.get("config") or {}).get(cls.template_field)
+    default = cls.config_class().to_dict().get(cls.template_field)
+    return default if cls.expand_templates(default, meta.get("template")) == saved else saved
 
 
 def load_method(run_dir: Path, backbone: Optional[Backbone] = None, classnames: Optional[Sequence[str]] = None,
-                device: Optional[str] = None) -> tuple[Method, dict, Backbone]:
+                device: Optional[str] = None, dataset_template: Optional[str] = None
+                ) -> tuple[Method, dict, Backbone]:
     """Rebuild a run's method from its directory, optionally on another class list (a class-specific context or
-    a linear probe refuses class lists other than its own)."""
+    a linear probe refuses class lists other than its own). ``dataset_template``: the own prompt of the dataset
+    it is rebuilt for; a method whose hand-crafted templates follow its dataset's (zero-shot and the baselines on
+    its class features, with the default ``dataset`` templates) then uses that one, explicit templates stay.
+    ``meta["templates_from"]`` says which: ``"evaluated dataset"`` or ``"run"``."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
@@ -164,11 +190,17 @@ def load_method(run_dir: Path, backbone: Optional[Backbone] = None, classnames: 
         state = load_file(str(run_dir / "prompt.safetensors"))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{run_dir}: cannot read the trained method ({e})") from e
+    cls = method_class(meta["method"])
+    options, template = cls.config_for_loading(dict(meta["config"])), meta.get("template")
+    if cls.template_field:
+        request = template_request(cls, meta)
+        meta["templates_from"] = "run"
+        if dataset_template is not None and cls.template_follows_dataset(request):
+            options[cls.template_field], template = request, dataset_template
+            meta["templates_from"] = "evaluated dataset"
     if backbone is None:
         backbone = load_backbone(meta["backbone"], meta["pretrained"], device)
-    cls = method_class(meta["method"])
-    method = build_method(meta["method"], cls.config_for_loading(dict(meta["config"])), backbone, meta["classnames"],
-                          template=meta.get("template"))
+    method = build_method(meta["method"], options, backbone, meta["classnames"], template=template)
     method.load_learned_state({k: v.to(backbone.device) for k, v in state.items()})
     if classnames is not None and list(classnames) != list(meta["classnames"]):
         method.set_classnames(classnames)
@@ -247,9 +279,11 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
                        main=main):
         for name, n in skipped.items():
             log.warning("%s split: %d unreadable image(s) skipped (--skip-bad-images)", name, n)
+        warnings = data_warnings(splits)  # in log.txt, now that it is attached
         results = _execute(cfg, run_dir, method, backbone, splits, train_tf, test_tf, state.action == "resume",
                            progress, t_start)
         results["skipped_images"] = skipped
+        results["warnings"] = warnings
         return finish_run(run_dir, cfg, identity, results, main=main)
 
 
@@ -398,26 +432,44 @@ def _run_identity(run_dir: Path) -> Optional[dict]:
         return None
 
 
+def run_cache_dir(run_dir: str | Path) -> str:
+    """The feature cache a run used (``cache_dir`` of its config.yaml), where its evaluations look first: the
+    default cache only for a run that records none."""
+    held = directory.held_config(Path(run_dir)) or {}
+    cache_dir = held.get("cache_dir")
+    return cache_dir if isinstance(cache_dir, str) and cache_dir else default_cache_dir()
+
+
 def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", device: Optional[str] = None,
                  cache_dir: Optional[str] = None, progress: bool = True, backbone: Optional[Backbone] = None) -> dict:
     """Evaluate a finished run on any dataset / class split (its classes replace the trained ones); writes
-    ``RUN/eval/<dataset>-<classes>-<split>.json``."""
+    ``RUN/eval/<dataset>-<classes>-<split>.json``. Features come from ``cache_dir``, by default the run's own
+    (:func:`run_cache_dir`)."""
     run_dir = Path(run_dir)
     if split not in ("train", "val", "test"):
         raise ConfigError(f"--split must be train, val or test, got {split!r}")
     data = dataclasses.replace(data, shots=0, allow_fewer=False)
     data.root = os.path.abspath(os.path.expanduser(data.root))
     splits, skipped = prepare_data(data, None, needs=(split,))
-    method, meta, backbone = load_method(run_dir, backbone=backbone, classnames=splits.classnames, device=device)
+    method, meta, backbone = load_method(run_dir, backbone=backbone, classnames=splits.classnames, device=device,
+                                         dataset_template=splits.template)
     samples = getattr(splits, split)
     if not samples:
         raise DataError(f"{data.dataset}: no {split} images")
+    warnings = data_warnings(splits)
+    prompts = {}
+    if method.template_field:  # the papers' cross-dataset protocol: the evaluated dataset's own prompt
+        prompts = {"templates": getattr(method.config, method.template_field), "templates_from": meta["templates_from"]}
+        log.info("%s: prompt template(s) %s (%s)", meta["method"], prompts["templates"],
+                 "the evaluated dataset's own prompt" if meta["templates_from"] == "evaluated dataset"
+                 else "as the run was configured")
     _, test_tf = transforms_for(meta.get("preprocess", "coop"), backbone)
-    cache = FeatureCache(cache_dir or default_cache_dir(), progress=progress)
+    cache = FeatureCache(cache_dir or run_cache_dir(run_dir), progress=progress)
     metrics, _ = evaluate(method, backbone, samples, test_tf, cache, progress=progress)
     result = {"run": str(run_dir), "method": meta["method"], "trained_on": meta["dataset"],
-              "dataset": data.dataset, "classes": data.classes, "split": split, "metrics": metrics,
-              "skipped_images": skipped, "identity": _run_identity(run_dir), "eval_data": data.to_dict()}
+              "dataset": data.dataset, "classes": data.classes, "split": split, "metrics": metrics, **prompts,
+              "skipped_images": skipped, "warnings": warnings, "identity": _run_identity(run_dir),
+              "eval_data": data.to_dict()}
     name = f"{data.dataset.replace(':', '_').replace('/', '_')}-{data.classes}-{split}.json"
     atomic_write_json(run_dir / "eval" / name, result)
     return result
@@ -431,8 +483,17 @@ def harmonic_mean(base: float, new: float) -> float:
 def base_to_new(run_dir: str | Path, data: DataConfig, *, metric: str = "accuracy", device: Optional[str] = None,
                 cache_dir: Optional[str] = None, progress: bool = True) -> dict:
     """The base-to-new protocol: test accuracy on the base classes and on the new classes (each half
-    relabelled from 0), and their harmonic mean. Writes ``RUN/eval/base2new-<dataset>.json``."""
+    relabelled from 0), and their harmonic mean. Writes ``RUN/eval/base2new-<dataset>.json``. Only of a run
+    trained on the base classes (or of a method that learns nothing): any other is refused
+    (:func:`vlprompt.report.base_to_new_problem`)."""
+    from ..report import base_to_new_problem, run_identity
+
     run_dir = Path(run_dir)
+    problem = base_to_new_problem(run_identity(run_dir)[0]) if (run_dir / "method.json").is_file() else None
+    if problem is not None:
+        raise ConfigError(f"--base-to-new: {run_dir}: {problem}, and base / new / H would not measure generalisation "
+                          f"to unseen classes. Train on the base half (--classes base) and evaluate that run, or "
+                          f"evaluate this one on a class split with --classes base|new")
     _, meta, backbone = load_method(run_dir, device=device)
     out = {}
     for half in ("base", "new"):

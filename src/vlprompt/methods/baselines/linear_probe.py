@@ -2,7 +2,10 @@
 
 Fitted in closed form in its :meth:`~LinearProbe.setup` by :func:`fit_linear_probe` (scikit-learn L-BFGS,
 C searched on the few-shot val split as CoOp's ``lpclip/linear_probe.py`` does) on the test-transform features
-of the very train / val images every other method of the same data, shots and seed uses. The fitted classifier
+of the very train / val images every other method of the same data, shots and seed uses, in the order the
+sampler drew them: with ``--sampler lpclip`` the rows the script fits, in its order (grouped by label, each class
+in ``np.random.choice``'s draw order), which matters since L-BFGS at tol 1e-4 is order-sensitive on
+ill-conditioned features (pinned by ``tests/test_dassl_sampling.py``). The fitted classifier
 is an ``affine`` head: logits (B, K) = features @ weight.T + bias, so a linear-probe run evaluates on other data
 of the same classes, exports and predicts like any other run.
 """

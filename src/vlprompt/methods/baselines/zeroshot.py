@@ -29,15 +29,21 @@ class ZeroShot(Method):
     config_class = ZeroShotConfig
     summary = "zero-shot CLIP: hand-crafted prompts or a prompt ensemble (nothing trained)"
     uses_template = True
+    template_field = "templates"
 
     @classmethod
     def trains(cls, config) -> bool:
         return False
 
+    @classmethod
+    def expand_templates(cls, request, dataset_template):
+        return resolve_templates(request, dataset_template or DEFAULT_TEMPLATE)
+
     def __init__(self, config: ZeroShotConfig, backbone, classnames, template: str | None = None):
         super().__init__(config, backbone, classnames)
         # the templates actually used (set names expanded), recorded in method.json / config.yaml
-        self.templates = resolve_templates(config.templates, template or DEFAULT_TEMPLATE)
+        self.template_request = list(config.templates)
+        self.templates = self.expand_templates(config.templates, template)
         self.config = ZeroShotConfig(templates=list(self.templates))
 
     @classmethod

@@ -187,6 +187,7 @@ class RankZeroShot(OrdinalMethod):
     config_class = RankZeroShotConfig
     summary = "zero-shot CLIP over rank sentences (nothing trained)"
     uses_template = True
+    template_field = "template"
 
     @classmethod
     def trains(cls, config) -> bool:
@@ -196,12 +197,17 @@ class RankZeroShot(OrdinalMethod):
                  template: Optional[str] = None):
         # the sentence actually used is recorded in the config (method.json), so a reloaded run does not depend
         # on which template its loader passes
-        resolved = config.template or template or DEFAULT_TEMPLATE
+        resolved = self.expand_templates(config.template, template)
         if "{}" not in resolved:
             raise ConfigError(f"rank-zeroshot: the template must contain '{{}}', got {resolved!r}")
         super().__init__(dataclasses.replace(config, template=resolved), backbone, classnames,
                          own_image_encoder=False)
+        self.template_request = config.template
         self._encode_ranks()
+
+    @classmethod
+    def expand_templates(cls, request, dataset_template):
+        return request or dataset_template or DEFAULT_TEMPLATE
 
     @classmethod
     def preset(cls, data) -> dict:

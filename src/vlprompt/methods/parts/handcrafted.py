@@ -53,6 +53,7 @@ class TextFeatureAdapter(Method):
     list); subclasses give :meth:`adapted_text` -> (K, E) and keep their learned tensors class-independent."""
 
     uses_template = True
+    template_field = "templates"
 
     @classmethod
     def preset(cls, data) -> dict:
@@ -60,10 +61,15 @@ class TextFeatureAdapter(Method):
         CoOp's is assumed (:func:`.recipes.coop_recipe`)."""
         return {"train": coop_recipe(data), "method_options": {}}
 
+    @classmethod
+    def expand_templates(cls, request, dataset_template):
+        return resolve_templates(request, dataset_template or DEFAULT_TEMPLATE)
+
     def __init__(self, config: HandCraftedOptions, backbone, classnames: Sequence[str], template: str | None = None):
         super().__init__(config, backbone, classnames)
         # the templates actually used (set names expanded): method.json rebuilds the same classifier anywhere
-        self.templates = resolve_templates(config.templates, template or DEFAULT_TEMPLATE)
+        self.template_request = list(config.templates)
+        self.templates = self.expand_templates(config.templates, template)
         self.config = dataclasses.replace(config, templates=list(self.templates))
         self.register_buffer("class_text", class_text_features(backbone, self.classnames, self.templates),
                              persistent=False)
