@@ -465,6 +465,9 @@ def test_dassl_epoch_lr_is_the_warmup_then_cosine_schedule():
         optim.step()
         sched.step()
     assert epoch_lr(0, 0.0035, 5) == 1e-5 and epoch_lr(1, 0.0035, 5) == 0.0035
+    # a log of the released MaPLe config (multimodal-prompt-learning issue #17): epoch 4/5 "lr 2.2908e-03",
+    # epoch 5/5 "lr 1.2092e-03"
+    assert f"{epoch_lr(3, 0.0035, 5):.4e}" == "2.2908e-03" and f"{epoch_lr(4, 0.0035, 5):.4e}" == "1.2092e-03"
 
 
 def test_clip_lora_checkpoint_is_save_loras_nesting(towers, tmp_path):

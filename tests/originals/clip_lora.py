@@ -42,6 +42,9 @@ Quirks (read from code):
   at every iteration through the LoRA'd text tower, with gradients. No validation (``VALIDATION = False``, l.37):
   the test accuracy of the last iterate is reported. The 1e2 weight decay of the first release was a typo
   (issue #1, maintainer: corrected to 1e-2).
+- Few-shot data: Python ``random.sample`` per class (``datasets/utils.py`` l.210-252, with replacement when a class
+  is short: ``repeat=True``), the val shots drawn before the train shots (e.g. ``datasets/dtd.py`` l.24-26), not
+  CoOp's seed pickles: the same seed gives other images than the Dassl-based repos.
 """
 from __future__ import annotations
 
