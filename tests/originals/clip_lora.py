@@ -132,7 +132,7 @@ def init_lora(model, *, encoder: str = "both", position: str = "all", params: Se
 
 
 def _lora_linear(x, weight, bias, factor, scale, training, dropout_rate):
-    """``LinearLoRA.forward`` (l.186-208) on a frozen (weight, bias)."""
+    """``LinearLoRA.forward`` (l.186-208) on a frozen (weight, bias); x (N, L, d_in) batch-first."""
     if factor is None:
         return F.linear(x, weight, bias)
     delta = factor["B"] @ factor["A"]  # merge_BA (l.73-75): (out, in)
@@ -140,7 +140,9 @@ def _lora_linear(x, weight, bias, factor, scale, training, dropout_rate):
         # eval: the weight merged by .eval() (l.100-110); dropout 0: merge_lora_param's W.detach() + BA * s (l.80-87)
         return F.linear(x, weight + delta * scale, bias)
     out = F.linear(x, weight, bias)
-    x = F.dropout(x, dropout_rate, training=True)  # its own nn.Dropout, global RNG (l.176-177, l.200-201)
+    # its own nn.Dropout on the global RNG (l.176-177, l.200-201); the mask is drawn on the original's
+    # sequence-first (L, N, d) layout, so that the same RNG state drops the same entries
+    x = F.dropout(x.transpose(0, 1).contiguous(), dropout_rate, training=True).transpose(0, 1)
     return out + torch.matmul(x, delta.transpose(0, 1)) * scale
 
 
