@@ -90,7 +90,9 @@ def test_every_third_party_module_imported_by_the_package_is_a_dependency():
 
 
 def test_every_third_party_module_imported_by_the_tests_is_in_the_dev_extra():
-    imports = _third_party_imports(REPO / "tests", frozenset(p.stem for p in (REPO / "tests").glob("*.py")))
+    tests = REPO / "tests"  # its modules and its packages (tests/originals) are imported by name
+    local = {p.stem for p in tests.glob("*.py")} | {p.parent.name for p in tests.glob("*/__init__.py")}
+    imports = _third_party_imports(tests, frozenset(local))
     assert "pytest" in imports
     assert _undeclared(imports, _declared(("dev",))) == []
 
