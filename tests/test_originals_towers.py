@@ -274,7 +274,8 @@ def test_promptsrc_loss_terms_equal_independent_formulas(towers):
     torch.testing.assert_close(terms["scl_text"], 25 * F.l1_loss(out["text"], out["zs_text"]))
     torch.testing.assert_close(terms["scl_image"], 10 * F.l1_loss(out["image"], out["zs_image"]))
     torch.testing.assert_close(terms["ce"], F.cross_entropy(out["logits"], labels()))
-    torch.testing.assert_close(terms["loss"], terms["ce"] + terms["scl_logits"] + terms["scl_text"] + terms["scl_image"])
+    total = terms["ce"] + terms["scl_logits"] + terms["scl_text"] + terms["scl_image"]
+    torch.testing.assert_close(terms["loss"], total)
     assert min(float(terms[t].detach()) for t in ("scl_logits", "scl_text", "scl_image")) > 1e-4
     terms["loss"].backward()
     assert all(t.grad.abs().max() > 0 for t in learned.values())
@@ -484,3 +485,16 @@ def test_clip_lora_checkpoint_is_save_loras_nesting(towers, tmp_path):
         assert list(entry) == ["q_proj", "k_proj", "v_proj", "proj"]
         torch.testing.assert_close(entry["proj"]["w_lora_B"], layer["o"]["B"], rtol=0, atol=0)
         torch.testing.assert_close(entry["q_proj"]["w_lora_A"], layer["q"]["A"], rtol=0, atol=0)
+
+
+def test_ivlp_checkpoint_of_a_resnet_tower_holds_text_prompts_only(tiny_rn, tmp_path):
+    model = tiny_rn.model
+    learned, fixed = ivlp.init_ivlp(model, NAMES, depth_text=2)
+    path = ivlp.write_original_checkpoint(tmp_path, {**learned, **fixed}, model)
+    ckpt = load_checkpoint(path)
+    sd = ckpt["state_dict"]
+    assert not any("VPT" in k for k in sd if k.startswith("image_encoder."))
+    assert "image_encoder.bn1.running_mean" in sd and sd["image_encoder.conv1.weight"].dtype == torch.float16
+    buffers = [k for k in sd if "running_" in k or "num_batches_tracked" in k or "token_" in k]
+    assert len(ckpt["optimizer"]["param_groups"][0]["params"]) == len(sd) - len(buffers)
+    assert len(ckpt["optimizer"]["state"]) == 2  # ctx and the one text VPT_shallow

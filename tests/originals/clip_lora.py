@@ -4,7 +4,9 @@ Source: MaxZanella/CLIP-LoRA@358f0d7361f59e66c0b2d0b672a3dafb143a759b: ``loralib
 l.29-110, ``LinearLoRA`` l.152-208, ``PlainMultiheadAttentionLoRA`` l.340-530), ``loralib/utils.py``
 (``INDEX_POSITIONS_*`` l.10-44, ``apply_lora`` l.107-134, ``save_lora`` l.137-184, ``load_lora`` l.187-236),
 ``lora.py`` (``evaluate_lora`` l.9-32, ``run_lora`` l.35-148), ``run_utils.py`` (arguments l.17-45), ``main.py``
-(l.12-50), ``utils.py`` (l.5-43), ``datasets/*.py`` (templates).
+(l.12-50), ``utils.py`` (l.5-43), ``datasets/*.py`` (templates). Checked once against the original modules on the
+same weights (init draws, features in training with dropout from the same RNG state, merged evaluation, the saved
+file read by ``load_lora``): see RECIPES_towers.md section 9.
 
 ``apply_lora`` replaces the ``nn.MultiheadAttention`` of the chosen blocks of the text and/or vision transformer by
 ``PlainMultiheadAttentionLoRA``: four ``nn.Linear`` q / k / v / out built from the MHA's ``in_proj_weight`` split
@@ -24,9 +26,9 @@ Quirks (read from code):
 - Dropout (default 0.25) is on the INPUT of the low-rank branch only, one independent mask per projection (q, k, v
   each draw their own, l.200-204), in training mode only. With ``dropout_rate == 0`` the layer instead adds
   scaling * B A to the weight, runs the linear, then subtracts it back from ``weight.data`` (l.188-193): the frozen
-  weight is replaced by a plain tensor and drifts by rounding at every forward.
+  weight is replaced by a plain tensor and drifts by rounding at every forward (read from code, not run).
 - ``.eval()`` merges: ``weight.data += B A * scaling`` (``lora_train`` l.100-110, via ``LinearLoRA.train``);
-  ``.train()`` subtracts it back (rounding drift per toggle). Evaluation uses the merged weights.
+  ``.train()`` subtracts it back (rounding drift per toggle, read from code). Evaluation uses the merged weights.
 - Logit scale: a hard-coded 100 (``main.py`` l.22), not the model's ``logit_scale``.
 - Templates: "a photo of a {}." for EVERY dataset (``datasets/*.py``: the per-dataset templates sit inside string
   literals, e.g. ``datasets/eurosat.py`` l.6-9; ImageNet's 7-template list too, ``datasets/imagenet.py``

@@ -107,7 +107,8 @@ def ivlp_image_features(model, learned: dict, images: torch.Tensor) -> torch.Ten
 
 def ivlp_logits(model, learned: dict, fixed: dict, images: torch.Tensor) -> torch.Tensor:
     """``CustomCLIP.forward`` in eval mode (l.164-179): exp(logit_scale) * cosine, (B, K)."""
-    return C.cosine_logits(model, ivlp_image_features(model, learned, images), ivlp_text_features(model, learned, fixed))
+    return C.cosine_logits(model, ivlp_image_features(model, learned, images),
+                           ivlp_text_features(model, learned, fixed))
 
 
 def ivlp_loss(model, learned: dict, fixed: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

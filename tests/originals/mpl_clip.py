@@ -29,6 +29,10 @@ blocks replace with ``deeper_prompts[counter]`` at every block after the first w
 :func:`image_features` with a list ``deep_prompts`` whose entry j is used at block j + 1.
 
 ResNet towers (``ModifiedResNet``, l.93-150) are untouched by the original: no prompt is ever built for them.
+
+The functions of this module and of ivlp / vpt / maple / promptsrc were checked once against the original modules run
+on the same weights (logits, losses, gradients, state-dict names / order / dtypes, checkpoints read back by the
+originals' loaders): RECIPES_towers.md section 9.
 """
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def write_dassl_checkpoint(output_dir, model_name: str, state_dict: "OrderedDict
 
 def loaded_by_original(state_dict: dict) -> dict:
     """What the trainers' ``load_model`` keeps (``trainers/maple.py`` l.320-333, ``independentVL.py`` l.291-304,
-    ``vpt.py`` l.226-239, PromptSRC ``promptsrc.py`` l.388-401): the state dict minus ``prompt_learner.token_prefix`` and
-    ``prompt_learner.token_suffix``, loaded with ``strict=False``."""
+    ``vpt.py`` l.226-239, PromptSRC ``promptsrc.py`` l.388-401): the state dict minus
+    ``prompt_learner.token_prefix`` and ``prompt_learner.token_suffix``, loaded with ``strict=False``."""
     return {k: v for k, v in state_dict.items()
             if k not in ("prompt_learner.token_prefix", "prompt_learner.token_suffix")}

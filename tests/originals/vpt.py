@@ -41,7 +41,8 @@ MODEL_NAME = "prompt_learner"  # register_model name (l.161), although no module
 TEMPLATE = "a photo of a {}."  # FixedEmbeddings l.73 + l.80 ("a photo of a" + " " + name + ".")
 
 RECIPES = {
-    "deep": dict(n_ctx_vision=8, depth_vision=12, lr=0.0025, max_epoch=5, batch_size=4),  # VPT/vit_b16_c2_ep5_batch4_4.yaml
+    # configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml l.4, l.18-19, l.34-37
+    "deep": dict(n_ctx_vision=8, depth_vision=12, lr=0.0025, max_epoch=5, batch_size=4),
     "train_py_defaults": dict(n_ctx_vision=2, depth_vision=1),  # train.py l.124-128 (shallow)
 }
 
