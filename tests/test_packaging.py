@@ -90,10 +90,11 @@ def test_every_third_party_module_imported_by_the_package_is_a_dependency():
 
 
 def test_every_third_party_module_imported_by_the_tests_is_in_the_dev_extra():
-    tests = REPO / "tests"  # its modules and its packages (tests/originals) are imported by name
+    tests = REPO / "tests"
+    # local: the test modules (conftest helpers) and test packages (tests/originals: `from originals.x import`)
     local = {p.stem for p in tests.glob("*.py")} | {p.parent.name for p in tests.glob("*/__init__.py")}
     imports = _third_party_imports(tests, frozenset(local))
-    assert "pytest" in imports
+    assert "pytest" in imports and "originals" not in imports
     assert _undeclared(imports, _declared(("dev",))) == []
 
 
