@@ -498,3 +498,15 @@ def test_ivlp_checkpoint_of_a_resnet_tower_holds_text_prompts_only(tiny_rn, tmp_
     buffers = [k for k in sd if "running_" in k or "num_batches_tracked" in k or "token_" in k]
     assert len(ckpt["optimizer"]["param_groups"][0]["params"]) == len(sd) - len(buffers)
     assert len(ckpt["optimizer"]["state"]) == 2  # ctx and the one text VPT_shallow
+
+
+def test_dassl_configs_name_the_recipes_the_way_the_trainers_read_them():
+    cfg = maple.dassl_config("cross_datasets", dataset="ImageNet", subsample="all")
+    assert cfg["TRAINER"] == {"NAME": "MaPLe", "MAPLE": {"N_CTX": 2, "PROMPT_DEPTH": 3, "CTX_INIT": "a photo of a",
+                                                           "PREC": "fp16"}}
+    assert cfg["OPTIM"]["LR"] == 0.0026 and cfg["OPTIM"]["MAX_EPOCH"] == 2 and cfg["DATASET"]["NUM_SHOTS"] == 16
+    src = promptsrc.dassl_config("few_shot", shots=4, subsample="all")["TRAINER"]["PROMPTSRC"]
+    assert (src["GPA_MEAN"], src["GPA_STD"], src["PROMPT_DEPTH_TEXT"], src["TEXT_LOSS_WEIGHT"]) == (30, 30, 9, 25)
+    assert ivlp.dassl_config("language_only")["TRAINER"]["IVLP"]["N_CTX_VISION"] == 0
+    assert vpt.dassl_config()["TRAINER"]["VPT"] == {"N_CTX_VISION": 8, "PROMPT_DEPTH_VISION": 12, "PREC": "fp16",
+                                                     "CTX_INIT": "a photo of a"}

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import mpl_clip as C
+from . import mpl_dassl
 from .mpl_dassl import write_dassl_checkpoint
 
 REPO = C.REPO
@@ -57,6 +58,17 @@ RECIPES = {
                                lr=0.0025, max_epoch=20, batch_size=4),  # PromptSRC IVLP/vit_b16_c2_ep20_batch4_4+4ctx
     "train_py_defaults": dict(n_ctx_text=2, n_ctx_vision=2, depth_text=9, depth_vision=9, ctx_init="a photo of a"),
 }
+
+
+# the cfg.TRAINER.IVLP keys (train.py l.113-120)
+CONFIG_KEYS = {"n_ctx_text": "N_CTX_TEXT", "n_ctx_vision": "N_CTX_VISION", "depth_text": "PROMPT_DEPTH_TEXT",
+               "depth_vision": "PROMPT_DEPTH_VISION", "ctx_init": "CTX_INIT"}
+
+
+def dassl_config(recipe: str = "ivlp", **run) -> dict:
+    """The configuration an IVLP run of ``recipe`` prints into log.txt (see :func:`originals.mpl_dassl.dassl_config`;
+    ``run``: dataset / shots / subsample / seed)."""
+    return mpl_dassl.dassl_config("IVLP", "IVLP", RECIPES[recipe], CONFIG_KEYS, **run)
 
 
 def init_ivlp(model, classnames: Sequence[str], *, n_ctx_text: int = 2, n_ctx_vision: int = 2, depth_text: int = 9,

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import mpl_clip as C
+from . import mpl_dassl
 from .mpl_dassl import write_dassl_checkpoint
 
 REPO = C.REPO
@@ -59,6 +60,15 @@ RECIPES = {
     # configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml l.15-36
     "train_py_defaults": dict(n_ctx=2, depth=9, ctx_init="a photo of a"),  # train.py l.105-109
 }
+
+
+# the cfg.TRAINER.MAPLE keys (train.py l.105-109)
+CONFIG_KEYS = {"n_ctx": "N_CTX", "depth": "PROMPT_DEPTH", "ctx_init": "CTX_INIT"}
+
+
+def dassl_config(recipe: str = "base2new", **run) -> dict:
+    """The configuration a MaPLe run of ``recipe`` prints into log.txt (:func:`originals.mpl_dassl.dassl_config`)."""
+    return mpl_dassl.dassl_config("MaPLe", "MAPLE", RECIPES[recipe], CONFIG_KEYS, **run)
 
 
 def init_maple(model, classnames: Sequence[str], *, n_ctx: int = 2, depth: int = 9,

@@ -105,6 +105,31 @@ def write_dassl_checkpoint(output_dir, model_name: str, state_dict: "OrderedDict
     return path
 
 
+def dassl_config(trainer: str, section: str, values: dict, keys: dict, *, dataset: str = "Caltech101",
+                 shots: int = 16, subsample: str = "base", seed: int = 1) -> dict:
+    """The run's yacs configuration as these repos print it into ``log.txt`` (``train.py`` ``print_args``: the
+    merged ``get_cfg_default()`` + ``extend_cfg`` + dataset and trainer yaml + command line), reduced to the entries
+    that decide the numbers: ``values`` (a recipe of the method module) renamed by ``keys`` into
+    ``TRAINER.<section>``; ``lr`` / ``max_epoch`` / ``batch_size`` into OPTIM / DATALOADER. The dataset ``NAME`` is
+    the Dassl class name (e.g. "Caltech101", "OxfordFlowers")."""
+    trainer_cfg = {keys[k]: v for k, v in values.items() if k in keys}
+    trainer_cfg.setdefault("PREC", "fp16")
+    return {
+        "DATALOADER": {"TRAIN_X": {"BATCH_SIZE": values.get("batch_size", 4)}, "TEST": {"BATCH_SIZE": 100}},
+        "DATASET": {"NAME": dataset, "NUM_SHOTS": shots, "SUBSAMPLE_CLASSES": subsample},
+        "INPUT": {"SIZE": (224, 224), "INTERPOLATION": "bicubic", "RRCROP_SCALE": (0.08, 1.0),
+                  "TRANSFORMS": ["random_resized_crop", "random_flip", "normalize"],
+                  "PIXEL_MEAN": [0.48145466, 0.4578275, 0.40821073],
+                  "PIXEL_STD": [0.26862954, 0.26130258, 0.27577711]},
+        "MODEL": {"BACKBONE": {"NAME": "ViT-B/16"}},
+        "OPTIM": {"NAME": "sgd", "LR": values["lr"], "MAX_EPOCH": values["max_epoch"], "LR_SCHEDULER": "cosine",
+                  "WARMUP_EPOCH": WARMUP_EPOCH, "WARMUP_TYPE": "constant", "WARMUP_CONS_LR": WARMUP_CONS_LR,
+                  "MOMENTUM": SGD_MOMENTUM, "WEIGHT_DECAY": SGD_WEIGHT_DECAY},
+        "SEED": seed,
+        "TRAINER": {"NAME": trainer, section: trainer_cfg},
+    }
+
+
 def loaded_by_original(state_dict: dict) -> dict:
     """What the trainers' ``load_model`` keeps (``trainers/maple.py`` l.320-333, ``independentVL.py`` l.291-304,
     ``vpt.py`` l.226-239, PromptSRC ``promptsrc.py`` l.388-401): the state dict minus

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from . import ivlp
 from . import mpl_clip as C
+from . import mpl_dassl
 from .mpl_dassl import write_dassl_checkpoint
 
 REPO = C.PROMPTSRC_REPO
@@ -89,6 +90,17 @@ RECIPES = {
                                   ctx_init="a photo of a", text_loss_weight=25, image_loss_weight=10, gpa_mean=45,
                                   gpa_std=5, lr=0.0025, max_epoch=50, batch_size=4),
 }
+
+
+# the cfg.TRAINER.PROMPTSRC keys (train.py l.114-124)
+CONFIG_KEYS = {**ivlp.CONFIG_KEYS, "text_loss_weight": "TEXT_LOSS_WEIGHT", "image_loss_weight": "IMAGE_LOSS_WEIGHT",
+               "gpa_mean": "GPA_MEAN", "gpa_std": "GPA_STD"}
+
+
+def dassl_config(recipe: str = "base2new", **run) -> dict:
+    """The configuration a PromptSRC run of ``recipe`` prints into log.txt (:func:`originals.mpl_dassl.dassl_config`;
+    few-shot runs: ``subsample="all"``)."""
+    return mpl_dassl.dassl_config("PromptSRC", "PROMPTSRC", RECIPES[recipe], CONFIG_KEYS, **run)
 
 
 def init_promptsrc(model, classnames: Sequence[str], *, n_ctx_text: int = 4, n_ctx_vision: int = 4,

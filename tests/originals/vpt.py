@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import mpl_clip as C
+from . import mpl_dassl
 from .mpl_dassl import write_dassl_checkpoint
 
 REPO = C.REPO
@@ -45,6 +46,17 @@ RECIPES = {
     "deep": dict(n_ctx_vision=8, depth_vision=12, lr=0.0025, max_epoch=5, batch_size=4),
     "train_py_defaults": dict(n_ctx_vision=2, depth_vision=1),  # train.py l.124-128 (shallow)
 }
+
+
+# the cfg.TRAINER.VPT keys (train.py l.124-128); CTX_INIT exists but is never read
+CONFIG_KEYS = {"n_ctx_vision": "N_CTX_VISION", "depth_vision": "PROMPT_DEPTH_VISION"}
+
+
+def dassl_config(recipe: str = "deep", **run) -> dict:
+    """The configuration a VPT run of ``recipe`` prints into log.txt (:func:`originals.mpl_dassl.dassl_config`)."""
+    cfg = mpl_dassl.dassl_config("VPT", "VPT", RECIPES[recipe], CONFIG_KEYS, **run)
+    cfg["TRAINER"]["VPT"]["CTX_INIT"] = "a photo of a"
+    return cfg
 
 
 def init_vpt(model, *, n_ctx_vision: int = 2, depth_vision: int = 1,
