@@ -96,6 +96,20 @@ def test_disagreeing_or_no_tags_get_the_defaults_said_in_log_and_results(tags, m
     assert "WARNING pixel statistics: mean" in log and why in log
 
 
+def test_a_resize_mode_fallback_warns_only_where_the_policy_resizes_so(monkeypatch, model_files, caplog):
+    import logging
+
+    from vlprompt.runs.execute import log_pixel_statistics
+
+    _tags_like(monkeypatch, model_files, "ViT-H-14")  # its tags agree but on the resize mode
+    bb = _load(model_files)
+    assert bb.pixel_fallback == ("resize_mode",) and bb.pixel_statistics["interpolation"] == "bicubic"
+    with caplog.at_level(logging.INFO, logger="vlprompt"):
+        log_pixel_statistics(bb, "coop")  # CoOp's policy resizes the short side: nothing to warn about
+        log_pixel_statistics(bb, "model")
+    assert [r.levelname for r in caplog.records if "pixel statistics" in r.getMessage()] == ["INFO", "WARNING"]
+
+
 def test_flags_change_the_transform_the_identity_and_follow_the_run(model_files, folder, cache_dir, tmp_path,
                                                                     capsys):
     cfg, weights = model_files

@@ -92,13 +92,13 @@ class Backbone(nn.Module):
     ``preprocess`` (the model's own eval transform), ``preprocess_cfg`` (the JSON-able dict open_clip resolved
     for these weights: size, mode, mean, std, interpolation, resize_mode, fill_color; pass it to
     :func:`vlprompt.data.transforms.build_transforms`), ``pixel_source`` (where its pixel statistics come from, a
-    phrase) and ``pixel_fallback`` (True when some of them are open_clip's defaults for a weights file, which may
+    phrase) and ``pixel_fallback`` (the keys of those that are open_clip's defaults for a weights file, which may
     not be the statistics the weights were trained with), ``image_size``, ``device``.
     """
 
     def __init__(self, model: nn.Module, tokenizer, preprocess, spec: BackboneSpec, model_cfg: dict,
                  device: torch.device, precision: str = "amp", preprocess_cfg: Optional[dict] = None,
-                 pixel_source: str = "open_clip's preprocess config", pixel_fallback: bool = False):
+                 pixel_source: str = "open_clip's preprocess config", pixel_fallback: tuple[str, ...] = ()):
         super().__init__()
         from .text import TextEncoder
 
@@ -112,7 +112,7 @@ class Backbone(nn.Module):
         self.preprocess_cfg = _json_preprocess_cfg(preprocess_cfg if preprocess_cfg is not None else
                                                    _model_preprocess_cfg(model))
         self.pixel_source = pixel_source
-        self.pixel_fallback = pixel_fallback
+        self.pixel_fallback = tuple(pixel_fallback)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
@@ -369,12 +369,13 @@ def check_pixels(pixels: Optional[dict]) -> dict:
 
 
 def _pixel_plan(model_name: str, label: str, schema: Optional[str], tag: Optional[str], weights_file: Optional[str],
-                given: dict) -> tuple[dict, str, bool]:
+                given: dict) -> tuple[dict, str, tuple[str, ...]]:
     """(the pixel statistics to force on open_clip's preprocess config, where the statistics come from (a phrase),
-    whether some are open_clip's defaults for a weights file -- which may not be those it was trained with)."""
+    the keys of those that are open_clip's defaults for a weights file -- which may not be those it was trained
+    with)."""
     rest = [k for k in PIXEL_KEYS if k not in given]
     parts = [f"{'/'.join(given)} as given"] if given else []
-    forced, fallback = dict(given), False
+    forced, fallback = dict(given), ()
     if not rest:
         pass
     elif tag is not None:
@@ -392,7 +393,7 @@ def _pixel_plan(model_name: str, label: str, schema: Optional[str], tag: Optiona
             parts.append(f"{'/'.join(taken)} of {model_name}'s pretrained tags, which all agree ({named})")
         left = [k for k in rest if k not in agreed]
         if left:
-            fallback = True
+            fallback = tuple(left)
             why = (f"{model_name}'s pretrained tags disagree: " + "; ".join(
                 f"{k} {' / '.join(map(str, differing[k]))}" for k in left if k in differing) if tags else
                    f"{model_name} has no open_clip pretrained tag to take them from")
@@ -663,7 +664,7 @@ def load_backbone(name: str, pretrained: Optional[str] = None, device: str | tor
             ``resize_mode``, any subset; see :func:`check_pixels`). Otherwise they are a tag's, an ``hf-hub:`` /
             ``local-dir:`` config's, and for a checkpoint file those on which every open_clip pretrained tag of
             the architecture agrees (MobileCLIP: mean 0, std 1, bilinear), else open_clip's defaults (OpenAI's),
-            with ``pixel_fallback`` set. ``Backbone.pixel_statistics`` says which were used and why.
+            named in ``pixel_fallback``. ``Backbone.pixel_statistics`` says which were used and why.
     """
     import open_clip
     from open_clip.factory import _find_checkpoint_in_dir, parse_model_name

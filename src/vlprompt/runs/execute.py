@@ -124,12 +124,13 @@ def recorded_pixels(meta: dict) -> Optional[dict]:
     return None
 
 
-def log_pixel_statistics(backbone: Backbone) -> None:
-    """The pixel statistics in log.txt; a warning when some are open_clip's defaults for a weights file."""
+def log_pixel_statistics(backbone: Backbone, preprocess: str) -> None:
+    """The pixel statistics in log.txt; a warning when some that the ``preprocess`` policy uses are open_clip's
+    defaults for a weights file (CoOp's policy has no resize mode)."""
     stats = backbone.pixel_statistics
     text = (f"pixel statistics: mean {stats['mean']}, std {stats['std']}, {stats['interpolation']}, resize "
             f"{stats['resize_mode']} ({stats['source']})")
-    if backbone.pixel_fallback:
+    if set(backbone.pixel_fallback) - ({"resize_mode"} if preprocess == "coop" else set()):
         log.warning("%s", text)
     else:
         log.info("%s", text)
@@ -315,7 +316,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
                        main=main):
         for name, n in skipped.items():
             log.warning("%s split: %d unreadable image(s) skipped (--skip-bad-images)", name, n)
-        log_pixel_statistics(backbone)
+        log_pixel_statistics(backbone, cfg.preprocess)
         results = _execute(cfg, run_dir, method, backbone, splits, train_tf, test_tf, state.action == "resume",
                            progress, t_start)
         results["skipped_images"] = skipped

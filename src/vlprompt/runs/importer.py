@@ -572,9 +572,9 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
                        imported_from=src.info["path"]):
         log.info("imported %s run %s (epoch %s) as %s", kind, src.info["path"], src.info.get("epoch"), cfg.method)
         if test_only:
-            log.info("%s has no training images: the import is evaluated on its test split; the run's %s-shot "
-                     "training images are not in split.json", cfg.data.root, cfg.data.shots or "all")
-        log_pixel_statistics(backbone)
+            log.info("%s has no training images: the import is evaluated on its test split; the run's training "
+                     "images (%s per class) are not in split.json", cfg.data.root, cfg.data.shots or "all")
+        log_pixel_statistics(backbone, cfg.preprocess)
         described = method.describe()
         save_method(run_dir, cfg, method, splits)
         cache = FeatureCache(cfg.cache_dir, progress=progress)
