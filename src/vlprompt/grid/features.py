@@ -70,7 +70,8 @@ class FeaturePlan:
         cls = method_class(cfg.method)
         if cls.trains_own_image_encoder(build_config(cfg.method, cfg.method_options)):
             return  # it encodes its images itself, in training and in evaluation
-        model = (cfg.backbone, cfg.pretrained, cfg.precision, cfg.device)
+        pixels = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.pixels().items()))
+        model = (cfg.backbone, cfg.pretrained, cfg.precision, cfg.device, pixels)
         common = (model, cfg.preprocess, cfg.cache_dir, bool(cls.needs_local))
         wanted: list[tuple[tuple, list[str]]] = [(common + ("test", 0, EVAL_BATCH), self._split_paths(cfg.data, "test"))]
         if cls.learns != "none":
@@ -106,8 +107,9 @@ class FeaturePlan:
         out = []
         models = list(dict.fromkeys(slot[0] for slot in self.slots))
         for model in models:
-            name, pretrained, precision, device = model
-            backbone = load_backbone(name, pretrained, device, precision=precision)
+            name, pretrained, precision, device, pixels = model
+            backbone = load_backbone(name, pretrained, device, precision=precision,
+                                     pixels={k: list(v) if isinstance(v, tuple) else v for k, v in pixels})
             for slot, paths in self.slots.items():
                 if slot[0] != model or not paths:
                     continue
