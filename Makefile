@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # demo settings (override on the command line: make demo BACKBONE=ViT-B-16 DATA=~/data;
-# offline: make demo PRETRAINED=/path/to/RN50.pt DATA=/path/to/data DATASET=...). The demo checks first that
-# the weights and the dataset can be had and says which of these to set when not.
+# offline: make demo BACKBONE=RN50-quickgelu PRETRAINED=/path/to/RN50.pt DATA=/path/to/data DATASET=...; OpenAI's
+# weights need the QuickGELU model). The demo checks first, in seconds, that the weights and the dataset can be
+# had and says in one line which of these to set when not.
 BACKBONE ?= RN50
 PRETRAINED ?= openai
 DATASET ?= torchvision:EuroSAT
@@ -28,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vlprompt.demo --backbone $(BACKBONE) --pretrained $(PRETRAINED) --dataset $(DATASET) \
+	@$(PY) -m vlprompt.demo --backbone $(BACKBONE) --pretrained $(PRETRAINED) --dataset $(DATASET) \
 	    --root $(DATA) --shots $(SHOTS) $(if $(EPOCHS),--epochs $(EPOCHS)) --output $(OUT)
 
 test: $(STAMP)

@@ -253,3 +253,64 @@ def test_cuda_without_a_gpu_names_the_flag(monkeypatch):
     assert resolve_device(None).type == "cpu" and resolve_device("cpu").type == "cpu"
     with pytest.raises(BackboneError, match="--device meta: unsupported"):
         resolve_device("meta")
+
+
+# -- OpenAI-format weights need QuickGELU ----------------------------------------------------------------------
+def _openai_state_dict_file(tmp_path):
+    """A state dict as saved from OpenAI's TorchScript model: open_clip's keys (a QuickGELU model's weights) and the
+    archive's input_resolution / context_length / vocab_size entries."""
+    qg_cfg, qg_weights = make_tiny_checkpoint(tmp_path, "tiny-vit", quick_gelu=True)
+    state = torch.load(qg_weights, weights_only=True)
+    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    path = tmp_path / "openai_state.pt"
+    torch.save(state, path)
+    return qg_cfg, qg_weights, path
+
+
+def test_openai_format_weights_into_a_gelu_config_are_refused_naming_the_quickgelu_model(tmp_path):
+    qg_cfg, qg_weights, path = _openai_state_dict_file(tmp_path)
+    with pytest.raises(BackboneError) as info:
+        load_backbone("RN50", str(path), device="cpu")  # refused before the (large) model is built
+    msg = str(info.value)
+    assert msg.startswith(f"--pretrained {path}: OpenAI-format weights") and "QuickGELU" in msg and "\n" not in msg
+    assert msg.endswith("use --backbone RN50-quickgelu")
+    gelu_cfg, _ = make_tiny_checkpoint(tmp_path, "tiny-vit")
+    with pytest.raises(BackboneError, match=r'input_resolution/context_length/vocab_size.*"quick_gelu": true in the '
+                                            r"model config .*tiny-vit-s0\.json"):
+        load_backbone(str(gelu_cfg), str(path), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        right = load_backbone(str(qg_cfg), str(path), device="cpu")  # the extra entries dropped, as open_clip does
+        chosen = load_backbone(str(gelu_cfg), str(path), device="cpu", quick_gelu=False)  # the caller's choice
+    for k, v in torch.load(qg_weights, weights_only=True).items():
+        assert torch.equal(right.model.state_dict()[k], v), k
+    assert type(right.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    # what the refusal prevents: the same weights under GELU give other features
+    text = ["a photo of a dog.", "a photo of a cat."]
+    assert not torch.allclose(right.encode_text(text), chosen.encode_text(text), atol=1e-4)
+
+
+def test_torchscript_archive_into_a_gelu_config_is_refused(tmp_path, tiny_vit):
+    gelu_cfg, _ = make_tiny_checkpoint(tmp_path, "tiny-vit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.trace(tiny_vit.model.visual, torch.randn(1, 3, 32, 32))
+        path = tmp_path / "ViT-B-32.pt"
+        torch.jit.save(scripted, path)
+        with pytest.raises(BackboneError, match=r"OpenAI-format weights \(a TorchScript archive.*QuickGELU"):
+            load_backbone(str(gelu_cfg), str(path), device="cpu")
+
+
+def test_a_weights_file_loads_without_open_clips_random_init_notice(tmp_path, caplog, capsys):
+    """open_clip builds the model without weights and logs that it is random; vlprompt then loads the file."""
+    import logging
+
+    cfg, weights = make_tiny_checkpoint(tmp_path, "tiny-rn")
+    handlers = list(logging.getLogger().handlers)
+    with caplog.at_level(logging.INFO):
+        load_backbone(str(cfg), str(weights), device="cpu")
+    assert "No pretrained weights loaded" not in caplog.text + capsys.readouterr().err
+    assert logging.getLogger().handlers == handlers and not logging.getLogger().filters
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="RANDOM weights"):
+        load_backbone(str(cfg), None, device="cpu")  # random weights: open_clip's notice stays
+    assert "No pretrained weights loaded" in caplog.text

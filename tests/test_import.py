@@ -434,6 +434,83 @@ def test_coop_without_its_configuration_needs_the_class_position(tiny_vit, model
         import_run("coop", run, _request(model_files, folder, cache_dir), tmp_path / "out")
 
 
+def test_class_specific_context_on_another_number_of_classes_names_both(tiny_vit, model_files, folder, cache_dir,
+                                                                        tmp_path):
+    ctx = torch.randn(5, 4, tiny_vit.text.width)  # learned for 5 classes; the data has 3
+    run = tmp_path / "csc"
+    save_dassl(run, {"ctx": ctx}, 3, config=dassl_config("CoOp"))
+    with pytest.raises(CheckpointError, match=r"a class-specific context learned for 5 classes, but folder "
+                                              r"\(--classes all\) has 3: import it onto the classes it was trained on"):
+        import_run("coop", run, _request(model_files, folder, cache_dir), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def test_only(folder, tmp_path_factory):
+    """The test images of ``folder`` (its classes) in a folder that has only test/: e.g. a benchmark's test set."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("import_test_only") / "bench"
+    for sample in load_dataset("folder", str(folder)).test:
+        dest = root / "test" / Path(sample.path).parent.name / Path(sample.path).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample.path, dest)
+    return root
+
+
+def test_import_onto_test_only_data_keeps_the_runs_shots(tiny_vit, model_files, folder, test_only, classnames,
+                                                         cache_dir, tmp_path):
+    prefix, suffix, _ = original_prompt_buffers(tiny_vit.model, classnames, 4)
+    run = tmp_path / "dassl"
+    save_dassl(run, {"ctx": torch.randn(4, tiny_vit.text.width), "token_prefix": prefix, "token_suffix": suffix}, 3,
+               config=dassl_config("CoOp", shots=16))
+    results = import_run("coop", run, _request(model_files, test_only, cache_dir), tmp_path / "out")
+    assert results["shots"] == 16 and results["config"]["data"]["shots"] == 16  # tables file it under 16 shots
+    split = json.loads((tmp_path / "out" / "split.json").read_text())
+    assert split["train"] == [] and len(split["test"]) == len(load_dataset("folder", str(folder)).test)
+    assert "has no training images" in (tmp_path / "out" / "log.txt").read_text()
+    req = _request(model_files, test_only, cache_dir)
+    req["data"]["shots"] = 0  # the earlier workaround for the missing train/ folder: a wrong record
+    with pytest.raises(ConfigError, match=r"--shots 0 contradicts the imported run, trained on 16 shots per class "
+                                          r"\(.*log\.txt\)"):
+        import_run("coop", run, req, tmp_path / "out0")
+
+
+def test_unknown_shots_must_be_given(tiny_vit, model_files, folder, cache_dir, tmp_path):
+    run = tmp_path / "coop"
+    save_dassl(run, {"ctx": torch.zeros(4, tiny_vit.text.width)}, 3)  # no log.txt: shots unknown
+    req = _request(model_files, folder, cache_dir, class_position="end")
+    with pytest.raises(ConfigError, match=r"says the run's shots: give --shots \(the training images per class"):
+        import_run("coop", run, req, tmp_path / "out")
+    req["data"]["shots"] = 2
+    assert import_run("coop", run, req, tmp_path / "out")["shots"] == 2
+
+
+def test_word_init_given_as_a_flag_is_counted_in_words_as_the_original(tiny_vit, model_files, folder, classnames,
+                                                                       cache_dir, tmp_path):
+    """A CoOp run initialised from "itap of a" imported without its log.txt: --init says the init, and the
+    original's word count (3 learned vectors) applies without --init-length."""
+    model, d = tiny_vit.model, tiny_vit.text.width
+    init = "itap of a"
+    ctx = torch.randn(3, d, generator=torch.Generator().manual_seed(11)) * 0.5
+    prefix, suffix, tokenized = original_prompt_buffers(model, classnames, 3, prompt_prefix=init)
+    run = tmp_path / "words"
+    save_dassl(run, {"ctx": ctx, "token_prefix": prefix, "token_suffix": suffix}, 3)  # no log.txt
+    req = _request(model_files, folder, cache_dir, init=init, class_position="end")
+    req["data"]["shots"] = 2
+    import_run("coop", run, req, tmp_path / "out")
+    method, meta, _ = load_method(tmp_path / "out", backbone=tiny_vit)
+    assert meta["config"]["init_length"] == "words" and meta["config"]["n_ctx"] == 3
+    method.eval()
+    image = features(4, tiny_vit.embed_dim, seed=12)
+    expected = cosine(model, image, original_text(model, original_prompts(prefix, ctx, suffix, "end"), tokenized))
+    with torch.no_grad():
+        torch.testing.assert_close(method(Features(global_=image)), expected, rtol=0, atol=1e-5)
+    req["method_options"]["init_length"] = "tokens"  # said explicitly: 4 token vectors, which ctx (3) does not fit
+    with pytest.raises(ConfigError, match=r"'itap of a' is 4 tokens \(init_length=tokens\)"):
+        import_run("coop", run, req, tmp_path / "tokens")
+
+
 # -- 5. the command line, and the commands that read a run ------------------------------------------------------
 def test_imported_run_works_with_eval_export_predict_interpret(tiny_vit, model_files, folder, classnames,
                                                                cache_dir, tmp_path, capsys):

@@ -133,15 +133,82 @@ def _demo_error(capsys, argv) -> str:
 def test_demo_missing_weights_file_names_the_make_variable(tmp_path, capsys):
     err = _demo_error(capsys, ["--pretrained", str(tmp_path / "RN50.pt"), "--root", str(tmp_path / "data"),
                                "--epochs", "1"])
-    assert "not found" in err and "make demo PRETRAINED=/path/to/RN50.pt" in err
+    assert "not found" in err and "make demo BACKBONE=RN50-quickgelu PRETRAINED=/path/to/RN50.pt" in err
 
 
 def test_demo_weights_neither_cached_nor_downloadable_names_the_make_variable(tmp_path):
     # conftest sets HF_HUB_OFFLINE=1: nothing can be downloaded, and the cache folder is empty
     problem = demo.check_weights("RN50", "openai", cache_dir=str(tmp_path / "hub"))
     assert problem is not None and "cannot get the 'openai' weights of RN50" in problem
-    assert "make demo PRETRAINED=/path/to/RN50.pt" in problem
+    assert "make demo BACKBONE=RN50-quickgelu PRETRAINED=/path/to/RN50.pt" in problem  # OpenAI's: QuickGELU
     assert "not a pretrained tag" in demo.check_weights("RN50", "no-such-tag")
+    problem = demo.check_weights("ViT-B-32", "laion2b_s34b_b79k", cache_dir=str(tmp_path / "hub"))
+    assert "make demo PRETRAINED=/path/to/ViT-B-32.pt" in problem  # not OpenAI's: no QuickGELU
+
+
+def test_demo_names_the_quickgelu_model_for_an_openai_weights_file(tmp_path):
+    from vlprompt.testing import make_tiny_checkpoint
+
+    _, weights = make_tiny_checkpoint(tmp_path, "tiny-vit", quick_gelu=True)
+    import torch
+
+    state = torch.load(weights, weights_only=True)
+    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    torch.save(state, tmp_path / "RN50.pt")
+    problem = demo.check_weights("RN50", str(tmp_path / "RN50.pt"))
+    assert "OpenAI-format weights" in problem and "make demo BACKBONE=RN50-quickgelu PRETRAINED=" in problem
+    assert demo.check_weights("RN50-quickgelu", str(tmp_path / "RN50.pt")) is None
+
+
+def test_demo_offline_stops_in_seconds_with_one_line_and_leaves_no_folder(tmp_path):
+    """`make demo` on a machine without network (the hub refuses connections) and without HF_HUB_OFFLINE: one
+    line naming the make variables, well before huggingface_hub's ~50 s of retries, nothing left in $HOME."""
+    import os
+    import subprocess
+    import time
+
+    import vlprompt
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE", "XDG_"))}
+    env.update(HOME=str(home), HF_ENDPOINT="http://127.0.0.1:9",
+               PYTHONPATH=os.pathsep.join([str(Path(vlprompt.__file__).parents[1]), env.get("PYTHONPATH", "")]))
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "vlprompt.demo"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    elapsed = time.perf_counter() - t0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and not done.stdout and len(lines) == 1, done.stderr
+    assert "BACKBONE=RN50-quickgelu PRETRAINED=/path/to/RN50.pt" in lines[0] and "unreachable" in lines[0]
+    assert elapsed < 45, elapsed  # huggingface_hub alone retries for ~46 s
+    assert [p for p in home.rglob("*")] == [] and not (tmp_path / "runs").exists()
+
+
+def test_failed_torchvision_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+    import os
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    from vlprompt.data.tv import read_torchvision
+    from vlprompt.errors import DataError
+
+    class Offline:  # makes its folders, then cannot download, as torchvision's datasets do offline
+        def __init__(self, root, download=True):
+            os.makedirs(os.path.join(root, "offline", "2750"), exist_ok=True)
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tvd, "Offline", Offline, raising=False)
+    with pytest.raises(DataError, match="offline: download it elsewhere"):
+        read_torchvision("Offline", tmp_path / "new" / "data")
+    assert not (tmp_path / "new").exists()  # it did not exist: made and removed
+    mine = tmp_path / "mine"
+    (mine / "kept").mkdir(parents=True)
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(DataError):
+        read_torchvision("Offline", mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["kept", "notes.txt"]  # only what it made is gone
 
 
 def test_demo_missing_dataset_names_the_make_variables_before_any_work(tmp_path, capsys, monkeypatch):

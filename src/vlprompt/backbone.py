@@ -91,11 +91,14 @@ class Backbone(nn.Module):
     (a :class:`vlprompt.text.TextEncoder` over the text tower), ``embed_dim`` (E, the joint space),
     ``preprocess`` (the model's own eval transform), ``preprocess_cfg`` (the JSON-able dict open_clip resolved
     for these weights: size, mode, mean, std, interpolation, resize_mode, fill_color; pass it to
-    :func:`vlprompt.data.transforms.build_transforms`), ``image_size``, ``device``.
+    :func:`vlprompt.data.transforms.build_transforms`), ``pixel_source`` (where its pixel statistics come from, a
+    phrase) and ``pixel_fallback`` (the keys of those that are open_clip's defaults for a weights file, which may
+    not be the statistics the weights were trained with), ``image_size``, ``device``.
     """
 
     def __init__(self, model: nn.Module, tokenizer, preprocess, spec: BackboneSpec, model_cfg: dict,
-                 device: torch.device, precision: str = "amp", preprocess_cfg: Optional[dict] = None):
+                 device: torch.device, precision: str = "amp", preprocess_cfg: Optional[dict] = None,
+                 pixel_source: str = "open_clip's preprocess config", pixel_fallback: tuple[str, ...] = ()):
         super().__init__()
         from .text import TextEncoder
 
@@ -108,6 +111,8 @@ class Backbone(nn.Module):
         self.precision = precision
         self.preprocess_cfg = _json_preprocess_cfg(preprocess_cfg if preprocess_cfg is not None else
                                                    _model_preprocess_cfg(model))
+        self.pixel_source = pixel_source
+        self.pixel_fallback = tuple(pixel_fallback)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
@@ -145,6 +150,13 @@ class Backbone(nn.Module):
                     h.update(t.reshape(-1).view(torch.uint8).numpy())
             self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
+
+    @property
+    def pixel_statistics(self) -> dict:
+        """The pixel statistics the transforms use (``mean``, ``std``, ``interpolation``, ``resize_mode``) and
+        ``source``: where they come from. Runs record it in results.json and method.json (eval, export and
+        predict load the backbone with the same statistics)."""
+        return {**{k: self.preprocess_cfg[k] for k in PIXEL_KEYS}, "source": self.pixel_source}
 
     def train(self, mode: bool = True):  # the towers stay in eval mode (BatchNorm in RN stems)
         super().train(mode)
@@ -299,6 +311,99 @@ def _resnet_attnpool_all(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# pixel statistics: a weights file gets those of its architecture's pretrained tags, when they all agree
+# ------------------------------------------------------------------------------------------------------------
+PIXEL_KEYS = ("mean", "std", "interpolation", "resize_mode")
+PIXEL_FLAGS = {"mean": "--image-mean", "std": "--image-std", "interpolation": "--image-interpolation",
+               "resize_mode": "--image-resize-mode"}
+_PIXEL_DEFAULTS = {"mean": "OpenAI's CLIP mean", "std": "OpenAI's CLIP std", "interpolation": "bicubic",
+                   "resize_mode": "shortest"}  # open_clip's PreprocessCfg()
+
+
+def tag_pixel_statistics(model_name: str) -> tuple[list[str], dict, dict]:
+    """(tags, agreed, differing) of the open_clip pretrained tags of ``model_name`` (metadata only, nothing is
+    downloaded): ``agreed`` maps each of :data:`PIXEL_KEYS` on which every tag agrees to that value, ``differing``
+    each other key to the distinct values the tags give. MobileCLIP's tags all say mean 0 / std 1 and bilinear,
+    SigLIP's 0.5 / 0.5 and squash, CLIPA's ImageNet statistics; ViT-L-14's tags disagree (OpenAI's and 0.5)."""
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    tags = list(list_pretrained_tags_by_model(model_name))
+    cfgs = [get_pretrained_cfg(model_name, t) for t in tags]
+    agreed, differing = {}, {}
+    for key in PIXEL_KEYS:
+        values = [c.get(key) for c in cfgs]
+        distinct = list(dict.fromkeys(json.dumps(v if not isinstance(v, tuple) else list(v)) for v in values))
+        if len(distinct) == 1 and values[0] is not None:
+            agreed[key] = list(values[0]) if isinstance(values[0], tuple) else values[0]
+        elif distinct:
+            differing[key] = [json.loads(v) for v in distinct]
+    return tags, agreed, differing
+
+
+def check_pixels(pixels: Optional[dict]) -> dict:
+    """The pixel statistics a caller sets (``{"mean": [r, g, b], "std": [r, g, b], "interpolation": "bicubic" |
+    "bilinear", "resize_mode": "shortest" | "longest" | "squash"}``, any subset, None = not set), validated;
+    a BackboneError names the flag of a bad value."""
+    import math
+
+    out = {}
+    for key, value in (pixels or {}).items():
+        if key not in PIXEL_KEYS:
+            raise BackboneError(f"pixel statistics: unknown key {key!r} (known: {', '.join(PIXEL_KEYS)})")
+        if value is None:
+            continue
+        flag = PIXEL_FLAGS[key]
+        if key in ("mean", "std"):
+            if (not isinstance(value, (list, tuple)) or len(value) != 3 or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)):
+                raise BackboneError(f"{flag} takes 3 numbers (red, green, blue), got {value!r}")
+            if key == "std" and any(v <= 0 for v in value):
+                raise BackboneError(f"{flag} must be 3 numbers > 0 (each channel is divided by it), got {value!r}")
+            value = [float(v) for v in value]
+        else:
+            choices = ("bicubic", "bilinear") if key == "interpolation" else ("shortest", "longest", "squash")
+            if value not in choices:
+                raise BackboneError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _pixel_plan(model_name: str, label: str, schema: Optional[str], tag: Optional[str], weights_file: Optional[str],
+                given: dict) -> tuple[dict, str, tuple[str, ...]]:
+    """(the pixel statistics to force on open_clip's preprocess config, where the statistics come from (a phrase),
+    the keys of those that are open_clip's defaults for a weights file -- which may not be those it was trained
+    with)."""
+    rest = [k for k in PIXEL_KEYS if k not in given]
+    parts = [f"{'/'.join(given)} as given"] if given else []
+    forced, fallback = dict(given), ()
+    if not rest:
+        pass
+    elif tag is not None:
+        parts.append(f"{'/'.join(rest)} of the pretrained tag {tag!r}")
+    elif schema is not None:
+        parts.append(f"{'/'.join(rest)} of {label}'s open_clip_config.json (open_clip's defaults where it has none)")
+    elif weights_file is None:
+        parts.append(f"{'/'.join(rest)}: open_clip's defaults (random weights)")
+    else:
+        tags, agreed, differing = tag_pixel_statistics(model_name)
+        taken = [k for k in rest if k in agreed]
+        if taken:
+            forced.update({k: agreed[k] for k in taken})
+            named = ", ".join(tags[:3]) + (f" and {len(tags) - 3} more" if len(tags) > 3 else "")
+            parts.append(f"{'/'.join(taken)} of {model_name}'s pretrained tags, which all agree ({named})")
+        left = [k for k in rest if k not in agreed]
+        if left:
+            fallback = tuple(left)
+            why = (f"{model_name}'s pretrained tags disagree: " + "; ".join(
+                f"{k} {' / '.join(map(str, differing[k]))}" for k in left if k in differing) if tags else
+                   f"{model_name} has no open_clip pretrained tag to take them from")
+            defaults = ", ".join(_PIXEL_DEFAULTS[k] for k in left)
+            parts.append(f"{'/'.join(left)}: open_clip's defaults ({defaults}; {why}); set "
+                         f"{' / '.join(PIXEL_FLAGS[k] for k in left)} if the weights were trained with others")
+    return forced, "; ".join(parts), fallback
+
+
+# ------------------------------------------------------------------------------------------------------------
 # fetching weights: fail in seconds when the hub cannot be reached
 # ------------------------------------------------------------------------------------------------------------
 HUB_PROBE_TIMEOUT_S = 5.0  # one HEAD request, no retries: huggingface_hub itself retries ~23 s per file
@@ -429,9 +534,71 @@ def _mismatch(model: nn.Module, shapes: dict[str, tuple]) -> str:
     return "; ".join(parts)
 
 
-def _load_weights(model: nn.Module, path: str, label: str) -> None:
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # in the state dict of OpenAI's archives
+
+
+def openai_format(path: str, shapes: Optional[dict] = None) -> Optional[str]:
+    """How the checkpoint file ``path`` shows that it holds OpenAI's CLIP weights (trained with QuickGELU), or
+    None: a TorchScript archive (the files of OpenAI's ``clip`` package), or a state dict with the extra entries
+    of OpenAI's (``input_resolution``, ``context_length``, ``vocab_size``). A state dict of OpenAI's CLIP class
+    without them has open_clip's keys exactly: nothing tells it apart. ``shapes``: the file's
+    :func:`_checkpoint_shapes`, when already read."""
+    if _is_torchscript(path):
+        return "a TorchScript archive, the format of OpenAI's clip package"
+    keys = _checkpoint_shapes(path) if shapes is None else shapes
+    extra = [k for k in OPENAI_EXTRA_KEYS if k in keys]
+    return f"a state dict with OpenAI's {'/'.join(extra)} entries" if extra else None
+
+
+def quick_gelu_hint(model_name: str, config_file: Optional[str] = None) -> str:
+    """What to pass to load OpenAI weights (QuickGELU) with the architecture ``model_name``."""
+    import open_clip
+
+    if model_name.endswith("-quickgelu"):
+        return f"--backbone {model_name}"
+    if open_clip.get_model_config(f"{model_name}-quickgelu") is not None:
+        return f"--backbone {model_name}-quickgelu"
+    if config_file is not None:
+        return f'"quick_gelu": true in the model config {config_file}'
+    return 'a model config with "quick_gelu": true'
+
+
+def _load_openai_state_dict(model: nn.Module, path: str) -> None:
+    """A state dict saved from OpenAI's TorchScript model (its extra entries dropped, as open_clip drops them from
+    the archive itself), with open_clip's position-embedding resizing."""
+    from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if next(iter(state)).startswith("module"):
+        state = {k[7:]: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k not in OPENAI_EXTRA_KEYS}
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
+
+
+def _check_activation(path: str, label: str, *, quick_gelu: bool, model_name: str,
+                      config_file: Optional[str]) -> Optional[dict]:
+    """The checkpoint file's :func:`_checkpoint_shapes` (None for big_vision files), after refusing OpenAI's weights
+    (:func:`openai_format`) for a GELU model: they would load without an error and silently change every number.
+    Runs before the model is built."""
+    if Path(path).suffix in (".npz", ".npy"):
+        return None
+    shapes = _checkpoint_shapes(path)
+    openai = openai_format(path, shapes)
+    if openai and not quick_gelu:
+        raise BackboneError(f"--pretrained {path}: OpenAI-format weights ({openai}) were trained with QuickGELU, "
+                            f"but {label} uses GELU, which would silently change every number: use "
+                            f"{quick_gelu_hint(model_name, config_file)}")
+    return shapes
+
+
+def _load_weights(model: nn.Module, path: str, label: str, shapes: Optional[dict] = None) -> None:
     """Load the checkpoint file ``path`` into ``model`` through open_clip's ``load_checkpoint`` (its format
-    conversions included, strict), with a one-line BackboneError naming ``--pretrained`` when it cannot."""
+    conversions included, strict), with a one-line BackboneError naming ``--pretrained`` when it cannot.
+    ``shapes``: the file's :func:`_checkpoint_shapes`, when already read."""
     import open_clip
 
     if Path(path).suffix in (".npz", ".npy"):  # big_vision (SigLIP) weights: open_clip's own converter
@@ -441,13 +608,18 @@ def _load_weights(model: nn.Module, path: str, label: str) -> None:
             raise BackboneError(f"--pretrained {path}: could not load these big_vision weights into {label} "
                                 f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
         return
-    shapes = _checkpoint_shapes(path)
+    shapes = _checkpoint_shapes(path) if shapes is None else shapes
+    openai = openai_format(path, shapes)
     try:
-        # TorchScript archives (OpenAI's clip files) cannot load with weights_only; torch.load hands them to
-        # torch.jit.load, which does not unpickle arbitrary objects
-        open_clip.load_checkpoint(model, path, strict=True, weights_only=not _is_torchscript(path))
+        if openai and not _is_torchscript(path):
+            _load_openai_state_dict(model, path)
+        else:
+            # TorchScript archives (OpenAI's clip files) cannot load with weights_only; torch.load hands them to
+            # torch.jit.load, which does not unpickle arbitrary objects
+            open_clip.load_checkpoint(model, path, strict=True, weights_only=not _is_torchscript(path))
     except (RuntimeError, KeyError, ValueError) as e:
-        why = _mismatch(model, shapes) or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        own = {k: v for k, v in shapes.items() if not (openai and k in OPENAI_EXTRA_KEYS)}
+        why = _mismatch(model, own) or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         raise BackboneError(f"--pretrained {path}: these weights do not fit {label} ({why}); is it a checkpoint "
                             f"of another architecture?") from e
 
@@ -469,7 +641,7 @@ def _read_source_config(name: str, path: Path) -> dict:
 
 def load_backbone(name: str, pretrained: Optional[str] = None, device: str | torch.device | None = None, *,
                   precision: str = "amp", quick_gelu: Optional[bool] = None,
-                  cache_dir: Optional[str] = None) -> Backbone:
+                  cache_dir: Optional[str] = None, pixels: Optional[dict] = None) -> Backbone:
     """Build a frozen open_clip model.
 
     Args:
@@ -485,13 +657,21 @@ def load_backbone(name: str, pretrained: Optional[str] = None, device: str | tor
         device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``; default: CUDA when available.
         precision: ``amp`` (autocast on GPU; fp32 on CPU) or ``fp32``.
         quick_gelu: force QuickGELU on or off; default: on for OpenAI weights (tags whose open_clip metadata
-            says so), as loading them into the plain GELU config silently changes every number.
+            says so), as loading them into the plain GELU config silently changes every number. A checkpoint file
+            in OpenAI's format (:func:`openai_format`) with a GELU config is refused, naming the ``-quickgelu``
+            model, unless ``quick_gelu=False`` says so explicitly.
+        pixels: pixel statistics to use instead of the weights' (``mean``, ``std``, ``interpolation``,
+            ``resize_mode``, any subset; see :func:`check_pixels`). Otherwise they are a tag's, an ``hf-hub:`` /
+            ``local-dir:`` config's, and for a checkpoint file those on which every open_clip pretrained tag of
+            the architecture agrees (MobileCLIP: mean 0, std 1, bilinear), else open_clip's defaults (OpenAI's),
+            named in ``pixel_fallback``. ``Backbone.pixel_statistics`` says which were used and why.
     """
     import open_clip
     from open_clip.factory import _find_checkpoint_in_dir, parse_model_name
     from open_clip.pretrained import download_pretrained_from_hf, get_pretrained_cfg, list_pretrained_tags_by_model
 
     dev = resolve_device(device)
+    given_pixels = check_pixels(pixels)
     if precision not in ("amp", "fp32"):
         raise BackboneError(f"precision must be 'amp' or 'fp32', got {precision!r}")
     model_name = str(name)
@@ -505,6 +685,7 @@ def load_backbone(name: str, pretrained: Optional[str] = None, device: str | tor
     weights_file: Optional[str] = None  # a checkpoint file we load ourselves
     tag: Optional[str] = None  # a pretrained tag open_clip downloads (and whose preprocess config it merges)
     tag_cfg: dict = {}
+    config_file: Optional[str] = None  # a model-config JSON given as the backbone
     if not random_weights and os.path.isfile(os.path.expanduser(str(pretrained))):
         weights_file = str(Path(str(pretrained)).expanduser().resolve())
 
@@ -543,6 +724,7 @@ def load_backbone(name: str, pretrained: Optional[str] = None, device: str | tor
             if not path.is_file():
                 raise BackboneError(f"model config file not found: {path}")
             model_name = _register_config(path)
+            config_file = str(path)
         if open_clip.get_model_config(model_name) is None:
             known = ", ".join(open_clip.list_models()[:12])
             raise BackboneError(f"unknown backbone {name!r}: not an open_clip model name nor a model-config JSON "
@@ -567,8 +749,19 @@ def load_backbone(name: str, pretrained: Optional[str] = None, device: str | tor
         warnings.warn(f"backbone {model_name} has RANDOM weights (pretrained=None): features and accuracy are "
                       f"meaningless except for tests", stacklevel=2)
     label = str(name)
+    shapes = None
+    if weights_file is not None:  # read before the model is built: a bad file or a wrong activation fails at once
+        # an explicit quick_gelu=False is the caller's choice; the refusal guards the default
+        openai_ok = bool(force_qg or model_cfg.get("quick_gelu", False)) or quick_gelu is False
+        shapes = _check_activation(weights_file, label, quick_gelu=openai_ok, model_name=model_name,
+                                   config_file=config_file)
+    forced_pixels, pixel_source, pixel_fallback = _pixel_plan(model_name, label, schema, tag, weights_file,
+                                                              given_pixels)
 
-    common = dict(device="cpu", precision="fp32", force_quick_gelu=force_qg, cache_dir=cache_dir)
+    common = dict(device="cpu", precision="fp32", force_quick_gelu=force_qg, cache_dir=cache_dir,
+                  image_mean=forced_pixels.get("mean"), image_std=forced_pixels.get("std"),
+                  image_interpolation=forced_pixels.get("interpolation"),
+                  image_resize_mode=forced_pixels.get("resize_mode"))
     if tag is not None:
         model_id, filenames = _tag_files(tag_cfg)
         why = _hub_unreachable(model_id, filenames, cache_dir)
@@ -591,7 +784,8 @@ def load_backbone(name: str, pretrained: Optional[str] = None, device: str | tor
         # no tower base weights either way when a full checkpoint follows (they would be downloaded for nothing)
         full = weights_file is not None
         try:
-            with warnings.catch_warnings():
+            quiet = _without_open_clip_random_notice() if full else contextlib.nullcontext()
+            with warnings.catch_warnings(), quiet:
                 warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     model_name, pretrained=None, load_weights=False, **common,
@@ -600,7 +794,7 @@ def load_backbone(name: str, pretrained: Optional[str] = None, device: str | tor
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BackboneError(f"--backbone {name}: could not build the model ({type(e).__name__}: {msg})") from e
         if weights_file is not None:
-            _load_weights(model, weights_file, label)
+            _load_weights(model, weights_file, label, shapes)
 
     model_cfg = dict(model_cfg)
     if force_qg:
@@ -609,4 +803,34 @@ def load_backbone(name: str, pretrained: Optional[str] = None, device: str | tor
     tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
     spec = BackboneSpec(name=str(name), pretrained=tag or weights_file)
     return Backbone(model, tokenizer, preprocess, spec, model_cfg, dev, precision,
-                    preprocess_cfg=_model_preprocess_cfg(model))
+                    preprocess_cfg=_model_preprocess_cfg(model), pixel_source=pixel_source,
+                    pixel_fallback=pixel_fallback)
+
+
+class _DropRecord(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _without_open_clip_random_notice():
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" (only that message) while a model
+    is built whose weights file is loaded right after. open_clip logs it through the root logger's module-level
+    ``logging.warning``, which would also install a stderr handler on an unconfigured root logger for good: Python's
+    last-resort handler (stderr, warnings) holds that place meanwhile, so that other warnings still show."""
+    root = logging.getLogger()
+    drop = _DropRecord("No pretrained weights loaded for model")
+    placeholder = (logging.lastResort or logging.NullHandler()) if not root.handlers else None
+    root.addFilter(drop)
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        if placeholder is not None:
+            root.removeHandler(placeholder)

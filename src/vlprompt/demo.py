@@ -4,8 +4,9 @@
 
 It needs the pretrained weights (downloaded by open_clip on first use) and the dataset (torchvision downloads
 EuroSAT). Both are checked before any long work (:func:`check_weights`, :func:`check_dataset`); when one cannot be
-had it stops with one line saying which ``make demo`` variable to set (``PRETRAINED=/path/to/RN50.pt``,
-``DATA=/path/to/data DATASET=...``).
+had it stops, in seconds, with one line saying which ``make demo`` variables to set (``BACKBONE=RN50-quickgelu
+PRETRAINED=/path/to/RN50.pt``: OpenAI's weights need the QuickGELU model; ``DATA=/path/to/data DATASET=...``).
+Nothing is left behind by a failed check (a failed dataset download removes the empty folders it made).
 """
 from __future__ import annotations
 
@@ -31,33 +32,63 @@ def _first_line(e: BaseException) -> str:
     return line.removesuffix(" Expected layout:").rstrip(".")  # the layout follows on the next lines
 
 
+def _weights_hint(backbone: str, quick_gelu: bool) -> str:
+    """The make variables that run the demo on a weights file; OpenAI's weights (``quick_gelu``) need the
+    architecture's QuickGELU model, which a bare file does not tell."""
+    import open_clip
+
+    name = Path(backbone).stem if backbone.endswith(".json") or os.path.isfile(backbone) else backbone
+    variant = f"{name}-quickgelu"
+    if quick_gelu and not name.endswith("-quickgelu") and open_clip.get_model_config(variant) is not None:
+        return f"make demo BACKBONE={variant} PRETRAINED=/path/to/{name}.pt (OpenAI's weights need QuickGELU)"
+    return f"make demo PRETRAINED=/path/to/{name}.pt (or --pretrained FILE)"
+
+
 def check_weights(backbone: str, pretrained: str, cache_dir: Optional[str] = None) -> Optional[str]:
     """None when the ``pretrained`` weights of ``backbone`` can be had (a local file, open_clip's cache, or a
     download done now, which the run would need anyway), else one line saying what failed and which make
-    variable to set. A backbone given as a model-config file is left to the loader."""
-    hint = f"make demo PRETRAINED=/path/to/{Path(backbone).stem}.pt (or --pretrained FILE)"
-    if pretrained in _RANDOM:
-        return None  # random weights: the loader warns that accuracy is meaningless
-    path = os.path.expanduser(pretrained)
-    if os.path.isfile(path):
-        return None
-    if os.sep in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES):
-        return f"weights file {path} not found: {hint}"
-    if backbone.endswith(".json") or os.path.isfile(backbone):
-        return None
+    variables to set. Without network it answers in seconds (one probe of the hub, no retries). A backbone given
+    as a model-config file is left to the loader."""
     import open_clip
 
+    from .backbone import _hub_unreachable, _tag_files, openai_format
+    from .errors import BackboneError
+
+    if pretrained in _RANDOM:
+        return None  # random weights: the loader warns that accuracy is meaningless
+    is_config = backbone.endswith(".json") or os.path.isfile(backbone)
+    # the weights a user downloads for the demo's default are OpenAI's: QuickGELU
+    openai_cfg = {} if is_config else open_clip.get_pretrained_cfg(backbone, "openai")
+    path = os.path.expanduser(pretrained)
+    if os.path.isfile(path):
+        model_cfg = {} if is_config else (open_clip.get_model_config(backbone) or {})
+        try:
+            openai = None if is_config or model_cfg.get("quick_gelu") else openai_format(path)
+        except BackboneError:
+            return None  # not a checkpoint: the loader says what is wrong with it
+        if openai:
+            return f"{path} holds OpenAI-format weights ({openai}): {_weights_hint(backbone, True)}"
+        return None
+    if os.sep in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES):
+        return f"weights file {path} not found: {_weights_hint(backbone, bool(openai_cfg.get('quick_gelu')))}"
+    if is_config:
+        return None
     cfg = open_clip.get_pretrained_cfg(backbone, pretrained)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(backbone)
         return (f"{pretrained!r} is not a pretrained tag of {backbone} (tags: {', '.join(tags) or 'none'}): "
-                f"make demo PRETRAINED=<tag> or {hint}")
-    log.info("checking the %s weights of %s (downloaded once, then cached)...", pretrained, backbone)
+                f"make demo PRETRAINED=<tag> or {_weights_hint(backbone, bool(openai_cfg.get('quick_gelu')))}")
+    hint = _weights_hint(backbone, bool(cfg.get("quick_gelu")))
+    model_id, filenames = _tag_files(cfg)
+    why = _hub_unreachable(model_id, filenames, cache_dir)  # None when cached or the hub answers
+    if why:
+        return f"cannot get the {pretrained!r} weights of {backbone} (not cached; {why}): {hint}"
+    log.info("getting the %s weights of %s (downloaded once, then cached)...", pretrained, backbone)
     try:
         open_clip.download_pretrained(cfg, cache_dir=cache_dir)
-    except (OSError, RuntimeError) as e:  # not cached and not downloadable (offline, hub unreachable)
+    except (OSError, RuntimeError) as e:  # the hub answered but the download failed
         return (f"cannot get the {pretrained!r} weights of {backbone} (not cached, download failed: "
-                f"{_first_line(e)}); download them elsewhere and run {hint}")
+                f"{_first_line(e)}): {hint}")
     return None
 
 
@@ -66,7 +97,6 @@ def check_dataset(dataset: str, root: str) -> Optional[str]:
     there), else one line saying what failed and which make variables to set."""
     from .data import load_dataset
 
-    log.info("checking the dataset %s under %s (torchvision datasets download once)...", dataset, root)
     try:
         load_dataset(dataset, root)
     except DataError as e:

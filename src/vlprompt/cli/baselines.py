@@ -64,7 +64,7 @@ def cmd_features(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     from ..backbone import load_backbone
-    from ..runs.config import resolve_data, resolve_model
+    from ..runs.config import pixel_overrides, resolve_data, resolve_model
     from ..runs.execute import prepare_data
     from ..runs.features import cache_features
 
@@ -77,7 +77,8 @@ def cmd_features(args) -> int:
         raise ConfigError("--seed does not apply with --shots 0 (nothing is sampled)")
     model = resolve_model(top)
     splits, _ = prepare_data(d, seed, which)
-    backbone = load_backbone(model["backbone"], model["pretrained"], model["device"], precision=model["precision"])
+    backbone = load_backbone(model["backbone"], model["pretrained"], model["device"], precision=model["precision"],
+                             pixels=pixel_overrides(model))
     rows = cache_features(backbone, splits, FeatureCache(root, progress=not args.quiet), which=which,
                           views=args.views, local=args.local, preprocess=model["preprocess"],
                           batch_size=args.batch_size)

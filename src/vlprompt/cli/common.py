@@ -27,6 +27,16 @@ def add_backbone_options(p: argparse.ArgumentParser, device_only: bool = False,
         g.add_argument("--preprocess", default=S, choices=["coop", "model"],
                        help="coop: CoOp's crop/flip policy with the weights' own pixel statistics (default); model: "
                             "open_clip's own pipeline for these weights, train and test")
+        g.add_argument("--image-mean", type=float, nargs="+", default=S, metavar="X",
+                       help="pixel mean (red green blue) instead of the weights' (default: a pretrained tag's; for a "
+                            "checkpoint file, the one its architecture's open_clip tags all agree on, else OpenAI's)")
+        g.add_argument("--image-std", type=float, nargs="+", default=S, metavar="X",
+                       help="pixel std (red green blue) instead of the weights' (default: as --image-mean)")
+        g.add_argument("--image-interpolation", default=S, choices=["bicubic", "bilinear"],
+                       help="resize interpolation instead of the weights' (default: as --image-mean)")
+        g.add_argument("--image-resize-mode", default=S, choices=["shortest", "longest", "squash"],
+                       help="--preprocess model: open_clip's test resize instead of the weights' (default: as "
+                            "--image-mean)")
     g.add_argument("--device", default=S, help="cpu | cuda | cuda:N | mps (default: cuda when available)")
     g.add_argument("--threads", type=int, default=S,
                    help="CPU threads of torch (default: torch's). On a machine other processes also load, 1 thread "
@@ -87,8 +97,9 @@ def data_request(args) -> dict:
 def top_request(args) -> dict:
     """Top-level keys of a request (backbone, weights, seed, device...) from the options given."""
     a = vars(args)
-    out = {k: a[k] for k in ("backbone", "pretrained", "seed", "device", "precision", "preprocess", "cache_dir",
-                             "tensorboard", "threads") if k in a}
+    out = {k: a[k] for k in ("backbone", "pretrained", "seed", "device", "precision", "preprocess", "image_mean",
+                             "image_std", "image_interpolation", "image_resize_mode", "cache_dir", "tensorboard",
+                             "threads") if k in a}
     return out
 
 

@@ -14,7 +14,8 @@ from .options import add_config_options
 _TAKEN = {"--from", "--output", "--epoch", "--source-config", "--force", "--config", "--method-option", "--help",
           "--debug", "--quiet", "--backbone", "--pretrained", "--precision", "--preprocess", "--device",
           "--cache-dir", "--dataset", "--root", "--shots", "--seed", "--allow-fewer", "--classes",
-          "--dataset-option", "--skip-bad-images"}
+          "--dataset-option", "--skip-bad-images", "--image-mean", "--image-std",
+          "--image-interpolation", "--image-resize-mode"}
 
 
 def register(sub) -> None:

@@ -17,7 +17,8 @@ from .options import add_config_options, given_sections
 _COMMON_FLAGS = {"--method", "--config", "--output", "--resume", "--force", "--show-config", "--tensorboard",
                  "--method-option", "--backbone", "--pretrained", "--precision", "--preprocess", "--device",
                  "--cache-dir", "--dataset", "--root", "--shots", "--seed", "--allow-fewer", "--classes",
-                 "--dataset-option", "--skip-bad-images", "--help", "--debug", "--quiet"}
+                 "--dataset-option", "--skip-bad-images", "--help", "--debug", "--quiet",
+                 "--image-mean", "--image-std", "--image-interpolation", "--image-resize-mode"}
 
 
 def prescan_method(argv) -> Optional[str]:

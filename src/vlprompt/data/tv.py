@@ -13,6 +13,7 @@ All deterministic for ``split_seed``.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -76,6 +77,35 @@ def _instantiate(cls, name: str, root: Path, kwargs: dict) -> Any:
         return cls(**kwargs)
     except Exception as e:  # download failures, missing files, bad arguments: all the user's to fix
         raise _load_error(name, root, kwargs, e) from e
+
+
+@contextlib.contextmanager
+def _no_empty_folders_left(root: Path):
+    """On failure (a download that cannot be made), remove the folders the dataset class created and left empty:
+    ``root`` and its parents if they did not exist, and new sub-folders of ``root``. Only empty folders are ever
+    removed (``os.rmdir``): a file, ours or the user's, stays."""
+    missing = []  # root and its missing parents, deepest first
+    p = root
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    before = set(os.listdir(root)) if root.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        new = (set(os.listdir(root)) - before) if root.is_dir() else set()
+        for name in sorted(new):
+            top = root / name
+            if top.is_dir() and not top.is_symlink():
+                for folder, _, _ in os.walk(top, topdown=False):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)
+        for folder in missing:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break  # not empty (or not ours to judge): it and its parents stay
+        raise
 
 
 def clean_torchvision_classnames(name: str, classes: list[Any]) -> list[str]:
@@ -203,8 +233,14 @@ def read_torchvision(name: str, root: str | os.PathLike, *, download: bool = Tru
     elif download is not True:
         raise DataError(f"torchvision:{name}: this dataset class takes no download argument")
     where = f"torchvision:{name}"
+    with _no_empty_folders_left(root):
+        parts = _instantiate_splits(cls, name, root, base, params, where)
+    return _read_parts(name, root, parts, where, split_seed, check_files)
 
-    parts: dict[str, tuple[str, Any]] = {}  # our split -> (their split value, dataset)
+
+def _instantiate_splits(cls, name: str, root: Path, base: dict, params, where: str) -> dict[str, tuple[str, Any]]:
+    """Our split -> (the dataset's split value, the dataset object)."""
+    parts: dict[str, tuple[str, Any]] = {}
     if "split" in params and "split" not in base:
         for ours, candidates in _SPLIT_CANDIDATES:
             for value in candidates:
@@ -226,7 +262,10 @@ def read_torchvision(name: str, root: str | os.PathLike, *, download: bool = Tru
         parts["test"] = ("test", _instantiate(cls, name, root, {**base, "train": False}))
     else:
         parts["all"] = ("all", _instantiate(cls, name, root, base))
+    return parts
 
+
+def _read_parts(name: str, root: Path, parts: dict, where: str, split_seed: int, check_files: bool) -> DatasetSplits:
     first = next(iter(parts.values()))[1]
     classes = getattr(first, "classes", None) or getattr(first, "categories", None)
     exported = False

@@ -69,7 +69,11 @@ def read_folder(root: str | os.PathLike, *, split_seed: int = 1, template: str =
         if "val" not in by_split and parts["train"]:
             parts["train"], parts["val"] = split_trainval(parts["train"], split_seed)
             extra["val_from_train"] = True
-        unavailable = {s: f"folder dataset {root} has no {s}/ folder" for s in ("train", "test") if s not in by_split}
+        # what to do about it: training needs train/, evaluation test/ (`vlprompt eval` and `import` read only test/)
+        lacks = {"train": "nothing to train on", "test": "nothing to evaluate on"}
+        unavailable = {s: f"folder dataset {root} has no {s}/ folder ({lacks[s]}): add {root / s}/<class>/<images>, "
+                          f"or put the class folders directly under {root} to have them split 50/20/30 per class"
+                       for s in ("train", "test") if s not in by_split}
         if unavailable:
             extra["unavailable"] = unavailable
         train, val, test = parts["train"], parts["val"], parts["test"]

@@ -73,7 +73,8 @@ class FeaturePlan:
         requests = feature_requests(cls, mcfg, cfg.train)  # what the run itself will ask the cache for
         if not requests:
             return  # it encodes its images itself, in training and in evaluation
-        model = (cfg.backbone, cfg.pretrained, cfg.precision, cfg.device)
+        pixels = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.pixels().items()))
+        model = (cfg.backbone, cfg.pretrained, cfg.precision, cfg.device, pixels)
         local = any(r.local for r in requests)
         common = (model, cfg.preprocess, cfg.cache_dir, local)
         wanted: list[tuple[tuple, list[str]]] = []
@@ -107,8 +108,9 @@ class FeaturePlan:
         out = []
         models = list(dict.fromkeys(slot[0] for slot in self.slots))
         for model in models:
-            name, pretrained, precision, device = model
-            backbone = load_backbone(name, pretrained, device, precision=precision)
+            name, pretrained, precision, device, pixels = model
+            backbone = load_backbone(name, pretrained, device, precision=precision,
+                                     pixels={k: list(v) if isinstance(v, tuple) else v for k, v in pixels})
             for slot, paths in self.slots.items():
                 if slot[0] != model or not paths:
                     continue

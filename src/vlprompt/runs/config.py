@@ -2,8 +2,9 @@
 
 The CLI, the Python API, a YAML config file and a grid cell all describe a run by a *request*: a nested dict
 with the keys of ``config.yaml`` (``method``, ``backbone``, ``pretrained``, ``seed``, ``data: {...}``,
-``method_options: {...}``, ``train: {...}``, ``device``, ``precision``, ``preprocess``, ``cache_dir``,
-``tensorboard``) holding only what the user set. :func:`resolve` turns it into a :class:`RunConfig`:
+``method_options: {...}``, ``train: {...}``, ``device``, ``precision``, ``preprocess``, ``image_mean``,
+``image_std``, ``image_interpolation``, ``image_resize_mode``, ``cache_dir``, ``tensorboard``) holding only what the
+user set. :func:`resolve` turns it into a :class:`RunConfig`:
 
 1. the method's data defaults (zero-shot: no shots), then the user's data fields;
 2. the method's preset for that data (the paper's recipe, owned by the method: :meth:`Method.preset`);
@@ -79,6 +80,11 @@ class RunConfig:
     device: Optional[str] = None
     precision: str = "amp"
     preprocess: str = "coop"
+    # pixel statistics instead of the weights' own (None: the weights', see vlprompt.backbone.load_backbone)
+    image_mean: Optional[list] = None
+    image_std: Optional[list] = None
+    image_interpolation: Optional[str] = None
+    image_resize_mode: Optional[str] = None
     cache_dir: str = field(default_factory=default_cache_dir)
     tensorboard: bool = False
     threads: Optional[int] = None  # CPU threads of torch (None: torch's default); where the numbers come from, not what
@@ -101,6 +107,9 @@ class RunConfig:
         d = self.to_dict()
         for k in ("cache_dir", "device", "tensorboard", "threads", "version"):
             d.pop(k)
+        for k in PIXEL_FIELDS.values():  # unset: the weights' own (the identity of runs made before these fields)
+            if d[k] is None:
+                d.pop(k)
         if d["train"] is not None:
             for k in TrainConfig.NOT_IDENTITY:
                 d["train"].pop(k)
@@ -108,6 +117,21 @@ class RunConfig:
 
     def identity_hash(self) -> str:
         return config_hash(self.identity())
+
+    def pixels(self) -> dict:
+        """The pixel statistics set for this run (``load_backbone(..., pixels=)``), by open_clip's names."""
+        return pixel_overrides(self.to_dict())
+
+
+#: open_clip's name of each pixel statistic -> the field of a run configuration (and its flag, with dashes)
+PIXEL_FIELDS = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+                "resize_mode": "image_resize_mode"}
+
+
+def pixel_overrides(fields: dict) -> dict:
+    """``{mean, std, interpolation, resize_mode}`` of the pixel fields set in ``fields`` (a resolved configuration
+    or :func:`resolve_model`'s output)."""
+    return {k: fields[f] for k, f in PIXEL_FIELDS.items() if fields.get(f) is not None}
 
 
 def config_hash(identity: dict) -> str:
@@ -272,7 +296,9 @@ def resolve_data(data_req: dict) -> DataConfig:
 
 
 def resolve_model(request: dict) -> dict:
-    """The validated model fields of a request: backbone, pretrained, device, precision, preprocess."""
+    """The validated model fields of a request: backbone, pretrained, device, precision, preprocess and the pixel
+    statistics set instead of the weights' (``image_mean``, ``image_std``, ``image_interpolation``,
+    ``image_resize_mode``)."""
     backbone = request.get("backbone", "RN50")
     # hf-hub: and local-dir: backbones bring their own weights; plain names default to OpenAI's
     own_weights = isinstance(backbone, str) and backbone.startswith(("hf-hub:", "local-dir:"))
@@ -293,8 +319,19 @@ def resolve_model(request: dict) -> dict:
     preprocess = request.get("preprocess", "coop")
     if preprocess not in ("coop", "model"):
         raise ConfigError(f"--preprocess must be coop or model, got {preprocess!r}")
+    from ..backbone import check_pixels
+    from ..errors import BackboneError
+
+    try:
+        pixels = check_pixels({k: request.get(f) for k, f in PIXEL_FIELDS.items()})
+    except BackboneError as e:
+        raise ConfigError(str(e)) from e
+    if "resize_mode" in pixels and preprocess == "coop":
+        raise ConfigError(f"--image-resize-mode {pixels['resize_mode']} does not apply to --preprocess coop (CoOp's "
+                          f"policy resizes the short side and crops the center); use it with --preprocess model")
     return {"backbone": backbone, "pretrained": pretrained, "device": check_device(request.get("device")),
-            "precision": precision, "preprocess": preprocess}
+            "precision": precision, "preprocess": preprocess,
+            **{f: pixels.get(k) for k, f in PIXEL_FIELDS.items()}}
 
 
 def request_of(cfg: RunConfig) -> dict:

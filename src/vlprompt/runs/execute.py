@@ -112,9 +112,40 @@ def data_warnings(splits: DatasetSplits) -> list[str]:
 
 
 def transforms_for(preprocess: str, backbone: Backbone):
-    """(train, test) image transforms: the weights' own pixel statistics with CoOp's crop/flip policy
-    (``coop``) or open_clip's own pipeline for these weights (``model``)."""
+    """(train, test) image transforms: the backbone's pixel statistics (``backbone.pixel_statistics``) with CoOp's
+    crop/flip policy (``coop``) or open_clip's own pipeline for these weights (``model``)."""
     return build_transforms(backbone.preprocess_cfg, preprocess)
+
+
+def recorded_pixels(meta: dict) -> Optional[dict]:
+    """The pixel statistics a run's method.json (or an exported head.json) records, for ``load_backbone(...,
+    pixels=)``: eval, export and predict use those the run was made with. Files written before they were recorded
+    took a tag's, an hf-hub: / local-dir: config's (None: the loader takes them again), or for a checkpoint file
+    open_clip's defaults (OpenAI's), which a later loader would no longer choose for every architecture."""
+    from ..backbone import PIXEL_KEYS
+
+    stats = meta.get("pixels")
+    if isinstance(stats, dict):
+        return {k: stats[k] for k in PIXEL_KEYS if stats.get(k) is not None}
+    pretrained, name = meta.get("pretrained"), str(meta.get("backbone"))
+    if pretrained and os.path.isfile(str(pretrained)) and not name.startswith(("hf-hub:", "local-dir:")):
+        from open_clip.transform import PreprocessCfg
+
+        defaults = dataclasses.asdict(PreprocessCfg())
+        return {k: list(defaults[k]) if isinstance(defaults[k], tuple) else defaults[k] for k in PIXEL_KEYS}
+    return None
+
+
+def log_pixel_statistics(backbone: Backbone, preprocess: str) -> None:
+    """The pixel statistics in log.txt; a warning when some that the ``preprocess`` policy uses are open_clip's
+    defaults for a weights file (CoOp's policy has no resize mode)."""
+    stats = backbone.pixel_statistics
+    text = (f"pixel statistics: mean {stats['mean']}, std {stats['std']}, {stats['interpolation']}, resize "
+            f"{stats['resize_mode']} ({stats['source']})")
+    if set(backbone.pixel_fallback) - ({"resize_mode"} if preprocess == "coop" else set()):
+        log.warning("%s", text)
+    else:
+        log.info("%s", text)
 
 
 # -- features -----------------------------------------------------------------------------------------
@@ -154,7 +185,8 @@ def save_method(run_dir: Path, cfg: RunConfig, method: Method, splits: DatasetSp
     atomic_save_safetensors(run_dir / "prompt.safetensors", method.learned_state())
     meta = {"method": cfg.method, "config": method.config.to_dict(), "classnames": list(method.classnames),
             "backbone": cfg.backbone, "pretrained": cfg.pretrained, "dataset": cfg.data.dataset,
-            "template": splits.template, "preprocess": cfg.preprocess, "image_size": method.backbone.image_size}
+            "template": splits.template, "preprocess": cfg.preprocess, "image_size": method.backbone.image_size,
+            "pixels": method.backbone.pixel_statistics}
     if method.template_field:  # what the user asked for (e.g. ["dataset"]), resolved again on other datasets
         meta["template_request"] = method.template_request
     atomic_write_json(run_dir / "method.json", meta)
@@ -199,7 +231,7 @@ def load_method(run_dir: Path, backbone: Optional[Backbone] = None, classnames: 
             options[cls.template_field], template = request, dataset_template
             meta["templates_from"] = "evaluated dataset"
     if backbone is None:
-        backbone = load_backbone(meta["backbone"], meta["pretrained"], device)
+        backbone = load_backbone(meta["backbone"], meta["pretrained"], device, pixels=recorded_pixels(meta))
     method = build_method(meta["method"], options, backbone, meta["classnames"], template=template)
     method.load_learned_state({k: v.to(backbone.device) for k, v in state.items()})
     if classnames is not None and list(classnames) != list(meta["classnames"]):
@@ -249,7 +281,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
         raise DataError(f"{cfg.data.dataset}: no training images")
     if not splits.test:
         raise DataError(f"{cfg.data.dataset}: no test images to evaluate on")
-    backbone = load_backbone(cfg.backbone, cfg.pretrained, device or cfg.device, precision=cfg.precision)
+    backbone = load_backbone(cfg.backbone, cfg.pretrained, device or cfg.device, precision=cfg.precision,
+                             pixels=cfg.pixels())
     train_tf, test_tf = transforms_for(cfg.preprocess, backbone)
     seed_everything(cfg.seed or 0)  # the method's initial values (random contexts) follow the seed
     method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template)
@@ -280,6 +313,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
         for name, n in skipped.items():
             log.warning("%s split: %d unreadable image(s) skipped (--skip-bad-images)", name, n)
         warnings = data_warnings(splits)  # in log.txt, now that it is attached
+        log_pixel_statistics(backbone, cfg.preprocess)
         results = _execute(cfg, run_dir, method, backbone, splits, train_tf, test_tf, state.action == "resume",
                            progress, t_start)
         results["skipped_images"] = skipped
@@ -385,7 +419,7 @@ def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, 
     out = {"method": cfg.method, "dataset": cfg.data.dataset, "classes": cfg.data.classes,
            "num_classes": splits.num_classes, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
            "shots": cfg.data.shots, "seed": cfg.seed, "metrics": metrics, **results, "method_info": described,
-           "timings": timings, "world_size": distributed.world_size()}
+           "pixel_statistics": backbone.pixel_statistics, "timings": timings, "world_size": distributed.world_size()}
     if distributed.is_main():  # it writes files
         out.update(method.on_test_end(run_dir, test_logits, splits.test) or {})
     return out
@@ -524,7 +558,7 @@ def export_run(run_dir: str | Path, output: Optional[str | Path] = None, device:
     info = {**info, "method": meta["method"], "config": meta["config"], "classnames": list(method.classnames),
             "template": meta.get("template"), "backbone": meta["backbone"], "pretrained": meta["pretrained"],
             "preprocess": meta.get("preprocess", "coop"), "image_size": backbone.image_size,
-            "source_run": str(run_dir), "vlprompt_head": 1}
+            "pixels": meta.get("pixels") or backbone.pixel_statistics, "source_run": str(run_dir), "vlprompt_head": 1}
     atomic_save_safetensors(out / "head.safetensors", {k: v.detach().cpu() for k, v in tensors.items()})
     atomic_write_json(out / "head.json", info)
     return out
@@ -564,7 +598,7 @@ def predict_images(head_dir: str | Path, images: Sequence[str], topk: int = 5, d
     if topk < 1:
         raise ConfigError(f"--topk must be >= 1, got {topk}")
     info, tensors = read_head(head_dir)
-    backbone = load_backbone(info["backbone"], info["pretrained"], device)
+    backbone = load_backbone(info["backbone"], info["pretrained"], device, pixels=recorded_pixels(info))
     _, tf = transforms_for(info.get("preprocess", "coop"), backbone)
     method = None
     if info["kind"] == "prompt":

@@ -9,13 +9,16 @@ Sources (``--from``):
   ``meta_net.linear{1,2}.{weight,bias}``; the fixed ``token_prefix`` / ``token_suffix`` buffers are rebuilt from
   the class names and, as a check, compared with the saved ones (another backbone, class list, class order or
   init shows there). The run's configuration (class-token position, word init, shots, seed, epochs) comes from
-  the Dassl config printed in ``<output>/log.txt`` (or a ``config.yaml`` there); flags override it.
+  the Dassl config printed in ``<output>/log.txt`` (or a ``config.yaml`` there); flags override it, except the
+  shots, which the record keeps as the run had them (without the configuration, ``--shots`` must say them).
 * ``ordinalclip``: a Lightning ``.ckpt`` of xk-huang/OrdinalCLIP (``state_dict`` with ``module.`` keys: the
   prompt learner's ``context_embeds`` and ``rank_embeds``, the image encoder, the frozen CLIP text tower,
   ``logit_scale``) and its ``config.yaml`` (beside it or in a parent folder, or ``--source-config``).
 
 Files are read with :mod:`vlprompt.safe_pickle` (no code from them runs). Word inits follow the original
-CoOp's word count (``init_length: words``). Tensors keep their saved dtype in the source and are used in fp32.
+CoOp's and CoCoOp's word count (``init_length: words``, logged or given by ``--init``; ``--init-length tokens``
+overrides it). Tensors keep their saved dtype in the source and are used in fp32. An import evaluates on the test
+split only: data without training images (a test-only folder) is fine.
 The run directory holds what :func:`vlprompt.runs.execute.run` writes (``run.json``, ``config.yaml``,
 ``split.json``, ``method.json`` + ``prompt.safetensors``, ``log.txt``, ``results.json`` from a test evaluation),
 with ``"imported_from"`` in ``results.json`` and ``run.json``.
@@ -61,6 +64,8 @@ class Source:
     checks: list[Callable[[Any], None]] = field(default_factory=list)
     optional: tuple[str, ...] = ()  # learned-state keys the method derives from its config (kept as built)
     required: tuple[str, ...] = ()  # method options the files do not tell and the flags must
+    num_classes: Optional[int] = None  # the classes a class-specific context was learned for
+    counts_words: bool = False  # the original counts a word init in words (CoOp's and CoCoOp's n_ctx)
 
 
 # -- reading the files ----------------------------------------------------------------------------------
@@ -204,10 +209,6 @@ def read_dassl(kind: str, path: Path, epoch: Optional[int] = None) -> Source:
         opts["init"] = str(init).replace("_", " ") if init else None
         if kind != "cocoop":
             opts["class_position"] = _get(cfg, f"{section}.CLASS_TOKEN_POSITION", "end")
-    if opts.get("init") and _has_option(kind, "init_length"):
-        # the original's count; a method without the option counts tokens, the same prompt where every word of
-        # the init is one token (else the saved token_suffix check names the difference)
-        opts["init_length"] = "words"
     state = {"prompt.ctx": ("ctx", ctx, mapped)}
     for i in (1, 2):
         for p in ("weight", "bias"):
@@ -221,7 +222,10 @@ def read_dassl(kind: str, path: Path, epoch: Optional[int] = None) -> Source:
             "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in sd.items()}}
     # without its configuration, a CoOp run's class-token position is unknown: the tensors look the same
     src = Source(kind, ckpt_path, state, request, info, required=("class_position",) if kind == "coop" and
-                 cfg is None else ())
+                 cfg is None else (), num_classes=int(ctx.shape[0]) if kind == "coop" and ctx.dim() == 3 else None,
+                 # the original's count (a method without the option, PLOT, counts tokens: the same prompt where
+                 # every word of the init is one token, else the saved token_suffix check names the difference)
+                 counts_words=_has_option(kind, "init_length"))
     n_sets = opts.get("n_prompts", 1)
     if "token_prefix" in sd:
         src.checks.append(lambda m: _check_prefix(m, sd["token_prefix"], ckpt_path, n_sets))
@@ -471,20 +475,46 @@ def map_state(src: Source, method) -> dict[str, torch.Tensor]:
 
 # -- a run directory ---------------------------------------------------------------------------------------
 def import_request(src: Source, request: dict) -> dict:
-    """The run request of an import: the source's configuration, then the user's flags over it."""
+    """The run request of an import: the source's configuration, then the user's flags over it; the shots are
+    the run's own (a contradicting ``--shots`` is refused; unknown ones must be given)."""
     from .config import merge_requests
 
     base = {k: v for k, v in src.request.items() if v != {}}
     user_method = request.get("method")
     if user_method not in (None, src.method):
         raise ConfigError(f"--method {user_method} contradicts --from {src.method}")
+    where = src.info.get("config_file") or "its configuration"
+    shots, given = (src.request.get("data") or {}).get("shots"), (request.get("data") or {}).get("shots")
+    if shots is not None and given is not None and given != shots:
+        raise ConfigError(f"--shots {given} contradicts the imported run, trained on {shots} shots per class "
+                          f"({where}): the import records it as it was trained; drop --shots (an import evaluates "
+                          f"on the test split only: data without training images is fine)")
     merged = merge_requests({**base, "method": src.method}, request)
-    for name in src.required:
-        if name not in (merged.get("method_options") or {}):
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{src.path}: no Dassl configuration beside it (log.txt, config.yaml) says the run's "
-                              f"{name}: give {flag}")
+    opts = merged.setdefault("method_options", {})
+    if src.counts_words and opts.get("init") and "init_length" not in (request.get("method_options") or {}):
+        opts["init_length"] = "words"
+    missing = [name for name in src.required if name not in opts]
+    if shots is None and given is None:
+        missing.append("shots")
+    if missing:
+        what = ("no Dassl configuration beside it (log.txt, config.yaml)" if src.info.get("format") == "dassl" else
+                "no configuration of it")
+        flags = " and ".join("--" + name.replace("_", "-") for name in missing)
+        raise ConfigError(f"{src.path}: {what} says the run's {', '.join(missing)}: give {flags}"
+                          + (" (the training images per class it was trained on; 0: all)" if "shots" in missing
+                             else ""))
     return merged
+
+
+def _test_only(data) -> bool:
+    """Whether the data has no training images at all (a test-only folder); an import needs only its test split."""
+    import os
+
+    from ..data import load_dataset
+
+    if not data.dataset.startswith("torchvision:") and not os.path.exists(data.root):
+        return False  # prepare_data says so, naming the root
+    return not load_dataset(data.dataset, data.root, **data.options).train
 
 
 def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *, epoch: Optional[int] = None,
@@ -494,8 +524,8 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     from ..cache import FeatureCache
     from ..methods import build_config, build_method, method_class
     from .config import config_hash, resolve
-    from .execute import (evaluate, finish_run, needed_splits, prepare_data, run_directory, save_method,
-                          transforms_for)
+    from .execute import (evaluate, finish_run, log_pixel_statistics, needed_splits, prepare_data, run_directory,
+                          save_method, transforms_for)
 
     t_start = time.perf_counter()
     src = read_source(kind, path, epoch=epoch, source_config=source_config)
@@ -504,10 +534,19 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--output {run_dir} is a file, not a directory")
     cls = method_class(cfg.method)
-    splits, skipped = prepare_data(cfg.data, cfg.seed, needed_splits(cls, build_config(cfg.method, cfg.method_options)))
+    test_only = _test_only(cfg.data)
+    if test_only:  # nothing to sample the run's training images from: its test split alone (its shots recorded)
+        data = dataclasses.replace(cfg.data, shots=0, allow_fewer=False, sampler="dassl", fewshot_file=None)
+        splits, skipped = prepare_data(data, None, ("test",))
+    else:
+        splits, skipped = prepare_data(cfg.data, cfg.seed, needed_splits(cls, build_config(cfg.method, cfg.method_options)))
     if not splits.test:
         raise ConfigError(f"{cfg.data.dataset}: no test images to evaluate the imported run on")
-    backbone = load_backbone(cfg.backbone, cfg.pretrained, cfg.device, precision=cfg.precision)
+    if src.num_classes is not None and src.num_classes != splits.num_classes:
+        raise CheckpointError(f"{src.path}: a class-specific context learned for {src.num_classes} classes, but "
+                              f"{cfg.data.dataset} (--classes {cfg.data.classes}) has {splits.num_classes}: import it "
+                              f"onto the classes it was trained on (the run's --dataset, --root and --classes)")
+    backbone = load_backbone(cfg.backbone, cfg.pretrained, cfg.device, precision=cfg.precision, pixels=cfg.pixels())
     _, test_tf = transforms_for(cfg.preprocess, backbone)
     method = build_method(cfg.method, cls.config_for_loading(dict(cfg.method_options)), backbone, splits.classnames,
                           template=splits.template)
@@ -532,6 +571,10 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     with run_directory(run_dir, cfg, identity, request_hash=cfg.identity_hash(), splits=splits, action=action,
                        imported_from=src.info["path"]):
         log.info("imported %s run %s (epoch %s) as %s", kind, src.info["path"], src.info.get("epoch"), cfg.method)
+        if test_only:
+            log.info("%s has no training images: the import is evaluated on its test split; the run's training "
+                     "images (%s per class) are not in split.json", cfg.data.root, cfg.data.shots or "all")
+        log_pixel_statistics(backbone, cfg.preprocess)
         described = method.describe()
         save_method(run_dir, cfg, method, splits)
         cache = FeatureCache(cfg.cache_dir, progress=progress)
@@ -541,7 +584,8 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
                    "num_classes": splits.num_classes, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
                    "shots": cfg.data.shots, "seed": cfg.seed, "metrics": metrics, "method_info": described,
                    "timings": {"eval_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_start},
-                   "imported_from": src.info, "skipped_images": skipped}
+                   "imported_from": src.info, "skipped_images": skipped,
+                   "pixel_statistics": backbone.pixel_statistics}
         return finish_run(run_dir, cfg, identity, results)
 
 
