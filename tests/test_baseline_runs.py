@@ -223,7 +223,7 @@ def test_linear_probe_on_other_class_names_is_one_clear_error(runs, model_files,
     rc, stdout, err = run_cli(["eval", str(run_dir), *eval_args, "--classes", "new"], capsys)
     assert rc == 2 and stdout == ""
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vlprompt: error: ") and "classes it was fitted on" in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith("vlprompt: error: ") and "classes it was trained on" in lines[0], err
     assert not (run_dir / "eval" / "dtd-new-test.json").exists()
 
 

@@ -198,7 +198,7 @@ def test_linear_probe_refuses_another_class_list():
     backbone = SimpleNamespace(embed_dim=8, device=torch.device("cpu"), logit_scale=100.0)
     method = LinearProbe(LinearProbeConfig(C=1.0), backbone, ["a", "b", "c"])
     method.set_classnames(["a", "b", "c"])  # its own list is fine
-    with pytest.raises(VLPromptError, match="classes it was fitted on"):
+    with pytest.raises(VLPromptError, match="classes it was trained on"):
         method.set_classnames(["a", "b", "x"])
 
 

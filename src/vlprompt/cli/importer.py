@@ -23,7 +23,9 @@ def register(sub) -> None:
 
     from ..engine.trainer import TrainConfig
     from ..methods import method_class
-    from ..runs.importer import SOURCES
+    from ..runs.importer import importable_methods
+
+    sources = importable_methods()
 
     p = sub.add_parser("import", help="import a run of the original CoOp / CoCoOp / PLOT / OrdinalCLIP code",
                        description="Import a run of the original repositories (Dassl output folder or checkpoint, "
@@ -31,7 +33,7 @@ def register(sub) -> None:
                                    "test split. Nothing from the files is executed.")
     p.add_argument("path", help="Dassl output folder (with prompt_learner/), a model.pth.tar-N / model-best.pth.tar "
                                 "file, or an OrdinalCLIP .ckpt")
-    p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="the repository that wrote it")
+    p.add_argument("--from", dest="source", required=True, choices=sources, help="the repository that wrote it")
     p.add_argument("--output", required=True, help="the run directory to write")
     p.add_argument("--epoch", type=int, default=None, help="Dassl: import model.pth.tar-EPOCH (default: "
                    "model-best.pth.tar, else the last epoch)")
@@ -45,7 +47,7 @@ def register(sub) -> None:
     add_config_options(p, TrainConfig, "training record (what the original run did; default: its configuration)",
                        "train", taken=taken)
     seen: set = set()
-    for name in SOURCES:  # the options of every importable method, each once; resolve() refuses a foreign one
+    for name in sources:  # the options of every importable method, each once; resolve() refuses a foreign one
         cls = method_class(name).config_class
         skip = tuple(f.name for f in dataclasses.fields(cls) if f.name in seen)
         seen |= {f.name for f in dataclasses.fields(cls)}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, VLPromptError
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: Optional[Sequence] = None,
@@ -263,6 +263,9 @@ class Method(nn.Module):
     #: user asked for (``template_request``, e.g. ``["dataset"]``) is kept in method.json, so that an evaluation on
     #: another dataset resolves it again with that dataset's own prompt (the papers' cross-dataset protocol)
     template_field: ClassVar[Optional[str]] = None
+    #: the format of the original repository's saved runs that ``vlprompt import --from NAME`` reads (``dassl``:
+    #: a Dassl output folder; ``lightning``: a Lightning checkpoint), or None: see :meth:`import_original`
+    original_format: ClassVar[Optional[str]] = None
     #: what :meth:`setup` / :meth:`after_training` read: ``train`` / ``val`` (un-augmented features of the split),
     #: ``train_views`` (every cached augmented view of the training images, :meth:`setup_views` of them)
     setup_reads: ClassVar[frozenset] = frozenset()
@@ -339,6 +342,14 @@ class Method(nn.Module):
         """Whether a run reads the train / val splits: it trains, or its setup / after-training hooks read them."""
         return cls.trains(config) or bool(cls.setup_reads)
 
+    @classmethod
+    def import_original(cls, run):
+        """An original run (:class:`.parts.originals.OriginalRun`: its saved tensors by their original names, its
+        configuration) as an :class:`.parts.originals.ImportedRun`: the learned tensors by this method's names,
+        the run request the configuration gives, checks against the rebuilt method. Methods that declare an
+        :attr:`original_format` implement it."""
+        raise NotImplementedError(f"{cls.name} cannot import runs of its original repository")
+
     # -- hooks ---------------------------------------------------------------------------------------------
     def setup(self, train: SplitData, val: Optional[SplitData]) -> dict:
         """State built from the training data before any training step (caches, class means, step sizes...), or a
@@ -412,6 +423,16 @@ class Method(nn.Module):
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.classnames = list(classnames)
         self._eval_cache = None
+
+    def require_trained_classes(self, classnames: Sequence[str], what: str, hint: str = "") -> None:
+        """Refuse a class list other than the one the method was trained on (a class-specific state: CoOp's CSC
+        context, a linear probe, TaskRes' residuals, Tip-Adapter's cache), naming the first difference; ``what``
+        says what is class-specific, ``hint`` what to do instead."""
+        trained, given = [str(c) for c in self.classnames], [str(c) for c in classnames]
+        if given != trained:
+            raise VLPromptError(f"{what} is class-specific: it belongs to the {len(trained)} classes it was trained "
+                                f"on and cannot be used for another class list ({first_difference(trained, given)})"
+                                + (f"; {hint}" if hint else ""))
 
     def forward(self, feats: Features) -> torch.Tensor:  # (B, K)
         raise NotImplementedError  # abstract
@@ -512,3 +533,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     return {"accuracy": 100.0 * correct.mean().item(),
             "mean_per_class_accuracy": 100.0 * sum(per_class) / max(len(per_class), 1),
             "num_samples": int(labels.numel())}
+
+
+def first_difference(trained: Sequence[str], given: Sequence[str]) -> str:
+    """Where two class lists first differ, in words."""
+    for i, (a, b) in enumerate(zip(trained, given)):
+        if a != b:
+            return f"class {i} is {b!r} here but {a!r} in the trained list"
+    if len(given) > len(trained):
+        return f"class {len(trained)} {given[len(trained)]!r} is not in the trained list"
+    return f"the trained class {len(given)} {trained[len(given)]!r} is missing"

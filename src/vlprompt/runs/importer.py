@@ -1,24 +1,17 @@
-"""Import runs of the original repositories into ordinary vlprompt run directories.
+"""Import runs of the original repositories into ordinary vlprompt run directories (``vlprompt import --from M``).
 
-Sources (``--from``):
-
-* ``coop``, ``cocoop``, ``plot``: a Dassl output folder (``<output>/prompt_learner/model.pth.tar-<epoch>``,
-  ``model-best.pth.tar``) or one of those files. The checkpoint is Dassl's ``save_checkpoint`` dict
-  (``state_dict``, ``epoch``, ``optimizer``, ``scheduler``...); only the prompt learner's tensors are used:
-  ``ctx`` -- (M, D) unified, (K, M, D) class-specific (CoOp), (N, M, D) PLOT's N prompt sets --, CoCoOp's
-  ``meta_net.linear{1,2}.{weight,bias}``; the fixed ``token_prefix`` / ``token_suffix`` buffers are rebuilt from
-  the class names and, as a check, compared with the saved ones (another backbone, class list, class order or
-  init shows there). The run's configuration (class-token position, word init, shots, seed, epochs) comes from
-  the Dassl config printed in ``<output>/log.txt`` (or a ``config.yaml`` there); flags override it, except the
-  shots, which the record keeps as the run had them (without the configuration, ``--shots`` must say them).
-* ``ordinalclip``: a Lightning ``.ckpt`` of xk-huang/OrdinalCLIP (``state_dict`` with ``module.`` keys: the
-  prompt learner's ``context_embeds`` and ``rank_embeds``, the image encoder, the frozen CLIP text tower,
-  ``logit_scale``) and its ``config.yaml`` (beside it or in a parent folder, or ``--source-config``).
-
-Files are read with :mod:`vlprompt.safe_pickle` (no code from them runs). Word inits follow the original
-CoOp's and CoCoOp's word count (``init_length: words``, logged or given by ``--init``; ``--init-length tokens``
-overrides it). Tensors keep their saved dtype in the source and are used in fp32. An import evaluates on the test
-split only: data without training images (a test-only folder) is fine.
+The files are read here, by format, always through the restricted unpickler (:mod:`vlprompt.safe_pickle`: no code
+from them runs): ``dassl`` -- a Dassl output folder (``<output>/<module>/model.pth.tar-<epoch>``,
+``model-best.pth.tar``) or one of those files, with the configuration Dassl prints into ``<output>/log.txt`` (or a
+``config.yaml`` there); ``lightning`` -- a Lightning ``.ckpt`` and its ``config.yaml`` (beside it or in a parent
+folder, or ``--source-config``). What the tensors mean is the method's business: its ``import_original`` hook
+(:meth:`vlprompt.methods.base.Method.import_original`) maps them by their original names onto its learned state,
+reads the run's options from the configuration and adds checks against the rebuilt method (the saved fixed
+buffers of a prompt learner against the rebuilt ones: another backbone, class list, class order or init shows
+there). Flags override the configuration, except the shots, which the record keeps as the run had them (without
+the configuration, ``--shots`` must say them). Word inits follow the original CoOp's word count (``init_length:
+words``; ``--init-length tokens`` overrides it). Tensors keep their saved dtype in the source and are used in fp32.
+An import evaluates on the test split only: data without training images (a test-only folder) is fine.
 The run directory holds what :func:`vlprompt.runs.execute.run` writes (``run.json``, ``config.yaml``,
 ``split.json``, ``method.json`` + ``prompt.safetensors``, ``log.txt``, ``results.json`` from a test evaluation),
 with ``"imported_from"`` in ``results.json`` and ``run.json``.
@@ -30,42 +23,28 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import yaml
 
 from ..errors import CheckpointError, ConfigError
+from ..methods.parts.originals import ImportedRun, OriginalRun, config_get, shape
 from ..safe_pickle import load_checkpoint
 from . import directory
 
 log = logging.getLogger("vlprompt")
 
-SOURCES = ("coop", "cocoop", "plot", "ordinalclip")
-_DASSL_TRAINERS = {"coop": "CoOp", "cocoop": "CoCoOp", "plot": "PLOT"}
-_CHECK_RTOL = 2e-3  # saved fp16 buffers vs the same embeddings rebuilt in fp32 (fp16 keeps 11 bits)
+#: the record of an import (what a method's import_original hook returns)
+Source = ImportedRun
 
 
-@dataclass
-class Source:
-    """What an original run holds, in vlprompt's terms (before a backbone is loaded).
+def importable_methods() -> list[str]:
+    """The registered methods that import runs of their original repository (``--from``)."""
+    from ..methods import method_class, method_names
 
-    ``state`` maps vlprompt learned-state keys to ``(source name, tensor as saved, vlprompt-shaped tensor)``;
-    ``request`` is the part of a run request the source's configuration gives; ``checks`` run against the
-    built method (saved fixed buffers vs the rebuilt ones)."""
-
-    method: str
-    path: Path
-    state: dict[str, tuple[str, torch.Tensor, torch.Tensor]]
-    request: dict
-    info: dict
-    checks: list[Callable[[Any], None]] = field(default_factory=list)
-    optional: tuple[str, ...] = ()  # learned-state keys the method derives from its config (kept as built)
-    required: tuple[str, ...] = ()  # method options the files do not tell and the flags must
-    num_classes: Optional[int] = None  # the classes a class-specific context was learned for
-    counts_words: bool = False  # the original counts a word init in words (CoOp's and CoCoOp's n_ctx)
+    return [name for name in method_names() if method_class(name).original_format is not None]
 
 
 # -- reading the files ----------------------------------------------------------------------------------
@@ -143,15 +122,6 @@ def _yaml_mapping(text: str, where: Path) -> dict:
     return obj
 
 
-def _get(cfg: Optional[dict], dotted: str, default=None):
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
 def _state_dict(ckpt: Any, path: Path) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a Dassl / Lightning checkpoint (no 'state_dict' dict)")
@@ -162,153 +132,22 @@ def _state_dict(ckpt: Any, path: Path) -> dict:
     return sd
 
 
-def _shape(t: torch.Tensor) -> tuple:
-    return tuple(t.shape)
-
-
-def read_dassl(kind: str, path: Path, epoch: Optional[int] = None) -> Source:
-    """A CoOp / CoCoOp / PLOT run of KaiyangZhou/CoOp or CHENGY12/PLOT (see the module doc)."""
+# -- the formats ------------------------------------------------------------------------------------------
+def read_dassl_run(path: Path, epoch: Optional[int] = None) -> OriginalRun:
+    """A Dassl output folder (or one of its checkpoint files): the saved module's ``state_dict``, Dassl's
+    configuration from the folder's log.txt / config.yaml."""
     ckpt_path = dassl_checkpoint_file(path, epoch)
     ckpt = load_checkpoint(ckpt_path)
     sd = _state_dict(ckpt, ckpt_path)
     cfg, cfg_file = read_dassl_config(_run_folder(ckpt_path))
-    trainer = _get(cfg, "TRAINER.NAME")
-    if trainer is not None and trainer != _DASSL_TRAINERS[kind]:
-        raise ConfigError(f"--from {kind}, but {cfg_file} says the run's trainer is {trainer}")
-    known = {"ctx", "token_prefix", "token_suffix"}
-    if kind == "cocoop":
-        known |= {f"meta_net.linear{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
-    unexpected = sorted(set(sd) - known)
-    if unexpected:
-        raise CheckpointError(f"{ckpt_path}: unexpected tensor {unexpected[0]!r} in the {kind} prompt learner "
-                              f"(known: {', '.join(sorted(known))})")
-    if "ctx" not in sd:
-        raise CheckpointError(f"{ckpt_path}: no 'ctx' tensor in state_dict")
-    ctx = sd["ctx"]
-    section = "TRAINER.COCOOP" if kind == "cocoop" else "TRAINER.COOP"
-    opts: dict = {}
-    if kind == "coop":
-        if ctx.dim() not in (2, 3):
-            raise CheckpointError(f"{ckpt_path}: ctx has shape {_shape(ctx)}; CoOp saves (n_ctx, dim) or, "
-                                  f"class-specific, (n_cls, n_ctx, dim)")
-        opts["csc"] = ctx.dim() == 3  # the original ignores CSC with a word init: the shape says what was learned
-        mapped = ctx[None, None] if ctx.dim() == 2 else ctx[None]
-    elif kind == "cocoop":
-        if ctx.dim() != 2:
-            raise CheckpointError(f"{ckpt_path}: ctx has shape {_shape(ctx)}; CoCoOp saves (n_ctx, dim)")
-        mapped = ctx[None, None]
-    else:  # PLOT: (N, n_ctx, dim); its class-specific and word-init paths crash in the original
-        if ctx.dim() != 3:
-            raise CheckpointError(f"{ckpt_path}: ctx has shape {_shape(ctx)}; PLOT saves its N prompt sets as "
-                                  f"(N, n_ctx, dim)")
-        opts["n_prompts"] = int(ctx.shape[0])
-        mapped = ctx[:, None]
-    opts["n_ctx"] = int(ctx.shape[-2])
-    init = _get(cfg, f"{section}.CTX_INIT")
-    if cfg is not None:
-        opts["init"] = str(init).replace("_", " ") if init else None
-        if kind != "cocoop":
-            opts["class_position"] = _get(cfg, f"{section}.CLASS_TOKEN_POSITION", "end")
-    state = {"prompt.ctx": ("ctx", ctx, mapped)}
-    for i in (1, 2):
-        for p in ("weight", "bias"):
-            key = f"meta_net.linear{i}.{p}"
-            if key in sd:
-                state[key] = (key, sd[key], sd[key])
-    request = _dassl_request(cfg, ckpt)
-    request["method_options"] = opts
-    info = {"format": "dassl", "from": kind, "path": str(ckpt_path.resolve()), "sha256": _sha256(ckpt_path),
+    info = {"format": "dassl", "path": str(ckpt_path.resolve()), "sha256": _sha256(ckpt_path),
             "epoch": ckpt.get("epoch"), "config_file": str(cfg_file.resolve()) if cfg_file else None,
             "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in sd.items()}}
-    # without its configuration, a CoOp run's class-token position is unknown: the tensors look the same
-    src = Source(kind, ckpt_path, state, request, info, required=("class_position",) if kind == "coop" and
-                 cfg is None else (), num_classes=int(ctx.shape[0]) if kind == "coop" and ctx.dim() == 3 else None,
-                 # the original's count (a method without the option, PLOT, counts tokens: the same prompt where
-                 # every word of the init is one token, else the saved token_suffix check names the difference)
-                 counts_words=_has_option(kind, "init_length"))
-    n_sets = opts.get("n_prompts", 1)
-    if "token_prefix" in sd:
-        src.checks.append(lambda m: _check_prefix(m, sd["token_prefix"], ckpt_path, n_sets))
-    if "token_suffix" in sd:
-        src.checks.append(lambda m: _check_suffix(m, sd["token_suffix"], ckpt_path, n_sets))
-    return src
+    return OriginalRun(ckpt_path, sd, cfg, ckpt, info, cfg_file)
 
 
-def _has_option(method: str, name: str) -> bool:
-    from ..methods import method_class
-
-    return name in {f.name for f in dataclasses.fields(method_class(method).config_class)}
-
-
-def _dassl_request(cfg: Optional[dict], ckpt: dict) -> dict:
-    """The request fields a Dassl configuration gives (data protocol, seed, backbone, training recipe)."""
-    req: dict = {"data": {}, "train": {}}
-    if cfg is None:
-        epoch = ckpt.get("epoch")
-        if isinstance(epoch, int) and epoch > 0:
-            req["train"]["epochs"] = epoch  # Dassl saves epoch + 1: the epochs done
-        return req
-    shots = _get(cfg, "DATASET.NUM_SHOTS")
-    if isinstance(shots, int) and shots >= 0:
-        req["data"]["shots"] = shots
-    classes = _get(cfg, "DATASET.SUBSAMPLE_CLASSES")
-    if classes in ("all", "base", "new"):
-        req["data"]["classes"] = classes
-    seed = _get(cfg, "SEED")
-    if isinstance(seed, int) and seed >= 0:  # Dassl's -1: no fixed seed
-        req["seed"] = seed
-    name = _get(cfg, "MODEL.BACKBONE.NAME")
-    if isinstance(name, str) and name:
-        req["backbone"] = name.replace("/", "-")  # CLIP's "ViT-B/16" is open_clip's "ViT-B-16"
-    train = req["train"]
-    for key, dassl in (("epochs", "OPTIM.MAX_EPOCH"), ("lr", "OPTIM.LR"), ("weight_decay", "OPTIM.WEIGHT_DECAY"),
-                       ("momentum", "OPTIM.MOMENTUM"), ("batch_size", "DATALOADER.TRAIN_X.BATCH_SIZE")):
-        value = _get(cfg, dassl)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            train[key] = value
-    warmup = _get(cfg, "OPTIM.WARMUP_EPOCH")
-    if isinstance(warmup, int) and warmup >= 0:
-        train["warmup_epochs"] = warmup
-        lr = _get(cfg, "OPTIM.WARMUP_CONS_LR")
-        if isinstance(lr, float) and lr > 0:
-            train["warmup_lr"] = lr
-    return req
-
-
-def _close(saved: torch.Tensor, rebuilt: torch.Tensor) -> bool:
-    a, b = saved.float(), rebuilt.detach().float().cpu()
-    return a.shape == b.shape and bool(((a - b).abs() <= _CHECK_RTOL * (b.abs() + 1e-3)).all())
-
-
-def _check_prefix(method, saved: torch.Tensor, path: Path, n_sets: int) -> None:
-    sot = method.prompt.sot  # (1, D)
-    k = method.num_classes * n_sets
-    if saved.dim() != 3 or saved.shape[0] != k or saved.shape[1] != 1:
-        raise CheckpointError(f"{path}: token_prefix has shape {_shape(saved)}, expected ({k}, 1, {sot.shape[-1]}) "
-                              f"for {method.num_classes} classes: the run had another number of classes (--dataset, "
-                              f"--classes)")
-    if not _close(saved, sot[None].expand(k, 1, sot.shape[-1])):
-        raise CheckpointError(f"{path}: the saved start-token embedding (token_prefix) differs from this backbone's: "
-                              f"the run used other CLIP weights (--backbone / --pretrained)")
-
-
-def _check_suffix(method, saved: torch.Tensor, path: Path, n_sets: int) -> None:
-    tail = method.prompt.tail  # (K, L-1-M, D)
-    k = method.num_classes
-    expected = tail.repeat(n_sets, 1, 1)  # PLOT repeats the K prompts for each of its N sets
-    if _shape(saved) != _shape(expected):
-        raise CheckpointError(f"{path}: token_suffix has shape {_shape(saved)}, expected {_shape(expected)} "
-                              f"({k} classes x {n_sets} prompt set(s), {method.prompt.n_ctx} context vectors)")
-    for i in range(saved.shape[0]):
-        if not _close(saved[i], expected[i]):
-            name = method.classnames[i % k]
-            raise CheckpointError(f"{path}: the saved class tokens of class {i % k} ({name!r}) differ from the ones "
-                                  f"rebuilt for it: the run had another class list or order (--dataset, --classes), "
-                                  f"another word init (--init) or other CLIP weights (--backbone / --pretrained)")
-
-
-# -- OrdinalCLIP ------------------------------------------------------------------------------------------
-def find_ordinalclip_config(ckpt_path: Path, given: Optional[Path]) -> Optional[Path]:
+def find_lightning_config(ckpt_path: Path, given: Optional[Path]) -> Optional[Path]:
+    """The run's ``config.yaml``: ``--source-config``, else beside the checkpoint or up to two folders above."""
     if given is not None:
         if not Path(given).is_file():
             raise ConfigError(f"--source-config {given}: no such file")
@@ -319,8 +158,8 @@ def find_ordinalclip_config(ckpt_path: Path, given: Optional[Path]) -> Optional[
     return None
 
 
-def read_ordinalclip(path: Path, source_config: Optional[Path] = None) -> Source:
-    """An xk-huang/OrdinalCLIP Lightning checkpoint (see the module doc)."""
+def read_lightning_run(path: Path, source_config: Optional[Path] = None) -> OriginalRun:
+    """A Lightning ``.ckpt`` (or a folder holding exactly one) and its ``config.yaml``."""
     path = Path(path)
     if path.is_dir():
         ckpts = sorted(path.rglob("*.ckpt"))
@@ -330,123 +169,35 @@ def read_ordinalclip(path: Path, source_config: Optional[Path] = None) -> Source
         path = ckpts[0]
     ckpt = load_checkpoint(path)
     sd = _state_dict(ckpt, path)
-    cfg_file = find_ordinalclip_config(path, source_config)
+    cfg_file = find_lightning_config(path, source_config)
     cfg = _yaml_mapping(cfg_file.read_text(errors="replace"), cfg_file) if cfg_file else None
-    pl = _get(cfg, "runner_cfg.model_cfg.prompt_learner_cfg", {}) or {}
-    model_cfg = _get(cfg, "runner_cfg.model_cfg", {}) or {}
-    if pl.get("rank_specific_context"):
-        raise CheckpointError(f"{cfg_file}: rank_specific_context is true; vlprompt's OrdinalCLIP shares one context "
-                              f"across ranks")
-    if pl.get("rank_tokens_position", "tail") != "tail":
-        raise CheckpointError(f"{cfg_file}: rank_tokens_position {pl['rank_tokens_position']!r}; vlprompt's OrdinalCLIP "
-                              f"puts the rank tokens after the context (tail)")
-    pre = "module."
-    ctx_key, rank_key = pre + "prompt_learner.context_embeds", pre + "prompt_learner.rank_embeds"
-    for key in (ctx_key, rank_key):
-        if key not in sd:
-            raise CheckpointError(f"{path}: no {key!r} in state_dict (not an OrdinalCLIP checkpoint?)")
-    ctx, ranks = sd[ctx_key], sd[rank_key]
-    if ctx.dim() != 2:
-        raise CheckpointError(f"{path}: {ctx_key} has shape {_shape(ctx)}; a context shared by the ranks is "
-                              f"(n_ctx, dim) (rank-specific contexts are not supported)")
-    if ranks.dim() != 3:
-        raise CheckpointError(f"{path}: {rank_key} has shape {_shape(ranks)}, expected (ranks, tokens, dim)")
-    opts: dict = {"n_ctx": int(ctx.shape[0]), "tokens_per_rank": int(ranks.shape[1]), "init": None,
-                  "rank_init": None}
-    kind = pl.get("type")
-    if kind == "RankPromptLearner":
-        opts["num_base"] = int(ranks.shape[0])
-    elif kind == "PlainPromptLearner":
-        opts["num_base"] = 0
-    elif kind is not None:
-        raise CheckpointError(f"{cfg_file}: prompt learner {kind!r}; known: RankPromptLearner, PlainPromptLearner")
-    if pl.get("interpolation_type"):
-        opts["interpolation"] = pl["interpolation_type"]
-    state = {"prompts.ctx": (ctx_key, ctx, ctx)}
-    rank_dst = "prompts.rank_embeddings.embeds" if opts.get("num_base") == 0 else "prompts.rank_embeddings.base"
-    state[rank_dst] = (rank_key, ranks, ranks)
-    enc_keys = {k[len(pre + "image_encoder."):]: v for k, v in sd.items() if k.startswith(pre + "image_encoder.")}
-    image_name = model_cfg.get("image_encoder_name")
-    text_name = model_cfg.get("text_encoder_name")
-    if image_name is None:  # no config: what the tensors are
-        image_name = "vgg16" if "features.0.weight" in enc_keys else ("clip" if "conv1.weight" in enc_keys else None)
-    elif image_name == text_name:
-        image_name = "clip"
-    if image_name == "clip":
-        opts.update(image_encoder="clip", image_encoder_weights="auto")
-        prefix = "image_encoder.visual."
-    elif image_name == "vgg16":
-        # the reference normalises every encoder's input with ImageNet's statistics (its data_cfg)
-        opts.update(image_encoder="vgg16", image_encoder_weights="none", image_encoder_input_norm="imagenet")
-        prefix = "image_encoder.net."
-    else:
-        raise CheckpointError(f"{path}: image encoder {image_name!r}; the importer knows CLIP's and vgg16")
-    for k, v in enc_keys.items():
-        state[prefix + k] = (pre + "image_encoder." + k, v, v)
-    request: dict = {"data": {}, "train": {}, "method_options": opts}
-    seed = _get(cfg, "runner_cfg.seed")
-    if isinstance(seed, int) and seed >= 0:
-        request["seed"] = seed
-    train = request["train"]
-    oc = _get(cfg, "runner_cfg.optimizer_and_scheduler_cfg.optimizer_cfg", {}) or {}
-    if oc.get("optimizer_name") in ("sgd", "adam", "adamw", "radam"):
-        train["optimizer"] = oc["optimizer_name"]
-    for key in ("lr", "weight_decay"):
-        if isinstance(oc.get(key), (int, float)):
-            train[key] = oc[key]
-    epochs = _get(cfg, "trainer_cfg.max_epochs")
-    if isinstance(epochs, int) and epochs > 0:
-        train["epochs"] = epochs
-    batch = _get(cfg, "data_cfg.train_dataloder_cfg.batch_size")
-    if isinstance(batch, int) and batch > 0:
-        train["batch_size"] = batch
-    lw = _get(cfg, "runner_cfg.loss_weights", {}) or {}
-    for key, ours in (("ce_loss", "ce_weight"), ("kl_loss", "kl_weight")):
-        if isinstance(lw.get(key), (int, float)):
-            opts[ours] = lw[key]
-    info = {"format": "lightning", "from": "ordinalclip", "path": str(path.resolve()), "sha256": _sha256(path),
-            "epoch": ckpt.get("epoch"), "config_file": str(cfg_file.resolve()) if cfg_file else None,
-            "init_context": pl.get("init_context"), "num_ranks": pl.get("num_ranks"),
-            "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in sd.items() if not
-                       k.startswith(pre + "text_encoder.")}}
-    text = {k[len(pre + "text_encoder."):]: v for k, v in sd.items() if k.startswith(pre + "text_encoder.")}
-    scale = sd.get(pre + "logit_scale")
-    src = Source("ordinalclip", path, state, request, info, optional=("image_encoder.input_scale",
-                                                                      "image_encoder.input_shift"))
-    src.checks.append(lambda m: _check_text_tower(m, text, scale, path))
-    unknown = sorted(k for k in sd if not k.startswith((pre + "image_encoder.", pre + "text_encoder.",
-                                                        pre + "prompt_learner.")) and k != pre + "logit_scale")
-    if unknown:
-        raise CheckpointError(f"{path}: unexpected tensor {unknown[0]!r} in the OrdinalCLIP state_dict")
-    return src
-
-
-def _check_text_tower(method, text: dict, scale: Optional[torch.Tensor], path: Path) -> None:
-    """The checkpoint's frozen CLIP text tower and logit scale must be the backbone's (else its prompts were
-    learned for another text tower and the numbers would be wrong)."""
-    own = method.backbone.model.state_dict()
-    for k, v in text.items():
-        if k in own and not _close(v, own[k].to(v.dtype)):
-            raise CheckpointError(f"{path}: the checkpoint's text tower differs from this backbone's at {k!r} "
-                                  f"(other CLIP weights, or a text tower trained with lr_text_encoder > 0): give "
-                                  f"the --backbone / --pretrained the run used")
-    if scale is not None and abs(float(scale.float().exp()) - method.logit_scale) > 1e-3 * method.logit_scale:
-        raise CheckpointError(f"{path}: the checkpoint's logit scale exp({float(scale):.4f}) = "
-                              f"{float(scale.float().exp()):.3f} differs from this backbone's {method.logit_scale:.3f} "
-                              f"(a run with lr_logit_scale > 0 is not supported)")
+    info = {"format": "lightning", "path": str(path.resolve()), "sha256": _sha256(path), "epoch": ckpt.get("epoch"),
+            "config_file": str(cfg_file.resolve()) if cfg_file else None}
+    return OriginalRun(path, sd, cfg, ckpt, info, cfg_file)
 
 
 def read_source(kind: str, path: str | Path, *, epoch: Optional[int] = None,
-                source_config: Optional[str | Path] = None) -> Source:
-    if kind not in SOURCES:
-        raise ConfigError(f"--from must be one of {', '.join(SOURCES)}, got {kind!r}")
-    if kind == "ordinalclip":
+                source_config: Optional[str | Path] = None) -> ImportedRun:
+    """The original run at ``path`` as method ``kind`` imports it (its :meth:`Method.import_original`)."""
+    from ..methods import method_class
+
+    names = importable_methods()
+    if kind not in names:
+        raise ConfigError(f"--from must be one of {', '.join(names)}, got {kind!r}")
+    cls = method_class(kind)
+    if cls.original_format == "lightning":
         if epoch is not None:
-            raise ConfigError("--epoch picks a Dassl checkpoint; give OrdinalCLIP's .ckpt file itself")
-        return read_ordinalclip(Path(path), Path(source_config) if source_config else None)
-    if source_config is not None:
-        raise ConfigError("--source-config is OrdinalCLIP's config.yaml; Dassl runs are read from their log.txt")
-    return read_dassl(kind, Path(path), epoch)
+            raise ConfigError(f"--epoch picks a Dassl checkpoint; give {kind}'s .ckpt file itself")
+        run = read_lightning_run(Path(path), Path(source_config) if source_config else None)
+    elif cls.original_format == "dassl":
+        if source_config is not None:
+            raise ConfigError(f"--source-config is a Lightning run's config.yaml; {kind}'s Dassl runs are read from "
+                              f"their log.txt")
+        run = read_dassl_run(Path(path), epoch)
+    else:
+        raise ConfigError(f"{kind}: unknown original format {cls.original_format!r}")
+    run.info["from"] = kind
+    return cls.import_original(run)
 
 
 # -- the state onto the method ------------------------------------------------------------------------------
@@ -456,11 +207,11 @@ def map_state(src: Source, method) -> dict[str, torch.Tensor]:
     out = {}
     for dst, (name, saved, mapped) in src.state.items():
         if dst not in own:
-            raise CheckpointError(f"{src.path}: tensor {name} {_shape(saved)} has no place in the configured "
+            raise CheckpointError(f"{src.path}: tensor {name} {shape(saved)} has no place in the configured "
                                   f"{src.method} (no {dst!r}; check its options)")
-        if _shape(mapped) != _shape(own[dst]):
-            raise CheckpointError(f"{src.path}: tensor {name} has shape {_shape(saved)} (as {dst}: {_shape(mapped)}), "
-                                  f"but the configured {src.method} expects {_shape(own[dst])}: the options or the "
+        if shape(mapped) != shape(own[dst]):
+            raise CheckpointError(f"{src.path}: tensor {name} has shape {shape(saved)} (as {dst}: {shape(mapped)}), "
+                                  f"but the configured {src.method} expects {shape(own[dst])}: the options or the "
                                   f"backbone differ from the run's")
         out[dst] = mapped.detach().float().clone()  # used in fp32; the source file keeps its dtype
     missing = sorted(set(own) - set(out) - set(src.optional))
@@ -589,5 +340,5 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
         return finish_run(run_dir, cfg, identity, results)
 
 
-__all__ = ["SOURCES", "Source", "read_source", "read_dassl", "read_ordinalclip", "read_dassl_config",
+__all__ = ["importable_methods", "Source", "read_source", "read_dassl_run", "read_lightning_run", "read_dassl_config",
            "dassl_checkpoint_file", "map_state", "import_request", "import_run"]

@@ -59,11 +59,7 @@ class LinearProbe(Method):
         self._fit_info: dict = {}
 
     def set_classnames(self, classnames) -> None:
-        if [str(c) for c in classnames] != [str(c) for c in self.classnames]:
-            differ = next((f"{a!r} vs {b!r}" for a, b in zip(self.classnames, classnames) if a != b),
-                          f"{len(self.classnames)} vs {len(classnames)} classes")
-            raise VLPromptError(f"a linear probe classifies the classes it was fitted on ({len(self.classnames)} "
-                                f"classes); the given class list differs ({differ})")
+        self.require_trained_classes(classnames, "a linear probe")
         super().set_classnames(classnames)
 
     @classmethod

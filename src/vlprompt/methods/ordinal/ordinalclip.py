@@ -25,8 +25,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ...errors import ConfigError
+from ...errors import CheckpointError, ConfigError
 from ..base import opt
+from ..parts.originals import ImportedRun, close, config_get, shape
 from .base import (IMDB_WIKI, MORPH_CONTEXT, TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes,
                            RankPrompts, _word_embeddings)
 from .parts import INTERPOLATION_KINDS, RankEmbeddings, ordinal_loss
@@ -74,6 +75,7 @@ class OrdinalCLIP(PromptPrototypes, OrdinalMethod):
     name = "ordinalclip"
     config_class = OrdinalCLIPConfig
     summary = "OrdinalCLIP: learned rank prompts (interpolated rank embeddings) + a trained image encoder"
+    original_format = "lightning"
 
     @classmethod
     def morph_options(cls) -> dict:
@@ -129,3 +131,112 @@ class OrdinalCLIP(PromptPrototypes, OrdinalMethod):
         c = self.config
         return ordinal_loss(logits, labels, ce_weight=c.ce_weight, kl_weight=c.kl_weight,
                             kl_temperature=c.kl_temperature)
+
+    @classmethod
+    def import_original(cls, run):
+        """An xk-huang/OrdinalCLIP Lightning checkpoint: ``state_dict`` with ``module.`` keys (the prompt learner's
+        ``context_embeds`` and ``rank_embeds``, the image encoder, the frozen CLIP text tower, ``logit_scale``) and
+        its ``config.yaml``; the text tower and logit scale are checked against the backbone's."""
+        sd, cfg, path = run.state, run.config, run.path
+        pl = config_get(cfg, "runner_cfg.model_cfg.prompt_learner_cfg", {}) or {}
+        model_cfg = config_get(cfg, "runner_cfg.model_cfg", {}) or {}
+        if pl.get("rank_specific_context"):
+            raise CheckpointError(f"{run.config_file}: rank_specific_context is true; vlprompt's OrdinalCLIP shares "
+                                  f"one context across ranks")
+        if pl.get("rank_tokens_position", "tail") != "tail":
+            raise CheckpointError(f"{run.config_file}: rank_tokens_position {pl['rank_tokens_position']!r}; "
+                                  f"vlprompt's OrdinalCLIP puts the rank tokens after the context (tail)")
+        pre = "module."
+        ctx_key, rank_key = pre + "prompt_learner.context_embeds", pre + "prompt_learner.rank_embeds"
+        for key in (ctx_key, rank_key):
+            if key not in sd:
+                raise CheckpointError(f"{path}: no {key!r} in state_dict (not an OrdinalCLIP checkpoint?)")
+        ctx, ranks = sd[ctx_key], sd[rank_key]
+        if ctx.dim() != 2:
+            raise CheckpointError(f"{path}: {ctx_key} has shape {shape(ctx)}; a context shared by the ranks is "
+                                  f"(n_ctx, dim) (rank-specific contexts are not supported)")
+        if ranks.dim() != 3:
+            raise CheckpointError(f"{path}: {rank_key} has shape {shape(ranks)}, expected (ranks, tokens, dim)")
+        opts: dict = {"n_ctx": int(ctx.shape[0]), "tokens_per_rank": int(ranks.shape[1]), "init": None,
+                      "rank_init": None}
+        kind = pl.get("type")
+        if kind == "RankPromptLearner":
+            opts["num_base"] = int(ranks.shape[0])
+        elif kind == "PlainPromptLearner":
+            opts["num_base"] = 0
+        elif kind is not None:
+            raise CheckpointError(f"{run.config_file}: prompt learner {kind!r}; known: RankPromptLearner, "
+                                  f"PlainPromptLearner")
+        if pl.get("interpolation_type"):
+            opts["interpolation"] = pl["interpolation_type"]
+        state = {"prompts.ctx": (ctx_key, ctx, ctx)}
+        rank_dst = "prompts.rank_embeddings.embeds" if opts.get("num_base") == 0 else "prompts.rank_embeddings.base"
+        state[rank_dst] = (rank_key, ranks, ranks)
+        enc_keys = {k[len(pre + "image_encoder."):]: v for k, v in sd.items() if k.startswith(pre + "image_encoder.")}
+        image_name = model_cfg.get("image_encoder_name")
+        text_name = model_cfg.get("text_encoder_name")
+        if image_name is None:  # no config: what the tensors are
+            image_name = ("vgg16" if "features.0.weight" in enc_keys else
+                          ("clip" if "conv1.weight" in enc_keys else None))
+        elif image_name == text_name:
+            image_name = "clip"
+        if image_name == "clip":
+            opts.update(image_encoder="clip", image_encoder_weights="auto")
+            prefix = "image_encoder.visual."
+        elif image_name == "vgg16":
+            # the reference normalises every encoder's input with ImageNet's statistics (its data_cfg)
+            opts.update(image_encoder="vgg16", image_encoder_weights="none", image_encoder_input_norm="imagenet")
+            prefix = "image_encoder.net."
+        else:
+            raise CheckpointError(f"{path}: image encoder {image_name!r}; the importer knows CLIP's and vgg16")
+        for k, v in enc_keys.items():
+            state[prefix + k] = (pre + "image_encoder." + k, v, v)
+        request: dict = {"data": {}, "train": {}, "method_options": opts}
+        seed = config_get(cfg, "runner_cfg.seed")
+        if isinstance(seed, int) and seed >= 0:
+            request["seed"] = seed
+        train = request["train"]
+        oc = config_get(cfg, "runner_cfg.optimizer_and_scheduler_cfg.optimizer_cfg", {}) or {}
+        if oc.get("optimizer_name") in ("sgd", "adam", "adamw", "radam"):
+            train["optimizer"] = oc["optimizer_name"]
+        for key in ("lr", "weight_decay"):
+            if isinstance(oc.get(key), (int, float)):
+                train[key] = oc[key]
+        epochs = config_get(cfg, "trainer_cfg.max_epochs")
+        if isinstance(epochs, int) and epochs > 0:
+            train["epochs"] = epochs
+        batch = config_get(cfg, "data_cfg.train_dataloder_cfg.batch_size")
+        if isinstance(batch, int) and batch > 0:
+            train["batch_size"] = batch
+        lw = config_get(cfg, "runner_cfg.loss_weights", {}) or {}
+        for key, ours in (("ce_loss", "ce_weight"), ("kl_loss", "kl_weight")):
+            if isinstance(lw.get(key), (int, float)):
+                opts[ours] = lw[key]
+        info = {**run.info, "init_context": pl.get("init_context"), "num_ranks": pl.get("num_ranks"),
+                "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in sd.items()
+                           if not k.startswith(pre + "text_encoder.")}}
+        text = {k[len(pre + "text_encoder."):]: v for k, v in sd.items() if k.startswith(pre + "text_encoder.")}
+        scale = sd.get(pre + "logit_scale")
+        unknown = sorted(k for k in sd if not k.startswith((pre + "image_encoder.", pre + "text_encoder.",
+                                                            pre + "prompt_learner.")) and k != pre + "logit_scale")
+        if unknown:
+            raise CheckpointError(f"{path}: unexpected tensor {unknown[0]!r} in the OrdinalCLIP state_dict")
+        imported = ImportedRun(cls.name, path, state, request, info,
+                               optional=("image_encoder.input_scale", "image_encoder.input_shift"))
+        imported.checks.append(lambda m: _check_text_tower(m, text, scale, path))
+        return imported
+
+
+def _check_text_tower(method, text: dict, scale, path) -> None:
+    """The checkpoint's frozen CLIP text tower and logit scale must be the backbone's (else its prompts were
+    learned for another text tower and the numbers would be wrong)."""
+    own = method.backbone.model.state_dict()
+    for k, v in text.items():
+        if k in own and not close(v, own[k].to(v.dtype)):
+            raise CheckpointError(f"{path}: the checkpoint's text tower differs from this backbone's at {k!r} "
+                                  f"(other CLIP weights, or a text tower trained with lr_text_encoder > 0): give "
+                                  f"the --backbone / --pretrained the run used")
+    if scale is not None and abs(float(scale.float().exp()) - method.logit_scale) > 1e-3 * method.logit_scale:
+        raise CheckpointError(f"{path}: the checkpoint's logit scale exp({float(scale):.4f}) = "
+                              f"{float(scale.float().exp()):.3f} differs from this backbone's {method.logit_scale:.3f} "
+                              f"(a run with lr_logit_scale > 0 is not supported)")

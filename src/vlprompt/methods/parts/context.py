@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError, VLPromptError
-from ..base import Method
+from ..base import Method, first_difference
 from .options import INIT_LENGTHS
 
 DEFAULT_N_CTX = 16  # context vectors of a random init when n_ctx is not given (CoOp's and PLOT's papers)
@@ -83,15 +83,6 @@ def check_prompts_fit(tokenizer, texts: Sequence[str], context_length: int, what
         count = f"{n} tokens" if n is not None else "more tokens"
         raise VLPromptError(f"{what} {texts[i]!r} does not fit the text tower's context length: {count} with the "
                             f"start and end tokens, at most {context_length}")
-
-
-def _first_difference(trained: Sequence[str], given: Sequence[str]) -> str:
-    for i, (a, b) in enumerate(zip(trained, given)):
-        if a != b:
-            return f"class {i} is {b!r} here but {a!r} in the trained list"
-    if len(given) > len(trained):
-        return f"class {len(trained)} {given[len(trained)]!r} is not in the trained list"
-    return f"the trained class {len(given)} {trained[len(given)]!r} is missing"
 
 
 class PromptContext(nn.Module):
@@ -175,7 +166,7 @@ class PromptContext(nn.Module):
         if "" in classnames:
             raise VLPromptError(f"class {classnames.index('')} has an empty name")
         if self.csc and classnames != self.csc_classnames:
-            diff = _first_difference(self.csc_classnames, classnames)
+            diff = first_difference(self.csc_classnames, classnames)
             raise VLPromptError(f"this context is class-specific: it belongs to the {len(self.csc_classnames)} "
                                 f"classes it was trained on and cannot be used for another class list ({diff}); "
                                 f"train a unified context (no --csc) to move prompts between class lists")

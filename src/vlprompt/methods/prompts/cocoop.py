@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import CheckpointError
 from ..base import Features, opt
 from ..parts.context import ContextPromptMethod
 from ..parts.options import ContextOptions
+from ..parts.originals import check_known_tensors, check_trainer, dassl_context_import, shape
 
 #: floats saved for backward per suffix token, layer and width unit of the text tower: 13-14 measured with
 #: torch.autograd.graph.saved_tensors_hooks (fp32, widths 64 and 512, suffixes of 4 and 13 tokens); 16 keeps a
@@ -56,6 +58,7 @@ class CoCoOp(ContextPromptMethod):
     name = "cocoop"
     family = "prompts"
     config_class = CoCoOpConfig
+    original_format = "dassl"
     summary = ("context conditioned on each image by a meta-network. The paper's recipe trains one image per "
                "optimizer step (batch 1, 10 epochs); --batch-size B takes B images per step, i.e. B times fewer "
                "optimizer steps, and runs the B images' prompts together")
@@ -71,6 +74,21 @@ class CoCoOp(ContextPromptMethod):
         return {"train": {"batch_size": 1, "epochs": 10, "optimizer": "sgd", "lr": 0.002, "momentum": 0.9,
                           "weight_decay": 5e-4, "scheduler": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5},
                 "method_options": {"init": "a photo of a"}}
+
+    @classmethod
+    def import_original(cls, run):
+        """A KaiyangZhou/CoOp CoCoOp run: ``ctx`` (M, D), the meta-network ``meta_net.linear{1,2}.{weight,bias}``
+        and the config (TRAINER.COCOOP; the class name always at the end)."""
+        check_trainer(run, "CoCoOp", "cocoop")
+        meta = {f"meta_net.linear{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+        check_known_tensors(run, {"ctx", "token_prefix", "token_suffix"} | meta, "CoCoOp prompt learner")
+        ctx = run.state.get("ctx")
+        if ctx is None or ctx.dim() != 2:
+            raise CheckpointError(f"{run.path}: ctx has shape {shape(ctx) if ctx is not None else None}; CoCoOp saves "
+                                  f"(n_ctx, dim)")
+        extra = {k: (k, run.state[k], run.state[k]) for k in sorted(meta) if k in run.state}
+        return dassl_context_import(cls, run, ctx=ctx, mapped=ctx[None, None], section="TRAINER.COCOOP", options={},
+                                    extra_state=extra, class_position=False)
 
     @classmethod
     def config_for_loading(cls, options: dict) -> dict:

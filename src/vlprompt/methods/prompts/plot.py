@@ -36,6 +36,7 @@ from ..parts.ot import sinkhorn_plan, transport_logits
 from ..base import Features, opt
 from ..parts.context import ContextPromptMethod
 from ..parts.options import ClassContextOptions
+from ..parts.originals import check_known_tensors, check_trainer, dassl_context_import, shape
 
 MARGINALS = ("uniform", "global_similarity")
 
@@ -144,6 +145,7 @@ class PLOT(ContextPromptMethod):
     config_class = PLOTConfig
     inputs: ClassVar[frozenset] = frozenset({"global", "local"})
     summary = "N prompts per class matched to local image features by optimal transport"
+    original_format = "dassl"
 
     @classmethod
     def preset(cls, data) -> dict:
@@ -166,6 +168,21 @@ class PLOT(ContextPromptMethod):
         return {"train": {"batch_size": 128, "epochs": 50, "optimizer": "sgd", "lr": 0.002, "momentum": 0.9,
                           "weight_decay": 5e-4, "scheduler": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5},
                 "method_options": method_options}
+
+    @classmethod
+    def import_original(cls, run):
+        """A CHENGY12/PLOT run: ``ctx`` (N, M, D), its N prompt sets (its class-specific and word-init paths crash
+        in the original); the config (TRAINER.COOP, TRAINER.NAME PLOT); a word init counted in words, as CoOp's
+        code PLOT builds on."""
+        check_trainer(run, "PLOT", "plot")
+        check_known_tensors(run, {"ctx", "token_prefix", "token_suffix"}, "PLOT prompt learner")
+        ctx = run.state.get("ctx")
+        if ctx is None or ctx.dim() != 3:
+            raise CheckpointError(f"{run.path}: ctx has shape {shape(ctx) if ctx is not None else None}; PLOT saves "
+                                  f"its N prompt sets as (N, n_ctx, dim)")
+        return dassl_context_import(cls, run, ctx=ctx, mapped=ctx[:, None], section="TRAINER.COOP",
+                                    options={"n_prompts": int(ctx.shape[0])}, n_sets=int(ctx.shape[0]),
+                                    position_required=False)  # its other positions crash in the original
 
     def __init__(self, config: PLOTConfig, backbone, classnames: Sequence[str]):
         check_transport_options(config.ot_eps, config.ot_iters, config.ot_thresh, config.marginals)
