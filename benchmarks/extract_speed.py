@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
 from vlprompt.backbone import load_backbone  # noqa: E402
-from vlprompt.cache import FeatureCache, _EncodeSet, default_loader  # noqa: E402
+from vlprompt.backbone.cache import FeatureCache, _EncodeSet, default_loader  # noqa: E402
 from vlprompt.data.transforms import build_transforms  # noqa: E402
 
 

@@ -47,7 +47,7 @@ CHILD = textwrap.dedent("""
     import torch
     from types import SimpleNamespace
     from vlprompt.backbone import load_backbone
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.engine.sources import CachedViews
     from vlprompt.methods import build_method
 
@@ -61,7 +61,7 @@ CHILD = textwrap.dedent("""
                       "transform_id": "train", "view": v, "seed": 0, "local": local, "dtype": "float32"}
     fake = SimpleNamespace(fingerprint="synthetic", name="RN50", embed_dim=1024)
     rows = []
-    from vlprompt.cache import CachedRows
+    from vlprompt.backbone.cache import CachedRows
     for v in range(views):
         d = fc.root / f"v{v}"
         with fc._locked(d):
@@ -94,7 +94,7 @@ def fill_synthetic(root: Path, views: int, n: int, local: bool, shard_size: int 
     """Write V views of n synthetic RN50-sized rows through the cache's own writer."""
     from types import SimpleNamespace
 
-    from vlprompt.cache import FeatureCache, _Store
+    from vlprompt.backbone.cache import FeatureCache, _Store
 
     fc = FeatureCache(root, shard_size=shard_size, progress=False)
     fake = SimpleNamespace(fingerprint="synthetic", name="RN50", embed_dim=E)
@@ -146,7 +146,7 @@ def peak_rss(args, lines):
 def cache_scale(args, lines):
     from types import SimpleNamespace
 
-    from vlprompt.cache import CachedRows, FeatureCache, _Store
+    from vlprompt.backbone.cache import CachedRows, FeatureCache, _Store
 
     n = 102_400 if args.quick else 1_281_167
     e, shard = 64, 1024
@@ -215,7 +215,7 @@ def _timed(fn):
 
 def fp16_logits(args, lines):
     from vlprompt.backbone import load_backbone
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.data.transforms import build_transforms
     from vlprompt.methods import build_method
     from vlprompt.methods.base import Features

@@ -46,7 +46,7 @@ def test_openai_tag_gets_quick_gelu(monkeypatch):
         seen.update(kw, name=name, pretrained=pretrained)
         raise RuntimeError("Failed to download weights for tag 'openai': offline")
 
-    import vlprompt.backbone as backbone_mod
+    import vlprompt.backbone.loading as backbone_mod
 
     monkeypatch.setattr(backbone_mod, "_hub_unreachable", lambda *a, **k: None)  # as if online
     monkeypatch.setattr(open_clip, "create_model_and_transforms", fake_create)
@@ -80,7 +80,7 @@ def test_unreachable_hub_fails_after_one_probe(monkeypatch):
     import huggingface_hub
     import open_clip
 
-    import vlprompt.backbone as backbone_mod
+    import vlprompt.backbone.loading as backbone_mod
 
     calls = []
 
@@ -222,7 +222,7 @@ def test_weights_of_another_architecture_are_refused_with_the_mismatch(rn_cfg_an
 
 def test_torchscript_archive_is_read_not_refused(tmp_path, tiny_vit):
     """OpenAI's `clip` package ships TorchScript archives, which torch.load(weights_only=True) refuses."""
-    from vlprompt.backbone import _checkpoint_shapes
+    from vlprompt.backbone.loading import _checkpoint_shapes
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

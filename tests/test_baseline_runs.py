@@ -114,7 +114,7 @@ def test_seed_0_samples_the_shots_of_seed_0(runs, dtd, capsys):
 
 
 def _cached_features(model_files, cache_dir, samples):
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.runs import transforms_for
     from vlprompt.data import transform_id
 
@@ -191,7 +191,7 @@ def test_linear_probe_run_evaluates_exports_and_predicts(runs, model_files, dtd,
     assert head["classnames"] == _split(run_dir)["classnames"]
 
     # predict (images encoded directly, no cache) agrees with the run's own logits and with eval's accuracy
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.data import load_dataset, subsample_classes
     from vlprompt.runs import evaluate, load_method, transforms_for
 

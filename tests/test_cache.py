@@ -15,9 +15,9 @@ from torchvision import transforms as T
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vlprompt import cache as cache_mod  # noqa: E402
+from vlprompt.backbone import cache as cache_mod  # noqa: E402
 from vlprompt.backbone import load_backbone  # noqa: E402
-from vlprompt.cache import (CacheError, FeatureCache, cache_info, clear_cache, default_loader,  # noqa: E402
+from vlprompt.backbone.cache import (CacheError, FeatureCache, cache_info, clear_cache, default_loader,  # noqa: E402
                             seeded, view_seed)
 from vlprompt.errors import DataError  # noqa: E402
 from vlprompt.testing import make_tiny_checkpoint  # noqa: E402
@@ -338,7 +338,7 @@ def test_damaged_shard_is_detected_and_rebuilt(damage, vit, images, root, caplog
                                        "shard-00002.safetensors"]
     damage(first.directory / "shard-00001.safetensors")
     vit.images = 0
-    with caplog.at_level(logging.WARNING, logger="vlprompt.cache"):
+    with caplog.at_level(logging.WARNING, logger="vlprompt.backbone.cache"):
         again = get(root, vit, images, **kw)
     assert "shard-00001.safetensors" in caplog.text and "invalid" in caplog.text
     assert (again.hits, again.misses) == (N - 2, 2) and vit.images == 2
@@ -346,7 +346,7 @@ def test_damaged_shard_is_detected_and_rebuilt(damage, vit, images, root, caplog
     # the cache is consistent again: everything hits, nothing is warned about
     caplog.clear()
     vit.images = 0
-    with caplog.at_level(logging.WARNING, logger="vlprompt.cache"):
+    with caplog.at_level(logging.WARNING, logger="vlprompt.backbone.cache"):
         third = get(root, vit, images, **kw)
     assert third.hits == N and vit.images == 0 and not caplog.records
     assert torch.equal(third.global_, first.global_)
@@ -376,7 +376,7 @@ def test_wrong_shape_shard_is_detected(fix_checksum, vit, images, root, caplog):
     save_file({"global": torch.zeros(2, 32)}, str(path), metadata={"keys": keys})
     if fix_checksum:  # a writer bug, not disk damage: only the shape check can tell
         rerecord(d, "shard-00000.safetensors")
-    with caplog.at_level(logging.WARNING, logger="vlprompt.cache"):
+    with caplog.at_level(logging.WARNING, logger="vlprompt.backbone.cache"):
         again = get(root, vit, images, shard_size=2, batch_size=2)
     assert "shard-00000.safetensors" in caplog.text
     assert ("expected" in caplog.text) if fix_checksum else ("bytes" in caplog.text or "checksum" in caplog.text)
@@ -395,7 +395,7 @@ def test_shard_with_other_keys_is_detected(vit, images, root, caplog):
         meta = f.metadata()
     save_file(load_file(str(path)), str(path), metadata={**meta, "keys": json.dumps(first.keys[2:4])})
     rerecord(d, "shard-00000.safetensors")
-    with caplog.at_level(logging.WARNING, logger="vlprompt.cache"):
+    with caplog.at_level(logging.WARNING, logger="vlprompt.backbone.cache"):
         again = get(root, vit, images, shard_size=2, batch_size=2)
     assert "holds" in caplog.text and again.misses == 2
     assert torch.equal(again.global_, first.global_)
@@ -406,7 +406,7 @@ def test_broken_index_is_rebuilt(content, vit, images, root, caplog):
     first = get(root, vit, images, shard_size=4)
     (first.directory / "index.json").write_text(content)
     vit.images = 0
-    with caplog.at_level(logging.WARNING, logger="vlprompt.cache"):
+    with caplog.at_level(logging.WARNING, logger="vlprompt.backbone.cache"):
         again = get(root, vit, images, shard_size=4)
     assert "index" in caplog.text
     assert again.misses == N and vit.images == N
@@ -420,7 +420,7 @@ def test_index_of_other_features_is_rebuilt(vit, images, root, caplog):
     index = index_of(first.directory)
     index["view"] = 3  # e.g. a directory copied by hand to the wrong place
     (first.directory / "index.json").write_text(json.dumps(index))
-    with caplog.at_level(logging.WARNING, logger="vlprompt.cache"):
+    with caplog.at_level(logging.WARNING, logger="vlprompt.backbone.cache"):
         again = get(root, vit, images)
     assert "other features" in caplog.text and again.misses == N
 
@@ -725,7 +725,7 @@ def test_a_read_only_cache_with_damaged_shards_is_left_as_it_is(vit, images, roo
     _truncate(first.directory / "shard-00002.safetensors")  # found at look-up (byte size)
     before = tree(root)
     read_only(root)
-    with caplog.at_level(logging.WARNING, logger="vlprompt.cache"):
+    with caplog.at_level(logging.WARNING, logger="vlprompt.backbone.cache"):
         assert get(root, vit, images[:2]).hits == 2  # the intact shard still serves
         message = str(CacheError_of(lambda: get(root, vit, images[:4])))
         assert "shard-00001.safetensors is invalid" in message and "read-only" in message

@@ -54,7 +54,7 @@ def cache_dir(tmp_path_factory):
 def cache_stats(monkeypatch):
     """(hits, misses) of every look-up of the feature cache (``FeatureCache.open``, which ``get`` and the runs'
     lazy reads go through), in order (results.json no longer reports them)."""
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
 
     calls = []
     open_ = FeatureCache.open
@@ -151,7 +151,7 @@ def test_zeroshot_cli_matches_open_clip(model_files, dtd_subset, cache_dir, tmp_
     assert not (out / "export").exists()  # a run exports on request only (`vlprompt export`)
 
     # per image: the run's method (features read back from the cache) gives open_clip's logits
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.data import load_split
     from vlprompt.runs import evaluate, load_method, transforms_for
 
@@ -228,7 +228,7 @@ def test_linear_probe_cli(model_files, dtd_subset, cache_dir, tmp_path, capsys):
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.data import load_split, transform_id
     from vlprompt.methods.baselines.linear_probe import fit_linear_probe
     from vlprompt.runs import transforms_for

@@ -153,7 +153,7 @@ def test_cocoop_batched_equals_per_image_loop(tiny_backbone, position, memory_mb
 # -- engine ----------------------------------------------------------------------------------------
 def test_cached_views_follow_online_mode(tmp_path, tiny_vit):
     """With one view and no augmentation, cached features give the online mode's loss trajectory."""
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.data import ImageDataset, build_test_transform, load_dataset, transform_id
 
     splits = load_dataset("folder", make_folder_dataset(tmp_path / "data"))

@@ -382,7 +382,7 @@ def test_lpclip_linear_probe_fits_the_rows_in_the_scripts_order(model_files, fol
     np.random.choice's draw order. The split file here interleaves the classes and is not sorted."""
     from conftest import write_csv
     from vlprompt.backbone import load_backbone
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.data import transform_id
     from vlprompt.methods import linear_probe
     from vlprompt.runs import transforms_for

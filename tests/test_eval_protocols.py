@@ -125,7 +125,7 @@ def target(tmp_path_factory):
 
 
 def _logits(run_dir, data, cache, **load):
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.runs import evaluate, load_method, prepare_data, transforms_for
 
     splits, _ = prepare_data(dataclasses.replace(data, shots=0), None, needs=("test",))

@@ -272,7 +272,7 @@ def test_a_kill_between_results_and_the_done_mark_is_an_interrupted_cell_that_re
 
 def test_features_are_encoded_once_per_grid_before_the_cells_start(models, dtd, tmp_path, monkeypatch):
     import vlprompt.runs
-    from vlprompt import cache as cache_mod
+    from vlprompt.backbone import cache as cache_mod
 
     encoded, in_cell = [], [False]
     encode = cache_mod._Store.encode

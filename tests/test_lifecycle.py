@@ -130,7 +130,7 @@ def test_setup_reads_the_cached_features_and_views(registered, model_files, fold
     from safetensors.torch import load_file
 
     from vlprompt.backbone import load_backbone
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.data import load_split, transform_id
     from vlprompt.runs import transforms_for
 

@@ -31,8 +31,8 @@ def test_data_layer_imports_no_method_code():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          check=True)
     loaded = json.loads(out.stdout)
-    higher = ("vlprompt.methods", "vlprompt.ordinal", "vlprompt.backbone", "vlprompt.text", "vlprompt.engine",
-              "vlprompt.runs", "vlprompt.cli", "vlprompt.cache")
+    higher = ("vlprompt.methods", "vlprompt.ordinal", "vlprompt.backbone", "vlprompt.backbone.text_encoder", "vlprompt.engine",
+              "vlprompt.runs", "vlprompt.cli", "vlprompt.backbone.cache")
     wrong = [m for m in loaded if m.startswith(higher)]
     assert not wrong, f"the data layer imported {wrong}"
     assert "vlprompt.data.ranks" in loaded and "vlprompt.data.ordinal" in loaded

@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from vlprompt.backbone import load_backbone
-from vlprompt.cache import FeatureCache
+from vlprompt.backbone.cache import FeatureCache
 from vlprompt.data.transforms import (CLIP_MEAN, CLIP_STD, SeededCompose, build_test_transform, build_train_transform,
                                       build_transforms, transform_id)
 from vlprompt.errors import BackboneError, DataError
@@ -146,7 +146,7 @@ def test_hf_hub_takes_config_weights_and_preprocessing_from_the_repo(local_dir, 
     import open_clip.factory
     import open_clip.pretrained
 
-    import vlprompt.backbone as backbone_mod
+    import vlprompt.backbone.loading as backbone_mod
 
     served = []
 

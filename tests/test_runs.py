@@ -401,7 +401,7 @@ def test_zero_shot_run_on_a_local_dir_model_equals_open_clips_pipeline(folder, c
     import open_clip
 
     from vlprompt.runs import evaluate, load_method, transforms_for
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.data import load_split
     from vlprompt.testing import TINY_CONFIGS, sharpen_
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from vlprompt.cache import FeatureCache
+from vlprompt.backbone.cache import FeatureCache
 from vlprompt.engine.sources import CachedViews
 
 E, M = 256, 49  # RN50-like local features (49 tokens), a narrower joint space to keep the test small
@@ -76,7 +76,7 @@ CHILD = FAKE_TOWER + textwrap.dedent("""
     import json, sys
     from types import SimpleNamespace
     from torchvision import transforms as T
-    from vlprompt.cache import FeatureCache
+    from vlprompt.backbone.cache import FeatureCache
     from vlprompt.engine.sources import train_source
 
     class LocalMethod:

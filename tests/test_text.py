@@ -97,7 +97,7 @@ def test_chunked_encoding_equals_unchunked(tiny_vit, mode):
 
 
 def test_auto_mode_picks_prefix_and_falls_back_without_causal_mask(tiny_vit):
-    from vlprompt.text import TextEncoder
+    from vlprompt.backbone.text_encoder import TextEncoder
 
     te = tiny_vit.text
     assert te._pick_mode("auto", prefix_len=5) == "prefix"

@@ -51,7 +51,7 @@ def check_weights(backbone: str, pretrained: str, cache_dir: Optional[str] = Non
     as a model-config file is left to the loader."""
     import open_clip
 
-    from .backbone import _hub_unreachable, _tag_files, openai_format
+    from .backbone.loading import _hub_unreachable, _tag_files, openai_format
     from .errors import BackboneError
 
     if pretrained in _RANDOM:

@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 def cmd_features(args) -> int:
-    from ..cache import FeatureCache
+    from ..backbone.cache import FeatureCache
     from ..runs import default_cache_dir
 
     a = vars(args)

@@ -251,7 +251,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 # -- feature extraction --------------------------------------------------------------------------------
 class RankSharedCache:
-    """A :class:`~vlprompt.cache.FeatureCache` whose ``get`` splits the encoding over the ranks: rank r first
+    """A :class:`~vlprompt.backbone.cache.FeatureCache` whose ``get`` splits the encoding over the ranks: rank r first
     encodes (and stores) its share of the missing images, a barrier, then every rank reads all of them from the
     cache (hits). The cache's index is read-modified-written under a file lock, so concurrent shards from
     several ranks never race. Everything else is the wrapped cache's."""

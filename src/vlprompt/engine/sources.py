@@ -26,7 +26,7 @@ class CachedViews:
     """Features of V views per training image; one view drawn per image and step.
 
     Either in memory -- ``CachedViews(global_ (V, N, E), local (V, N, M, E) or None)`` -- or on disk,
-    :meth:`from_rows` over V :class:`vlprompt.cache.CachedRows` (one per view): then a step reads only its
+    :meth:`from_rows` over V :class:`vlprompt.backbone.cache.CachedRows` (one per view): then a step reads only its
     batch's rows, so memory does not grow with V x N (x M). Both draw the same views from ``gen`` and give the
     same float32 numbers for the same stored features.
     """
@@ -260,7 +260,7 @@ def train_source(method, train_cfg, backbone, samples, transforms, cache):
     """What ``method`` reads of the training images at every step: cached views of the train augmentation (the
     test transform without augmentation), or images augmented and encoded at every step (``online``), or the
     augmented images themselves (a method that runs its own image tower)."""
-    from ..cache import DTYPES
+    from ..backbone.cache import DTYPES
     from ..data import ImageDataset
 
     train_tf, test_tf = transforms
@@ -299,7 +299,7 @@ def split_data(method, train_cfg, backbone, samples, transforms, cache, *, eval_
 
     def views() -> Features:
         # the very entries a training run draws its views from (same transform, view seeds and dtype)
-        from ..cache import DTYPES
+        from ..backbone.cache import DTYPES
 
         n = type(method).setup_views(method.config, train_cfg)
         if n < 1:

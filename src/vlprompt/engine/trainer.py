@@ -3,7 +3,7 @@
 The engine knows a method only through :class:`vlprompt.methods.base.Method`. Inputs come in one of two modes:
 
 * **cached views** (default for methods with a frozen image tower): the image features of ``views`` augmented
-  views of every training image are computed once through the :class:`~vlprompt.cache.FeatureCache` (and reused
+  views of every training image are computed once through the :class:`~vlprompt.backbone.cache.FeatureCache` (and reused
   across runs, methods and seeds); each step draws one view per image. The frozen image tower -- the largest cost
   of a step -- then runs once per view instead of once per step.
 * **online**: every step augments and encodes its images, exactly as the papers do.

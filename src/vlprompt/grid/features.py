@@ -101,7 +101,7 @@ class FeaturePlan:
     def encode(self, progress: bool = True) -> list[dict]:
         """Compute (or find) every slot's features; one backbone load per model. Returns one summary per slot."""
         from ..backbone import load_backbone
-        from ..cache import FeatureCache
+        from ..backbone.cache import FeatureCache
         from ..data import transform_id
         from ..runs import transforms_for
 

@@ -30,7 +30,7 @@ import torch
 
 from .._io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from ..backbone import Backbone, load_backbone
-from ..cache import FeatureCache
+from ..backbone.cache import FeatureCache
 from ..data import (DatasetSplits, check_samples, few_shot_split, load_dataset, load_split,
                     save_split, subsample_classes, transform_id)
 from ..data.transforms import build_transforms

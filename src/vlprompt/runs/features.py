@@ -6,7 +6,7 @@ import logging
 from typing import Sequence
 
 from ..backbone import Backbone
-from ..cache import FeatureCache
+from ..backbone.cache import FeatureCache
 from ..data import DatasetSplits, transform_id
 from ..errors import VLPromptError
 from .execute import transforms_for

@@ -272,7 +272,7 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
                source_config: Optional[str | Path] = None, force: bool = False, progress: bool = True) -> dict:
     """Import an original run into ``output`` (see the module doc); returns its results (``results.json``)."""
     from ..backbone import load_backbone
-    from ..cache import FeatureCache
+    from ..backbone.cache import FeatureCache
     from ..methods import build_config, build_method, method_class
     from .config import config_hash, resolve
     from .execute import (evaluate, finish_run, log_pixel_statistics, needed_splits, prepare_data, run_directory,

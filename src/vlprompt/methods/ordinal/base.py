@@ -478,7 +478,7 @@ class RankPrompts(nn.Module):
     The prefix ``<sot> + ctx`` ``(1 + M, D)`` is shared; each rank's suffix ``(S, D)`` (``S = L - 1 - M``) is its
     rank tokens followed by the embeddings of ``". <eot> <pad>.."`` taken from the tokenizer, joined by
     concatenation / ``where`` (no in-place writes). ``encode()`` gives the ``(R, E)`` text features through
-    :meth:`vlprompt.text.TextEncoder.encode_prompts` (``text_mode``: auto = shared prefix when exact).
+    :meth:`vlprompt.backbone.text_encoder.TextEncoder.encode_prompts` (``text_mode``: auto = shared prefix when exact).
     """
 
     def __init__(self, text_encoder, num_ranks: int, *, n_ctx: Optional[int] = None, init_words: Optional[str] = None,

@@ -11,7 +11,7 @@ text-to-image KL term). Predictions are the argmax rank and the expectation over
 The prompts are built by concatenation (the reference writes each rank into a cloned ``(R, 77, D)`` tensor in a
 Python loop, whose backward copies the whole tensor once per rank) and encoded through the text encoder's
 shared-prefix path: ``<sot> + context`` is the same for every rank, so its keys and values are computed once and
-each rank's few remaining tokens attend to them (exact; see :mod:`vlprompt.text`).
+each rank's few remaining tokens attend to them (exact; see :mod:`vlprompt.backbone.text_encoder`).
 
 The rank values, image encoder, metrics, export and plots are shared with the baselines of
 :mod:`.ordinal_baselines` through :mod:`.ordinal_base`.

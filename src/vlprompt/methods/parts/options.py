@@ -15,7 +15,7 @@ from ..base import MethodConfig, opt
 
 #: where the class name goes in a learned prompt
 POSITIONS = ("end", "middle", "front")
-#: how the text tower encodes learned prompts (all exact; see vlprompt.text)
+#: how the text tower encodes learned prompts (all exact; see vlprompt.backbone.text_encoder)
 TEXT_MODES = ("auto", "plain", "cut", "prefix")
 #: how a word init's length is counted (see :mod:`.context`)
 INIT_LENGTHS = ("tokens", "words")

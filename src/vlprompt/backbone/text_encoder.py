@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import BackboneError
+from ..errors import BackboneError
 
 MODES = ("auto", "plain", "cut", "prefix")
 

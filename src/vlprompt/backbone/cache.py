@@ -83,8 +83,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ._io import atomic_write_bytes, atomic_write_text, sha256_file
-from .errors import DataError, VLPromptError
+from .._io import atomic_write_bytes, atomic_write_text, sha256_file
+from ..errors import DataError, VLPromptError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def writable(directory: Path) -> bool:
 def default_loader(path: str):
     """The data layer's robust loader (RGB, EXIF orientation, alpha on white, clear errors), so cached
     features see exactly the pixels that online training and evaluation see."""
-    from .data.images import load_image
+    from ..data.images import load_image
 
     return load_image(path)
 

@@ -1,0 +1,258 @@
+"""The frozen open_clip model (:class:`Backbone`): identity, precision, text and image features, and what it
+supports (:meth:`Backbone.supports`: learned prompts in the text tower, prompts inside the image tower, LoRA,
+local image features), so that a method refuses at build time what a backbone cannot do."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BackboneError
+from .text_encoder import TextEncoder
+
+#: the pixel statistics a backbone's preprocess config carries (open_clip's names)
+PIXEL_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What identifies a backbone: its open_clip name (or config file) and its weights."""
+
+    name: str
+    pretrained: Optional[str]
+
+
+class Backbone(nn.Module):
+    """A frozen CLIP-style model.
+
+    Attributes: ``model`` (the open_clip model, eval mode, no gradients), ``tokenizer``, ``text``
+    (a :class:`vlprompt.text.TextEncoder` over the text tower), ``embed_dim`` (E, the joint space),
+    ``preprocess`` (the model's own eval transform), ``preprocess_cfg`` (the JSON-able dict open_clip resolved
+    for these weights: size, mode, mean, std, interpolation, resize_mode, fill_color; pass it to
+    :func:`vlprompt.data.transforms.build_transforms`), ``pixel_source`` (where its pixel statistics come from, a
+    phrase) and ``pixel_fallback`` (the keys of those that are open_clip's defaults for a weights file, which may
+    not be the statistics the weights were trained with), ``image_size``, ``device``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, preprocess, spec: BackboneSpec, model_cfg: dict,
+                 device: torch.device, precision: str = "amp", preprocess_cfg: Optional[dict] = None,
+                 pixel_source: str = "open_clip's preprocess config", pixel_fallback: tuple[str, ...] = ()):
+        super().__init__()
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.spec = spec
+        self.model_cfg = model_cfg
+        self.device = device
+        self.precision = precision
+        self.preprocess_cfg = _json_preprocess_cfg(preprocess_cfg if preprocess_cfg is not None else
+                                                   _model_preprocess_cfg(model))
+        self.pixel_source = pixel_source
+        self.pixel_fallback = tuple(pixel_fallback)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        self.text = TextEncoder.from_model(model, tokenizer, autocast=self.autocast)
+        self._fingerprint: Optional[str] = None
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model_cfg["vision_cfg"].get("image_size", 224)
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def fingerprint(self) -> str:
+        """A content hash of the architecture and every weight (computed once, on first use).
+
+        Feature caches key on it, so any change of weights invalidates them, whatever their file name.
+        """
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps(self.model_cfg, sort_keys=True, default=str).encode())
+            for key, tensor in sorted(self.model.state_dict().items()):
+                h.update(key.encode())
+                t = tensor.detach().to("cpu").contiguous()
+                h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+                if t.numel():
+                    h.update(t.reshape(-1).view(torch.uint8).numpy())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
+    @property
+    def pixel_statistics(self) -> dict:
+        """The pixel statistics the transforms use (``mean``, ``std``, ``interpolation``, ``resize_mode``) and
+        ``source``: where they come from. Runs record it in results.json and method.json (eval, export and
+        predict load the backbone with the same statistics)."""
+        return {**{k: self.preprocess_cfg[k] for k in PIXEL_KEYS}, "source": self.pixel_source}
+
+    def train(self, mode: bool = True):  # the towers stay in eval mode (BatchNorm in RN stems)
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # -- numerics -------------------------------------------------------------------------------
+    def autocast(self):
+        """fp32 on CPU (bf16 is many times slower there); autocast to fp16/bf16 on GPU."""
+        if self.device.type == "cuda" and self.precision == "amp":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale) of the model (100 for trained CLIP)."""
+        return float(self.model.logit_scale.detach().exp().item())
+
+    # -- text -----------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """(K, L) int64 token ids, padded to the model's context length."""
+        return self.tokenizer(list(texts)).to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], normalize: bool = False, chunk_size: int = 256,
+                    fast: bool = True) -> torch.Tensor:
+        """Text features (K, E) of strings.
+
+        ``fast`` (default) cuts each chunk after its last end-of-text token when the tower is causal: the same
+        numbers as open_clip's ``encode_text`` (tested to 1e-5) at a fraction of the work for short prompts;
+        ``fast=False`` calls open_clip's ``encode_text`` itself.
+        """
+        texts = list(texts)
+        out = []
+        use_cut = fast and self.text.fast_ok
+        for i in range(0, len(texts), chunk_size):
+            tokens = self.tokenize(texts[i:i + chunk_size])
+            if use_cut:
+                out.append(self.text(self.text.embed(tokens), self.text.eot_positions(tokens), mode="cut",
+                                     chunk_size=None).float())
+            else:
+                with self.autocast():
+                    out.append(self.model.encode_text(tokens).float())
+        feats = torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    # -- images ---------------------------------------------------------------------------------
+    @property
+    def local_kind(self) -> str:
+        visual = self.model.visual
+        if hasattr(visual, "attnpool") and hasattr(visual, "layer4"):
+            return "resnet_attnpool"
+        if hasattr(visual, "output_tokens") and hasattr(visual, "ln_post"):
+            return "vit_tokens"
+        return "none"
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor, local: bool = False):
+        """Image features in the joint space, not normalised.
+
+        Returns ``(B, E)``, or with ``local=True`` a pair ``((B, E), (B, M, E))``: for a ModifiedResNet the
+        attention pool applied at every position of the final grid (M = 49 at 224 px; the pooled position
+        equals the global feature), for a ViT the patch tokens after ``ln_post`` times ``proj``.
+        """
+        images = images.to(self.device, non_blocking=True)
+        if self._channels_last():
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            if not local:
+                return self.model.encode_image(images).float()
+            kind = self.local_kind
+            if kind == "resnet_attnpool":
+                tokens = _resnet_attnpool_all(self.model.visual, images)
+                return tokens[:, 0].float(), tokens[:, 1:].float()
+            if kind == "vit_tokens":
+                visual = self.model.visual
+                previous = visual.output_tokens
+                visual.output_tokens = True
+                try:
+                    pooled, tokens = visual(images)
+                finally:
+                    visual.output_tokens = previous
+                if visual.proj is not None:
+                    tokens = tokens @ visual.proj
+                return pooled.float(), tokens.float()
+        raise BackboneError(
+            f"{self.name}: local image features are supported for ModifiedResNet (RN50...) and "
+            f"VisionTransformer towers; this image tower is {type(self.model.visual).__name__}")
+
+
+    def _channels_last(self) -> bool:
+        """Whether the image tower runs in channels_last memory format (decided, and the tower converted, once).
+
+        A ResNet tower does: oneDNN's (and cuDNN's) convolutions are faster in it -- RN50 at 224 px, batch 16, on
+        2 AVX2 cores: 81 -> 107 GFLOP/s (benchmarks/extract_speed.py) -- and its features equal the plain
+        layout's to float32 rounding (tested: tests/test_cache.py). A ViT only has one convolution (the patch
+        embedding): it stays as it is."""
+        decided = self.__dict__.get("_image_channels_last")
+        if decided is None:
+            decided = self.local_kind == "resnet_attnpool"
+            if decided:
+                self.model.visual.to(memory_format=torch.channels_last)
+            self.__dict__["_image_channels_last"] = decided
+        return decided
+
+
+def _model_preprocess_cfg(model: nn.Module) -> dict:
+    """What open_clip attached to the model (``create_model`` sets it from the tag, hf-hub / local-dir config and
+    the tower's image size)."""
+    import open_clip
+
+    cfg = dict(open_clip.get_model_preprocess_cfg(model) or {})
+    if not cfg:
+        raise BackboneError(f"{type(model).__name__}: open_clip attached no preprocess config to this model")
+    return cfg
+
+
+def _json_preprocess_cfg(cfg: dict) -> dict:
+    from ..data.transforms import check_preprocess_cfg
+
+    return check_preprocess_cfg({k: v for k, v in cfg.items()})
+
+
+def _resnet_attnpool_all(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a ModifiedResNet and its attention pool at every position: (B, 1 + H*W, E).
+
+    Position 0 is the pooled (mean) query and equals ``visual(x)``; positions 1.. are the grid cells in
+    row-major order. This is what PLOT's reference takes as local features.
+    """
+    x = x.to(dtype=visual.conv1.weight.dtype)
+    x = visual.stem(x)
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    pool = visual.attnpool
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h * w).permute(2, 0, 1)  # (HW, B, C)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+    if pool.positional_embedding.shape[0] != x.shape[0]:
+        raise BackboneError(
+            f"attention pool expects a {int((pool.positional_embedding.shape[0] - 1) ** 0.5)}^2 grid, got "
+            f"{h}x{w}: feed images of the model's input size")
+    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+    out, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
+        use_separate_proj_weight=True, training=False, need_weights=False)
+    return out.permute(1, 0, 2)  # (B, HW + 1, E)
+
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pixel statistics: a weights file gets those of its architecture's pretrained tags, when they all agree
+# ------------------------------------------------------------------------------------------------------------
