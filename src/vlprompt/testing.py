@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -44,7 +45,8 @@ def sharpen_(model: torch.nn.Module, seed: int = 0, scale: float = 16.0) -> torc
 
 
 def make_tiny_checkpoint(directory: str | Path, kind: str = "tiny-vit", seed: int = 0,
-                         sharpen: bool = False, quick_gelu: bool = False) -> tuple[Path, Path]:
+                         sharpen: bool = False, quick_gelu: bool = False, layers: Optional[int] = None,
+                         vision_width: Optional[int] = None) -> tuple[Path, Path]:
     """Write ``<kind>.json`` (an open_clip model config) and ``<kind>.pt`` (random weights) into ``directory``.
 
     Returns (config path, weights path): ``load_backbone(str(config), str(weights))`` loads it back through
@@ -54,10 +56,17 @@ def make_tiny_checkpoint(directory: str | Path, kind: str = "tiny-vit", seed: in
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = dict(TINY_CONFIGS[kind])
+    cfg = json.loads(json.dumps(TINY_CONFIGS[kind]))
     if quick_gelu:
         cfg["quick_gelu"] = True
-    name = f"{kind}{'-qg' if quick_gelu else ''}{'-sharp' if sharpen else ''}-s{seed}"
+    if layers is not None:  # more blocks per tower (deep prompts, LoRA): both towers
+        cfg["text_cfg"]["layers"] = layers
+        if kind == "tiny-vit":
+            cfg["vision_cfg"]["layers"] = layers
+    if vision_width is not None:  # a ViT width other than the text width (a swapped width then fails)
+        cfg["vision_cfg"]["width"] = vision_width
+    name = (f"{kind}{'-qg' if quick_gelu else ''}{'-sharp' if sharpen else ''}{f'-l{layers}' if layers else ''}"
+            f"{f'-w{vision_width}' if vision_width else ''}-s{seed}")
     cfg_path = directory / f"{name}.json"
     cfg_path.write_text(json.dumps(cfg))
     torch.manual_seed(seed)

@@ -351,6 +351,12 @@ class FeatureCache:
                 idents.append(f"{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}:{st.st_size}")
         return keys, idents
 
+    def augmentation_identities(self, paths: Sequence) -> list[str]:
+        """The identity each image's augmented views are seeded from (:func:`view_seed`): view ``v`` of image ``i``
+        is ``apply_view_transform(transform, image, view_seed(seed, v, identities[i]))`` -- what the cache
+        encoded, so a method can have the very image of a cached view (PromptSRC's paired views)."""
+        return self._file_keys([_path_of(p) for p in paths])[1]
+
     # -- the entry points ---------------------------------------------------------------------------------
     def get(self, backbone, paths, transform=None, *, transform_id: Optional[str] = None, view: int = 0,
             seed: int = 0, local: bool = False, batch_size: int = 64, num_workers: int = 0,

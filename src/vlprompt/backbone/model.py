@@ -82,6 +82,10 @@ class Backbone(nn.Module):
 
         Feature caches key on it, so any change of weights invalidates them, whatever their file name.
         """
+        if any(getattr(m, "_modules", {}).get("attn") is not None and hasattr(m.attn, "in_projection")
+               for m in self.model.modules()) or self._prompt_hooks():
+            raise BackboneError("the backbone is patched (LoRA or prompts inside a tower): its fingerprint, which keys "
+                                "the feature cache, is that of the frozen towers only")
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(json.dumps(self.model_cfg, sort_keys=True, default=str).encode())
@@ -93,6 +97,10 @@ class Backbone(nn.Module):
                     h.update(t.reshape(-1).view(torch.uint8).numpy())
             self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
+
+    def _prompt_hooks(self) -> bool:
+        visual = self.model.visual
+        return bool(getattr(getattr(visual, "ln_pre", None), "_forward_pre_hooks", None))
 
     @property
     def pixel_statistics(self) -> dict:
@@ -148,6 +156,40 @@ class Backbone(nn.Module):
         return F.normalize(feats, dim=-1) if normalize else feats
 
     # -- images ---------------------------------------------------------------------------------
+    def supports(self, feature: str) -> Optional[str]:
+        """None when this backbone supports ``feature``, else why not (one line for the method's error):
+
+        * ``learned_prompts``: token embeddings into the text tower (CoOp and every prompt learner);
+        * ``deep_text``: per-layer text prompts (IVLP, MaPLe, PromptSRC);
+        * ``deep_vision``: prompts inside the image tower (VPT, IVLP, MaPLe, PromptSRC: a ViT pooling its class token);
+        * ``lora_text`` / ``lora_image``: LoRA on the attention projections of the tower's blocks;
+        * ``local``: local image features (PLOT)."""
+        from .patches import tower_blocks, vit_tower
+
+        if feature in ("learned_prompts", "deep_text"):
+            if self.text.unsupported:
+                return self.text.unsupported
+            if feature == "deep_text" and not self.text._blocks:
+                return "the text tower has no residual blocks to prompt"
+            return None
+        if feature == "deep_vision":
+            return vit_tower(self.model.visual)
+        if feature in ("lora_text", "lora_image"):
+            try:
+                tower_blocks(self.model, feature.split("_")[1])
+            except BackboneError as e:
+                return str(e)
+            return None
+        if feature == "local":
+            return None if self.local_kind != "none" else f"no local features from a {type(self.model.visual).__name__}"
+        raise BackboneError(f"unknown backbone feature {feature!r}")
+
+    def require(self, feature: str, who: str) -> None:
+        """Raise BackboneError (one line naming ``who`` and the backbone) when ``feature`` is not supported."""
+        why = self.supports(feature)
+        if why:
+            raise BackboneError(f"{who} needs {feature.replace('_', ' ')} in the backbone {self.name}: {why}")
+
     @property
     def local_kind(self) -> str:
         visual = self.model.visual
@@ -157,14 +199,26 @@ class Backbone(nn.Module):
             return "vit_tokens"
         return "none"
 
-    @torch.no_grad()
-    def encode_image(self, images: torch.Tensor, local: bool = False):
+    def encode_image(self, images: torch.Tensor, local: bool = False, *, prompts=None, grad: bool = False):
         """Image features in the joint space, not normalised.
 
         Returns ``(B, E)``, or with ``local=True`` a pair ``((B, E), (B, M, E))``: for a ModifiedResNet the
         attention pool applied at every position of the final grid (M = 49 at 224 px; the pooled position
         equals the global feature), for a ViT the patch tokens after ``ln_post`` times ``proj``.
+
+        ``prompts``: :class:`~vlprompt.backbone.patches.VisionLayerPrompts` inside a ViT tower (applied for this
+        call only); ``grad``: keep the graph (prompts or LoRA being learned), else the frozen tower runs without
+        gradients.
         """
+        from .patches import vision_prompts
+
+        if prompts is not None and local:
+            raise BackboneError("local features with prompts inside the image tower are not supported")
+        context = contextlib.nullcontext() if grad else torch.no_grad()
+        with context, vision_prompts(self.model.visual, prompts):
+            return self._encode_image(images, local)
+
+    def _encode_image(self, images: torch.Tensor, local: bool):
         images = images.to(self.device, non_blocking=True)
         if self._channels_last():
             images = images.contiguous(memory_format=torch.channels_last)

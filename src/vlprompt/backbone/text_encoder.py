@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import BackboneError
+from .patches import TextLayerPrompts, replace_positions
 
 MODES = ("auto", "plain", "cut", "prefix")
 
@@ -140,7 +141,7 @@ class TextEncoder:
 
     # -- encoding -------------------------------------------------------------------------------
     def __call__(self, embeddings: torch.Tensor, eot: torch.Tensor, *, mode: str = "auto",
-                chunk_size: Optional[int] = 256) -> torch.Tensor:
+                chunk_size: Optional[int] = 256, layer_prompts: Optional[TextLayerPrompts] = None) -> torch.Tensor:
         """Text features (K, E) of whole prompts given as token embeddings (K, L, D) and EOT positions (K,).
 
         ``mode='auto'`` cuts the sequence after the last EOT when the tower is causal. Passing embeddings of
@@ -150,10 +151,12 @@ class TextEncoder:
         mode = self._pick_mode(mode, prefix_len=0)
         if mode == "prefix":
             mode = "cut"
-        return self._run_rows(embeddings, eot.to(embeddings.device), mode, chunk_size)
+        lp = self._check_layer_prompts(layer_prompts)
+        return self._run_rows(embeddings, eot.to(embeddings.device), mode, chunk_size, lp)
 
     def encode_prompts(self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor, *,
-                       mode: str = "auto", chunk_size: Optional[int] = 256) -> torch.Tensor:
+                       mode: str = "auto", chunk_size: Optional[int] = 256,
+                       layer_prompts: Optional[TextLayerPrompts] = None) -> torch.Tensor:
         """Text features of prompts made of a prefix and a suffix.
 
         Args:
@@ -162,15 +165,26 @@ class TextEncoder:
                 give the whole padded tail (P + S = 77) so that the plain path is CLIP's own computation.
             eot: (K,) or (G, K) EOT positions in the whole sequence (so P <= eot < P + S).
             mode: ``auto`` (prefix when the tower is causal and P > 1, else plain), ``plain``, ``cut``, ``prefix``.
+            layer_prompts: deep prompts replacing positions ``start..`` before chosen blocks
+                (:class:`~vlprompt.backbone.patches.TextLayerPrompts`; (P, D), or (G, P, D) per group); every path
+                honours them; the prefix path when they fall inside the prefix (else ``auto`` cuts instead).
         Returns:
             (K, E) for a shared prefix, (G, K, E) for a grouped one.
         """
         self._require()
+        lp = self._check_layer_prompts(layer_prompts)
         if self._class_sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            out = self._encode_sharded(prefix, suffix, eot, mode, chunk_size)
+            out = self._encode_sharded(prefix, suffix, eot, mode, chunk_size, lp)
             if out is not None:
                 return out
-        return self._encode_local(prefix, suffix, eot, mode, chunk_size)
+        return self._encode_local(prefix, suffix, eot, mode, chunk_size, lp)
+
+    def _check_layer_prompts(self, lp: Optional[TextLayerPrompts]) -> Optional[TextLayerPrompts]:
+        if lp is None or not lp.layers:
+            return None
+        if not self._blocks:
+            raise BackboneError("per-layer text prompts need the text tower's residual blocks")
+        return lp.check(len(self._blocks), self.width)
 
     # -- class sharding over ranks ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -204,13 +218,13 @@ class TextEncoder:
             rows.append(torch.cat([torch.tensor(shape, dtype=torch.float64, device=t.device), torch.stack(stats)]))
         return torch.cat(rows)
 
-    def _encode_sharded(self, prefix, suffix, eot, mode, chunk_size) -> Optional[torch.Tensor]:
+    def _encode_sharded(self, prefix, suffix, eot, mode, chunk_size, lp=None) -> Optional[torch.Tensor]:
         """This rank's share of the prompts encoded, all shares gathered with gradients; None (encode locally)
         when the prompts differ between ranks or there are fewer prompts than ranks."""
         from torch.distributed.nn.functional import all_gather
 
         world, rank = dist.get_world_size(), dist.get_rank()
-        mine = self._fingerprint(prefix, suffix, eot)
+        mine = self._fingerprint(prefix, suffix, eot, *(lp.tensors() if lp is not None else ()))
         prints = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(prints, mine)
         k = suffix.shape[-3]
@@ -218,7 +232,7 @@ class TextEncoder:
             return None
         bounds = [(q * k) // world for q in range(world + 1)]
         lo, hi = bounds[rank], bounds[rank + 1]
-        part = self._encode_local(prefix, suffix[..., lo:hi, :, :], eot[..., lo:hi], mode, chunk_size)
+        part = self._encode_local(prefix, suffix[..., lo:hi, :, :], eot[..., lo:hi], mode, chunk_size, lp)
         kdim = part.dim() - 2  # (K_r, E) or (G, K_r, E)
         top = -(-k // world)
         if hi - lo < top:  # all_gather needs equal shapes: pad with zeros (no gradient flows to them)
@@ -227,7 +241,7 @@ class TextEncoder:
         return torch.cat([t.narrow(kdim, 0, bounds[q + 1] - bounds[q]) for q, t in enumerate(parts)], dim=kdim)
 
     def _encode_local(self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor, mode: str,
-                      chunk_size: Optional[int]) -> torch.Tensor:
+                      chunk_size: Optional[int], lp: Optional[TextLayerPrompts] = None) -> torch.Tensor:
         grouped = prefix.dim() == 3
         prefix3 = prefix if grouped else prefix[None]
         g, p, _ = prefix3.shape
@@ -240,12 +254,18 @@ class TextEncoder:
         eot2 = (eot if eot.dim() == 2 else eot[None].expand(g, k)).to(prefix.device)
         if int(eot2.min()) < p or int(eot2.max()) >= p + s:
             raise ValueError("EOT positions must fall inside the suffix")
-        mode = self._pick_mode(mode, prefix_len=p)
+        fits = lp is None or lp.end <= p  # deep prompts inside the shared prefix (else rows)
+        if mode == "prefix" and not fits:
+            raise BackboneError(f"the prefix text path needs the layer prompts inside the prefix (positions "
+                                f"{lp.start}..{lp.end - 1}, the prefix has {p}); use mode auto, cut or plain")
+        mode = self._pick_mode(mode, prefix_len=p if fits else 0)
+        if lp is not None and any(t.dim() == 3 and t.shape[0] != g for t in lp.layers.values()):
+            raise BackboneError(f"grouped layer prompts must have one group per prompt group ({g})")
         if mode == "prefix":  # the shared (K, S, D) suffix is indexed, never copied per group
-            out = self._run_prefixed(prefix3, suffix if suffix.dim() == 4 else suffix[None], eot2, chunk_size)
+            out = self._run_prefixed(prefix3, suffix if suffix.dim() == 4 else suffix[None], eot2, chunk_size, lp)
         else:
             full = torch.cat([prefix3[:, None].expand(g, k, p, prefix3.shape[-1]), suffix4], dim=2)
-            out = self._run_rows(full.reshape(g * k, p + s, -1), eot2.reshape(-1), mode, chunk_size)
+            out = self._run_rows(full.reshape(g * k, p + s, -1), eot2.reshape(-1), mode, chunk_size, lp)
             out = out.reshape(g, k, -1)
         return out if grouped else out[0]
 
@@ -262,28 +282,51 @@ class TextEncoder:
         return mode
 
     # -- plain and cut ----------------------------------------------------------------------------
-    def _run_rows(self, x: torch.Tensor, eot: torch.Tensor, mode: str, chunk_size: Optional[int]) -> torch.Tensor:
+    def _run_rows(self, x: torch.Tensor, eot: torch.Tensor, mode: str, chunk_size: Optional[int],
+                  lp: Optional[TextLayerPrompts] = None) -> torch.Tensor:
         if mode == "cut":
-            x = x[:, : int(eot.max()) + 1]
+            x = x[:, : max(int(eot.max()) + 1, lp.end if lp is not None else 0)]
         n = x.shape[0]
+        # grouped layer prompts (G, P, D): the rows are G groups of n / G; a chunk keeps whole groups
+        g = max((t.shape[0] for t in lp.layers.values() if t.dim() == 3), default=1) if lp is not None else 1
         if chunk_size is None or n <= chunk_size:
-            return self._rows_forward(x, eot)
+            return self._rows_forward(x, eot, lp)
+        per_group = n // g
+        step = max(chunk_size // per_group, 1) * per_group if g > 1 else chunk_size
         outs = []
-        for i in range(0, n, chunk_size):
-            xs, es = x[i:i + chunk_size], eot[i:i + chunk_size]
-            if torch.is_grad_enabled() and xs.requires_grad:
-                outs.append(checkpoint(self._rows_forward, xs, es, use_reentrant=False))
+        for i in range(0, n, step):
+            xs, es = x[i:i + step], eot[i:i + step]
+            chunk_lp = lp if g == 1 else TextLayerPrompts(
+                {b: (t if t.dim() == 2 else t[i // per_group:(i + step) // per_group]) for b, t in lp.layers.items()},
+                lp.start)
+            tensors = chunk_lp.tensors() if chunk_lp is not None else []
+            if torch.is_grad_enabled() and (xs.requires_grad or any(t.requires_grad for t in tensors)):
+                outs.append(checkpoint(self._rows_forward_tensors, xs, es, chunk_lp, *tensors, use_reentrant=False))
             else:
-                outs.append(self._rows_forward(xs, es))
+                outs.append(self._rows_forward(xs, es, chunk_lp))
         return torch.cat(outs)
 
-    def _rows_forward(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        """CLIP's own text forward on embeddings (N, L, D): open_clip's transformer and masks."""
+    def _rows_forward_tensors(self, x, eot, lp, *tensors):
+        # (the layer prompts' tensors are arguments, so that checkpointing recomputes with them)
+        if lp is not None:
+            lp = TextLayerPrompts(dict(zip(sorted(lp.layers), tensors)), lp.start)
+        return self._rows_forward(x, eot, lp)
+
+    def _rows_forward(self, x: torch.Tensor, eot: torch.Tensor, lp: Optional[TextLayerPrompts] = None) -> torch.Tensor:
+        """CLIP's own text forward on embeddings (N, L, D): open_clip's transformer and masks; with layer prompts,
+        its blocks one by one with the prompt positions replaced before the chosen ones."""
         length = x.shape[1]
         with self.autocast():
             h = x + self._positional[:length].to(x.dtype)
             mask = self._attn_mask[:length, :length] if self._attn_mask is not None else None
-            h = self._parts["transformer"](h, attn_mask=mask)
+            if lp is None:
+                h = self._parts["transformer"](h, attn_mask=mask)
+            else:
+                groups = max((t.shape[0] for t in lp.layers.values() if t.dim() == 3), default=None)
+                for i, block in enumerate(self._blocks):
+                    if i in lp.layers:
+                        h = replace_positions(h, lp.layers[i], lp.start, groups)
+                    h = block(h, attn_mask=mask)
             pooled = self._pool(h, eot)
             return self._project(pooled)
 
@@ -316,12 +359,15 @@ class TextEncoder:
         q = self._split_heads(h, attn.num_heads)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
         o = o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)
-        return attn.out_proj(o)
+        return attn.out_projection(o) if hasattr(attn, "out_projection") else attn.out_proj(o)
 
     def _qkv(self, block: nn.Module, x: torch.Tensor):
         attn = block.attn
         h = block.ln_1(x)
-        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        if hasattr(attn, "in_projection"):  # LoRA inside the tower (vlprompt.backbone.patches.LoRAAttention)
+            q, k, v = attn.in_projection(h)
+        else:
+            q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         heads = attn.num_heads
         return q, self._split_heads(k, heads), self._split_heads(v, heads)
 
@@ -330,11 +376,15 @@ class TextEncoder:
         x = x + block.ls_1(attn_out)
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
-    def _prefix_kv(self, prefix: torch.Tensor) -> list[torch.Tensor]:
-        """Keys and values of the prefix at every layer: a flat list [k0, v0, k1, v1, ...], each (G, H, P, hd)."""
+    def _prefix_kv(self, prefix: torch.Tensor, lp: Optional[TextLayerPrompts] = None) -> list[torch.Tensor]:
+        """Keys and values of the prefix at every layer: a flat list [k0, v0, k1, v1, ...], each (G, H, P, hd);
+        layer prompts replace their positions of the prefix before their blocks (one per group when grouped)."""
         x = prefix + self._positional[: prefix.shape[1]].to(prefix.dtype)
         kv = []
         for i, block in enumerate(self._blocks):
+            if lp is not None and i in lp.layers:
+                t = lp.layers[i]
+                x = replace_positions(x, t, lp.start, t.shape[0] if t.dim() == 3 else None)
             q, k, v = self._qkv(block, x)
             kv += [k, v]
             if i + 1 < len(self._blocks):  # the last layer's prefix outputs are never read
@@ -342,7 +392,8 @@ class TextEncoder:
         return kv
 
     def _run_prefixed(self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor,
-                      chunk_size: Optional[int], min_bucket: int = 8) -> torch.Tensor:
+                      chunk_size: Optional[int], lp: Optional[TextLayerPrompts] = None,
+                      min_bucket: int = 8) -> torch.Tensor:
         """Prefix once per group, then the suffix rows in buckets of similar length.
 
         ``suffix`` is (1, K, S, D) when shared by the groups (rows index it without a per-group copy) or
@@ -363,7 +414,7 @@ class TextEncoder:
                 start = i
         needs_grad = torch.is_grad_enabled() and (suffix.requires_grad or prefix.requires_grad)
         with self.autocast():
-            kv = self._prefix_kv(prefix)
+            kv = self._prefix_kv(prefix, lp)
             outs = []
             for a, b in buckets:
                 idx = order[a:b]

@@ -90,12 +90,13 @@ class OnlineImages:
     """Augment and load the batch's images at every step; encode them with the frozen tower unless the method
     trains its own image encoder (then the images themselves are passed)."""
 
-    def __init__(self, dataset, backbone, local: bool, encode: bool, workers: int = 0):
+    def __init__(self, dataset, backbone, local: bool, encode: bool, workers: int = 0, keep_images: bool = False):
         self.dataset = dataset
         self.backbone = backbone
         self.local = local
         self.encode = encode
         self.workers = workers
+        self.keep_images = keep_images  # the images too, with their frozen features (paired inputs)
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
         if self.workers > 0 and hasattr(self.dataset, "loader") and hasattr(self.dataset, "samples"):
@@ -121,11 +122,56 @@ class OnlineImages:
         if not self.encode:
             return Features(images=images)
         out = self.backbone.encode_image(images, local=self.local)
+        kept = images if self.keep_images else None
         if self.local:
-            return Features(global_=out[0], local=out[1])
-        return Features(global_=out)
+            return Features(global_=out[0], local=out[1], images=kept)
+        return Features(global_=out, images=kept)
 
 
+
+
+class PairedViews:
+    """Images and the frozen tower's cached features of the same augmented views: each step draws one view per
+    image (as :class:`CachedViews`, from the same generator), reads its cached features and rebuilds that very view
+    of the image (the cache's own seeded augmentation, :func:`vlprompt.backbone.cache.view_seed`), so a method
+    that runs its own tower on the images and regularises it toward the frozen tower (PromptSRC) needs no second
+    tower pass per step."""
+
+    def __init__(self, rows: CachedViews, paths: Sequence[str], transform, identities: Sequence[str], *,
+                 seed: int = 0, workers: int = 0):
+        self.rows = rows
+        self.paths = list(paths)
+        self.transform = transform
+        self.identities = list(identities)
+        self.seed = seed
+        self.workers = workers
+        self.num_views = rows.num_views
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _image(self, i: int, view: int) -> torch.Tensor:
+        from ..backbone.cache import apply_view_transform, view_seed
+        from ..data import load_image
+
+        return apply_view_transform(self.transform, load_image(self.paths[i]),
+                                    view_seed(self.seed, view, self.identities[i]))
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Features:
+        state = gen.get_state()
+        feats = self.rows.batch(idx, gen)  # draws the views
+        replay = torch.Generator()
+        replay.set_state(state)
+        views = torch.randint(0, self.num_views, (len(idx),), generator=replay)  # the same draw, replayed
+        pairs = list(zip(idx.tolist(), views.tolist()))
+        if self.workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(self.workers) as pool:
+                images = list(pool.map(lambda p: self._image(*p), pairs))
+        else:
+            images = [self._image(i, v) for i, v in pairs]
+        return Features(global_=feats.global_, local=feats.local, images=torch.stack(images))
 
 
 # -- one source factory: what a method reads, for runs, evaluations, predictions and the grid's feature pass --------
@@ -140,8 +186,10 @@ class FeatureRequest:
     local: bool
 
 
-def input_kinds(method_cls, config) -> frozenset:
-    kinds = frozenset(method_cls.input_kinds(config))
+def input_kinds(method_cls, config, *, evaluation: bool = False) -> frozenset:
+    """What a method reads of an image: in training (``input_kinds``) or in evaluation (``eval_input_kinds``)."""
+    kinds = frozenset(method_cls.eval_input_kinds(config) if evaluation and hasattr(method_cls, "eval_input_kinds")
+                      else method_cls.input_kinds(config))
     unknown = kinds - set(INPUT_KINDS)
     if not kinds or unknown:
         raise VLPromptError(f"{method_cls.name}: inputs must be a non-empty subset of {INPUT_KINDS}, got {sorted(kinds)}")
@@ -166,8 +214,9 @@ def feature_requests(method_cls, config, train_cfg) -> list[FeatureRequest]:
     kinds = input_kinds(method_cls, config)
     local = "local" in kinds
     out = []
-    if kinds & {"global", "local"}:
-        out.append(FeatureRequest("test", "test", 1, local))
+    eval_kinds = input_kinds(method_cls, config, evaluation=True)
+    if eval_kinds & {"global", "local"}:
+        out.append(FeatureRequest("test", "test", 1, "local" in eval_kinds))
     if not method_cls.needs_training_data(config):
         return out
     reads = method_cls.setup_reads
@@ -183,8 +232,8 @@ def feature_requests(method_cls, config, train_cfg) -> list[FeatureRequest]:
         if cached and not train_cfg.online:
             out.append(FeatureRequest("train", "train" if train_cfg.augment else "test",
                                       training_views(train_cfg), local))
-        if train_cfg.eval_every and cached:
-            out.append(FeatureRequest("val", "test", 1, local))
+        if train_cfg.eval_every and eval_kinds & {"global", "local"}:
+            out.append(FeatureRequest("val", "test", 1, "local" in eval_kinds))
     return list(dict.fromkeys(out))
 
 
@@ -221,7 +270,7 @@ class SplitFeatures:
 def features_of_images(method, backbone, images: torch.Tensor) -> Features:
     """What ``method`` reads of preprocessed images (B, 3, H, W) when nothing is cached (``predict``): the frozen
     tower's global / local features and / or the images themselves, as its inputs declare."""
-    kinds = input_kinds(type(method), method.config)
+    kinds = input_kinds(type(method), method.config, evaluation=True)
     global_ = local = None
     if kinds & {"global", "local"}:
         out = backbone.encode_image(images, local="local" in kinds)
@@ -249,7 +298,10 @@ def eval_source(method, backbone, samples, transform, cache, *, batch_size: int 
     cache, or the images themselves for a method that runs its own image tower."""
     from ..data import ImageDataset
 
-    kinds = input_kinds(type(method), method.config)
+    kinds = input_kinds(type(method), method.config, evaluation=True)
+    if "images" in kinds and kinds & {"global", "local"}:
+        return OnlineImages(ImageDataset(samples, transform), backbone, local="local" in kinds, encode=True,
+                            workers=workers, keep_images=True)
     if not kinds & {"global", "local"}:
         return OnlineImages(ImageDataset(samples, transform), backbone, local=False, encode=False, workers=workers)
     return _cached_rows(backbone, samples, transform, cache, views=1, local="local" in kinds, batch_size=batch_size,
@@ -267,18 +319,19 @@ def train_source(method, train_cfg, backbone, samples, transforms, cache):
     tf = train_tf if train_cfg.augment else test_tf
     kinds = input_kinds(type(method), method.config)
     frozen = kinds & {"global", "local"}
-    if "images" in kinds and frozen:
-        raise VLPromptError(f"{method.name}: images together with cached features of the same view are not "
-                            f"supported yet")
     if not frozen:
         return OnlineImages(ImageDataset(samples, tf), backbone, local=False, encode=False,
                             workers=train_cfg.batch_workers)
     if train_cfg.online:
         return OnlineImages(ImageDataset(samples, tf), backbone, local="local" in kinds, encode=True,
-                            workers=train_cfg.batch_workers)
-    return _cached_rows(backbone, samples, tf, cache, views=training_views(train_cfg), local="local" in kinds,
+                            workers=train_cfg.batch_workers, keep_images="images" in kinds)
+    rows = _cached_rows(backbone, samples, tf, cache, views=training_views(train_cfg), local="local" in kinds,
                         batch_size=train_cfg.feature_batch_size, workers=train_cfg.batch_workers,
                         dtype=DTYPES[train_cfg.cache_dtype], what="train")
+    if "images" in kinds:  # the images of the very views whose frozen features the cache holds
+        return PairedViews(rows, [s.path for s in samples], tf, cache.augmentation_identities(samples),
+                           workers=train_cfg.batch_workers)
+    return rows
 
 
 def split_data(method, train_cfg, backbone, samples, transforms, cache, *, eval_batch: int = 64,

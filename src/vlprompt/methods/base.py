@@ -225,7 +225,9 @@ class Method(nn.Module):
       (its :class:`MethodConfig` dataclass);
     * ``inputs``: what it reads of an image at every step and in evaluation, a subset of :data:`INPUT_KINDS`:
       ``global`` / ``local`` features of the frozen tower (cached), or ``images`` (it runs an image tower
-      itself); config-dependent through :meth:`input_kinds`;
+      itself), or ``images`` with ``global``: the images and the frozen tower's features of the same augmented view
+      (the features from the cache); config-dependent through :meth:`input_kinds`; ``eval_inputs`` when
+      evaluation reads less;
     * ``batch_coupled``: its loss couples the images of a batch (not a mean of per-image terms), so data-parallel
       ranks may not each take a slice;
     * ``head_kind``: what :meth:`export_head` returns for ``predict``: ``"linear"`` (normalised class text
@@ -255,6 +257,9 @@ class Method(nn.Module):
     config_class: ClassVar[type] = MethodConfig
     summary: ClassVar[str] = ""
     inputs: ClassVar[frozenset] = frozenset({"global"})
+    #: what it reads in evaluation when that differs from training (None: ``inputs``); e.g. PromptSRC trains on
+    #: images together with the frozen tower's cached features of the same augmented view, and evaluates on images
+    eval_inputs: ClassVar[Optional[frozenset]] = None
     batch_coupled: ClassVar[bool] = False
     head_kind: ClassVar[str] = "linear"
     #: the constructor takes ``template=`` (the dataset's own prompt template, for hand-crafted prompts)
@@ -330,6 +335,11 @@ class Method(nn.Module):
     def input_kinds(cls, config: MethodConfig) -> frozenset:
         """What it reads of an image for this config (default: :attr:`inputs`)."""
         return frozenset(cls.inputs)
+
+    @classmethod
+    def eval_input_kinds(cls, config: MethodConfig) -> frozenset:
+        """What it reads of an image in evaluation (default: :attr:`eval_inputs`, else :meth:`input_kinds`)."""
+        return frozenset(cls.eval_inputs) if cls.eval_inputs is not None else cls.input_kinds(config)
 
     @classmethod
     def setup_views(cls, config: MethodConfig, train) -> int:
