@@ -113,7 +113,7 @@ def test_a_number_whose_backbone_is_not_stated_never_joins():
 def test_a_default_run_of_the_papers_recipe_meets_its_numbers_conditions(method, dataset, protocol, shots, classes):
     """The conditions name keys a resolved run really carries, with the values its default (paper) recipe has: a
     condition on a key no run has, or on a value the recipe never takes, would silently never join."""
-    from vlprompt.report import flatten
+    from vlprompt.reporting.collect import flatten
     from vlprompt.runs import resolve
 
     backbone = "RN50" if protocol == "fewshot" else "ViT-B-16"

@@ -8,7 +8,7 @@ import yaml
 
 from vlprompt.cli import main
 from vlprompt.errors import VLPromptError
-from vlprompt.report import collect_results, markdown, summarize, summarize_base_to_new
+from vlprompt.reporting.collect import collect_results, markdown, summarize, summarize_base_to_new
 from vlprompt.stats import mean_std
 
 

@@ -31,7 +31,7 @@ def register(sub) -> None:
 def cmd_table(args) -> int:
     from .._io import atomic_write_text
     from ..errors import VLPromptError
-    from ..report import collect_results, excluded_line, markdown, summarize, summarize_base_to_new
+    from ..reporting.collect import collect_results, excluded_line, markdown, summarize, summarize_base_to_new
     from ..stats import STD_CONVENTION
 
     summary = summarize(collect_results(args.paths), args.metric)

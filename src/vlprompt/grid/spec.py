@@ -364,7 +364,7 @@ def resolve_cells(cells: list[Cell]) -> list[Cell]:
     """Resolve and validate every cell (:func:`vlprompt.runs.resolve`) and its evaluations before anything runs:
     the first bad cell stops the grid, named. Two cells that resolve to the same run (an axis that changes
     nothing the numbers depend on) are refused too."""
-    from ..report import base_to_new_problem
+    from ..reporting.collect import base_to_new_problem
     from ..runs import resolve
     from ..runs.config import resolve_data
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import report as table
+from . import collect as table
 from .._io import atomic_path
 from .tables import COOP_DATASETS
 

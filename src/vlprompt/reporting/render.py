@@ -6,7 +6,7 @@ import io
 import json
 from typing import Any, Optional
 
-from .. import report as table
+from . import collect as table
 
 __all__ = ["FORMATS", "render", "sections"]
 

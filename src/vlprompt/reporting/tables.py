@@ -4,7 +4,7 @@
   average over CoOp's 11 datasets per recipe and shot count (only when all 11 are there; else the missing ones
   are named);
 * base-to-new (``RUN/eval/base2new-*.json``): base, new and H on the averages, per dataset and over the 11; only
-  of runs trained on the base half (:func:`vlprompt.report.base_to_new_problem`; the others are listed as left
+  of runs trained on the base half (:func:`vlprompt.reporting.collect.base_to_new_problem`; the others are listed as left
   out, never shown beside the papers' base-to-new numbers);
 * transfer (``RUN/eval/<dataset>-all-test.json`` of another dataset): domain generalisation (ImageNet to its four
   variants) and cross-dataset transfer, with their averages when every target is there;
@@ -28,7 +28,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from .. import report as table
+from . import collect as table
 from ..errors import VLPromptError
 from ..papers import PublishedNumber, load_papers, matches, paper_notes
 from ..stats import STD_CONVENTION, mean_std

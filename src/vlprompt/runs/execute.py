@@ -519,8 +519,8 @@ def base_to_new(run_dir: str | Path, data: DataConfig, *, metric: str = "accurac
     """The base-to-new protocol: test accuracy on the base classes and on the new classes (each half
     relabelled from 0), and their harmonic mean. Writes ``RUN/eval/base2new-<dataset>.json``. Only of a run
     trained on the base classes (or of a method that learns nothing): any other is refused
-    (:func:`vlprompt.report.base_to_new_problem`)."""
-    from ..report import base_to_new_problem, run_identity
+    (:func:`vlprompt.reporting.collect.base_to_new_problem`)."""
+    from ..reporting.collect import base_to_new_problem, run_identity
 
     run_dir = Path(run_dir)
     problem = base_to_new_problem(run_identity(run_dir)[0]) if (run_dir / "method.json").is_file() else None

@@ -21,8 +21,8 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from .errors import VLPromptError
-from .stats import STD_CONVENTION, mean_std
+from ..errors import VLPromptError
+from ..stats import STD_CONVENTION, mean_std
 
 GROUP_KEYS = ("method", "dataset", "classes", "backbone", "shots")
 # Identity keys already shown by the fixed columns (results.json's method, dataset, classes, backbone, shots).
@@ -236,7 +236,7 @@ def base_to_new_problem(identity: Optional[dict]) -> Optional[str]:
         return "the run records no configuration, so its training classes are unknown"
     method = identity.get("method")
     try:
-        from .methods import build_config, method_class
+        from ..methods import build_config, method_class
 
         cls = method_class(str(method))
         try:
