@@ -83,9 +83,9 @@ def check_prompts_fit(tokenizer, texts: Sequence[str], context_length: int, what
         n = _token_count(tokenizer, texts[i])
         count = f"{n} tokens" if n is not None else "more tokens"
         if names is not None:
-            raise VLPromptError(f"class name {names[i]!r} is too long for the text tower: its {what} {texts[i]!r} "
-                                f"needs {count} with the start and end tokens, at most {context_length} (the context "
-                                f"length); shorten the name")
+            raise VLPromptError(f"class name {names[i]!r} does not fit the text tower's context length: its {what} "
+                                f"needs {count} with the start and end tokens, at most {context_length}; shorten "
+                                f"the name")
         raise VLPromptError(f"{what} {texts[i]!r} does not fit the text tower's context length: {count} with the "
                             f"start and end tokens, at most {context_length}")
 
