@@ -69,7 +69,8 @@ def _add_run_parser(sub, name: str, help_text: str, method: Optional[str], fixed
                    help="a run configuration (the keys of a run's config.yaml); the flags given override it")
     p.add_argument("--output", default=None, help="run directory (required unless --show-config)")
     p.add_argument("--show-config", action="store_true",
-                   help="print the resolved configuration (the method's preset + your settings) and exit")
+                   help="print the resolved configuration (the method's preset + your settings), each value with "
+                        "where it came from (user / recipe / default), and exit")
     add_backbone_options(p)
     add_data_options(p)
     cls = None
@@ -169,7 +170,7 @@ def cmd_train(args) -> int:
 
     cfg = resolve(request_from_args(args))
     if args.show_config:
-        print(dump_config(cfg), end="")
+        print(dump_config(cfg, annotate=True), end="")
         return 0
     if not args.output:
         raise ConfigError("--output is required (the run directory)")

@@ -720,16 +720,19 @@ def train(request: Optional[dict] = None, *, output: str | Path, resume: bool = 
     """Run a method from a request: ``train({"method": "coop", "data": {"dataset": "dtd", "root": "~/data"}},
     output="runs/coop")``; keyword ``fields`` are top-level keys of the request (``method="coop"``,
     ``data={...}``, ``train={"epochs": 5}``...). The very same resolution as ``vlprompt train`` and
-    ``--config``: the same request gives the same config.yaml."""
+    ``--config``: the same request gives the same config.yaml. ``request`` may be a run's config.yaml (loaded):
+    ``fields`` over it derive the recipe again, as flags over ``--config`` do."""
     from .config import merge_requests
 
-    req = merge_requests(request or {}, fields)
+    request = request or {}
+    req = merge_requests(request_of(request) if "user_set" in request else request, fields)
     return run(resolve(req), output, resume=resume, force=force, progress=progress)
 
 
 def show_config(request: dict) -> str:
-    """The resolved configuration of a request, as config.yaml will hold it (before the method is built)."""
-    return dump_config(resolve(request))
+    """The resolved configuration of a request, as config.yaml will hold it (before the method is built), each
+    value followed by where it came from (the user, the method's recipe, the defaults)."""
+    return dump_config(resolve(request), annotate=True)
 
 
 __all__ = ["run", "train", "resolve", "prepare_data", "evaluate", "evaluate_run", "base_to_new", "harmonic_mean",
