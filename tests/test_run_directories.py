@@ -367,3 +367,12 @@ def test_a_grid_cell_whose_directory_another_process_runs_is_busy_not_failed(mod
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_grid_output_under_a_file_is_one_line(model_files, folder, cache_dir, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file")
+    spec = {**_request(model_files, folder, cache_dir), "axes": {"method": ["zeroshot"]}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec))
+    rc, _, err = _main(["grid", str(tmp_path / "grid.yaml"), "--output", str(tmp_path / "notes.txt" / "out"),
+                        "--quiet"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "notes.txt is a file" in err, err
