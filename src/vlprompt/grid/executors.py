@@ -103,7 +103,8 @@ def _run_locked(task: dict, output: Path, run_dir: Path, t0: float) -> dict:
         cfg = RunConfig.from_dict(task["config"])
         try:
             results = run(cfg, run_dir, resume=True, progress=False)
-            evals = run_evaluations(run_dir, cfg, task.get("evaluations", []))
+            with directory.lock(run_dir):  # they write into the run directory: nobody else may run it meanwhile
+                evals = run_evaluations(run_dir, cfg, task.get("evaluations", []))
         except BusyError:  # a process outside the grid runs this directory: not the cell's failure
             return {"name": name, "status": "busy", "seconds": time.perf_counter() - t0}
         except VLPromptError as e:

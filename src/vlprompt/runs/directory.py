@@ -255,5 +255,6 @@ def check_writable(path: Path, flag: str = "--output") -> None:
 
 
 def cannot_write(path: Path, e: OSError, flag: str = "--output") -> ConfigError:
-    """The one-line error of an OSError met while creating or locking a run directory."""
-    return ConfigError(f"{flag} {path}: cannot write there ({e.strerror or e})")
+    """The one-line error of an OSError met while creating or locking a run directory (``flag``: the option that
+    named it, if any)."""
+    return ConfigError(f"{flag + ' ' if flag else ''}{path}: cannot write there ({e.strerror or e})")

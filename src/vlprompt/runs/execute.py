@@ -299,10 +299,10 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
 
 
 @contextlib.contextmanager
-def lock_run_dir(run_dir: Path, main: bool = True):
+def lock_run_dir(run_dir: Path, main: bool = True, flag: str = "--output"):
     """Hold the lock of ``run_dir`` (created if absent) while a run writes it: rank 0 takes it under torchrun, and
-    every rank raises its refusal (another process runs the directory; it cannot be written). Yields the lock
-    (None on other ranks)."""
+    every rank raises its refusal (another process runs the directory; it cannot be written: ``flag`` names the
+    option in that message). Yields the lock (None on other ranks)."""
     from .lock import BusyError
 
     held, error = None, None
@@ -310,7 +310,7 @@ def lock_run_dir(run_dir: Path, main: bool = True):
         try:
             held = directory.lock(run_dir).acquire()
         except OSError as e:
-            error = directory.cannot_write(run_dir, e)
+            error = directory.cannot_write(run_dir, e, flag)
         except VLPromptError as e:
             error = e
     message = distributed.broadcast_object(None if error is None else str(error))
