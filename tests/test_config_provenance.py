@@ -52,6 +52,7 @@ def test_config_yaml_records_what_the_user_set(coop16):
     assert "train.epochs" not in on_disk["user_set"]
     assert {"method", "data.shots", "data.allow_fewer", "train.max_steps", "method_options.n_ctx"} <= \
         set(on_disk["user_set"])
+    assert on_disk["user_set"]["data.shots"] == 16 and on_disk["user_set"]["data.root"] == on_disk["data"]["root"]
     assert results["config"] == on_disk  # results.json carries the resolved configuration with it
     assert "user_set" not in results["identity"]
 
@@ -80,6 +81,10 @@ def test_the_python_api_and_a_grid_spec_derive_the_same_way(coop16, tmp_path):
     res = vlprompt.train(on_disk, data={"shots": 1}, output=tmp_path / "one", progress=False)  # a loaded config.yaml
     assert res["config"]["train"]["epochs"] == 50 and res["config"]["data"]["shots"] == 1
     assert resolve({**on_disk}).identity_hash() == resolve(request_of(on_disk)).identity_hash()
+    from vlprompt.runs import merge_requests
+
+    merged = merge_requests(on_disk, {"data": {"dataset": "imagenet"}})  # values merged over the file itself
+    assert resolve(merged).train.epochs == 50
     spec = spec_from_mapping({**on_disk, "axes": {"data.shots": [1, 16]}})
     cells = resolve_cells(expand(spec))
     assert sorted(c.config.train.epochs for c in cells) == [50, 200]
@@ -102,13 +107,18 @@ def test_a_value_set_in_the_file_is_kept(coop16, tmp_path, capsys):
     on_disk = yaml.safe_load((out / "config.yaml").read_text())
     explicit = tmp_path / "explicit.yaml"
     explicit.write_text(yaml.safe_dump({**on_disk, "train": {**on_disk["train"], "epochs": 7},
-                                        "user_set": on_disk["user_set"] + ["train.epochs"]}))
+                                        "user_set": {**on_disk["user_set"], "train.epochs": 7}}))
     shown, _ = _show(["train", "--config", str(explicit), "--shots", "1"], capsys)
     assert shown["train"]["epochs"] == 7
     edited = tmp_path / "edited.yaml"
     edited.write_text((out / "config.yaml").read_text().replace("epochs: 200", "epochs: 30"))
     shown, _ = _show(["train", "--config", str(edited), "--shots", "1"], capsys)
-    assert shown["train"]["epochs"] == 30 and "train.epochs" in shown["user_set"]
+    assert shown["train"]["epochs"] == 30 and shown["user_set"]["train.epochs"] == 30
+    # a value the user set, edited by hand: the recipe follows it
+    shots = tmp_path / "shots.yaml"
+    shots.write_text(yaml.safe_dump({**on_disk, "data": {**on_disk["data"], "shots": 1}}))
+    shown, _ = _show(["train", "--config", str(shots)], capsys)
+    assert shown["train"]["epochs"] == 50
     hand = tmp_path / "hand.yaml"
     hand.write_text(yaml.safe_dump({k: v for k, v in on_disk.items() if k != "user_set"}))
     shown, _ = _show(["train", "--config", str(hand), "--shots", "1"], capsys)

@@ -36,9 +36,9 @@ def prescan_method(argv) -> Optional[str]:
             config = a.split("=", 1)[1]
     if method is None and config is not None:
         try:
-            from ..runs.config import load_request
+            from ..runs.config import read_yaml_mapping
 
-            method = load_request(config).get("method")
+            method = read_yaml_mapping(config, "--config").get("method")
         except ConfigError:  # the file is read again, and its error reported, when the command runs
             method = None
     return method

@@ -12,11 +12,11 @@ with the keys of ``config.yaml`` (``method``, ``backbone``, ``pretrained``, ``se
    (an option that does not apply to the method, ``views`` with ``online``...), before anything is read or
    written.
 
-``config.yaml`` holds the resolved configuration, and in ``user_set`` the fields the request set (the others
-came from the method's recipe or the defaults). Read back as a request (``--config``, :func:`request_of`), it
-gives what the user set, plus any value that differs from what those derive now (edited by hand, or fixed when
-the method was built): flags given over it derive the recipe again (``--shots 1`` gets the 1-shot epochs),
-and the file alone resolves to the very same run. A configuration without ``user_set`` (written by hand, or
+``config.yaml`` holds the resolved configuration, and in ``user_set`` the fields the request set with their
+values (the others came from the method's recipe or the defaults). Read back as a request (``--config``,
+:func:`request_of`), it gives what the user set, plus any field whose value differs from what those derive now
+(edited by hand, given over it, or fixed when the method was built): flags given over it derive the recipe again
+(``--shots 1`` gets the 1-shot epochs), and the file alone resolves to the very same run. A configuration without ``user_set`` (written by hand, or
 by an earlier version) is all user-set. ``results.json`` carries the configuration with its identity (the part
 that decides the numbers) and the identity's hash.
 """
@@ -86,8 +86,9 @@ class RunConfig:
     cache_dir: str = field(default_factory=default_cache_dir)
     tensorboard: bool = False
     threads: Optional[int] = None  # CPU threads of torch (None: torch's default); where the numbers come from, not what
-    # the fields the request set, as dotted paths ("data.shots", "train.epochs"); None: not recorded (all user-set)
-    user_set: Optional[list] = None
+    # the fields the request set and their resolved values, by dotted path ({"data.shots": 16, "method": "coop"});
+    # None: not recorded (every field counts as the user's)
+    user_set: Optional[dict] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -179,7 +180,7 @@ def resolve(request: dict | RunConfig) -> RunConfig:
         request = request_of(request)
     request = copy.deepcopy(request)
     request.pop("version", None)
-    user_set = field_paths(request)
+    user_paths = field_paths(request)
     unknown = sorted(set(request) - TOP_KEYS)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(TOP_KEYS - {'version'})}")
@@ -260,8 +261,11 @@ def resolve(request: dict | RunConfig) -> RunConfig:
     threads = request.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"--threads must be an integer >= 1, got {threads!r}")
-    return RunConfig(method=name, data=data, seed=seed, method_options=mcfg.to_dict(), train=train,
-                     cache_dir=_abs(cache_dir), tensorboard=tensorboard, threads=threads, user_set=user_set, **model)
+    cfg = RunConfig(method=name, data=data, seed=seed, method_options=mcfg.to_dict(), train=train,
+                    cache_dir=_abs(cache_dir), tensorboard=tensorboard, threads=threads, **model)
+    resolved = cfg.to_dict()
+    cfg.user_set = {p: _get(resolved, p) for p in user_paths if _get(resolved, p) is not _ABSENT}
+    return cfg
 
 
 def resolve_data(data_req: dict) -> DataConfig:
@@ -342,11 +346,11 @@ def _put(d: dict, path: str, value) -> None:
 
 
 def request_of(cfg: RunConfig | dict) -> dict:
-    """The request a configuration stands for (a RunConfig, or a config.yaml mapping): the fields its ``user_set``
-    names, plus every other field whose value differs from what those fields derive now (a value edited by hand,
-    one the method fixed when it was built, a recipe since changed): it resolves to the same configuration, and
-    flags merged over it derive the recipe again. Without ``user_set`` (a hand-written file, an earlier version's
-    config.yaml) every field is the user's."""
+    """The request a configuration stands for (a RunConfig, or a config.yaml mapping, possibly with other values
+    merged over it): the fields its ``user_set`` records, plus every field whose value differs from what those
+    derive now (a value edited by hand or given over it, one the method fixed when it was built, a recipe since
+    changed). It resolves to the same configuration, and flags merged over it derive the recipe again. Without
+    ``user_set`` (a hand-written file, an earlier version's config.yaml) every field is the user's."""
     d = cfg.to_dict() if isinstance(cfg, RunConfig) else copy.deepcopy(cfg)
     d.pop("version", None)
     user_set = d.pop("user_set", None)
@@ -355,18 +359,17 @@ def request_of(cfg: RunConfig | dict) -> dict:
             d.pop(key)
     if user_set is None:
         return d
-    if not isinstance(user_set, list) or not all(isinstance(p, str) for p in user_set):
-        raise ConfigError(f"user_set must be a list of field names (data.shots, train.epochs...), got {user_set!r}")
+    if not isinstance(user_set, dict) or not all(isinstance(p, str) for p in user_set):
+        raise ConfigError(f"user_set must map the fields the user set (data.shots, train.epochs...) to their values, "
+                          f"got {user_set!r}")
     request: dict = {}
-    for path in user_set:
-        value = _get(d, path)
-        if value is not _ABSENT:
-            _put(request, path, value)
+    for path, value in user_set.items():
+        _put(request, path, value)
     # what the user's fields derive here and now (the device aside: the only field checked against this machine)
     derived = resolve({k: v for k, v in request.items() if k != "device"}).to_dict()
     derived["device"] = request.get("device")
     for path in field_paths(d):
-        if path not in user_set and _get(derived, path) != _get(d, path):
+        if _get(derived, path) != _get(d, path):
             _put(request, path, _get(d, path))
     return request
 
@@ -440,7 +443,7 @@ def dump_config(cfg: RunConfig, annotate: bool = False) -> str:
     d = cfg.to_dict()
     where = origins(cfg) if annotate else None
     header = ("# a vlprompt run configuration; user_set: the values set by the user. Used as --config, this file "
-              "keeps\n# those; any flag given over it derives the others again (the method's recipe, the defaults)\n")
+              "keeps\n# those; flags given over it derive the others again (the method's recipe, the defaults)\n")
     if where is None:
         return (header if cfg.user_set is not None else "") + yaml.safe_dump(d, sort_keys=False)
     out = [f"# where each value comes from: user = set by you (flags, --config, request); recipe = {cfg.method}'s "
