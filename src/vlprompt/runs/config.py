@@ -16,9 +16,9 @@ with the keys of ``config.yaml`` (``method``, ``backbone``, ``pretrained``, ``se
 values (the others came from the method's recipe or the defaults). Read back as a request (``--config``,
 :func:`request_of`), it gives what the user set, plus any field whose value differs from what those derive now
 (edited by hand, given over it, or fixed when the method was built): flags given over it derive the recipe again
-(``--shots 1`` gets the 1-shot epochs), and the file alone resolves to the very same run. A configuration without ``user_set`` (written by hand, or
-by an earlier version) is all user-set. ``results.json`` carries the configuration with its identity (the part
-that decides the numbers) and the identity's hash.
+(``--shots 1`` gets the 1-shot epochs), and the file alone resolves to the very same run. A configuration
+without ``user_set`` (written by hand, or by an earlier version) is all user-set. ``results.json`` carries the
+configuration with its identity (the part that decides the numbers) and the identity's hash.
 """
 from __future__ import annotations
 
