@@ -401,3 +401,31 @@ def test_eval_holds_the_run_directory_while_it_writes_into_it(model_files, folde
     rc, _, err = _main(["eval", str(tmp_path / "nothing"), "--dataset", "folder", "--root", str(folder), "--quiet"],
                        capsys)
     assert rc == 2 and not (tmp_path / "nothing").exists()  # not a run: refused, no folder made for a lock
+
+
+def test_unwritable_folders_are_one_line_where_chmod_cannot_show_it(model_files, folder, cache_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    """As above without chmod (CI may run as root): the permission check and the lock's own OSError."""
+    done = tmp_path / "done"
+    run(resolve(_request(model_files, folder, cache_dir)), done, progress=False)
+    argv = ["zeroshot", "--backbone", str(model_files[0]), "--pretrained", str(model_files[1]), "--dataset",
+            "folder", "--root", str(folder), "--cache-dir", cache_dir, "--quiet", "--templates", "itap of a {}.",
+            "--force"]
+    real_access = os.access
+    read_only = {str(tmp_path / "ro"), str(done)}
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) in read_only and mode & os.W_OK
+                        else real_access(p, mode, *a, **k))
+    (tmp_path / "ro").mkdir()
+    for out, what in ((tmp_path / "ro" / "run", "its folder"), (done, "the run directory")):
+        rc, _, err = _main([*argv, "--output", str(out)], capsys)
+        assert rc == 2 and err.count("\n") == 1 and f"{what} " in err and "not writable" in err, err
+    assert not (tmp_path / "ro" / "run").exists()
+    monkeypatch.setattr(os, "access", real_access)
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(DirLock, "acquire", refuse)
+    rc, _, err = _main([*argv, "--output", str(done)], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "cannot write there (Permission denied)" in err, err
+    assert json.loads((done / "run.json").read_text())["status"] == "done"  # untouched
