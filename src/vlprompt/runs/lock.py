@@ -53,9 +53,12 @@ def describe(holder: Optional[dict]) -> str:
 
 
 def _record() -> dict:
+    program = Path(sys.argv[0] or "python")
+    if program.name == "__main__.py":  # python -m vlprompt ...
+        program = program.parent
     return {"pid": os.getpid(), "host": socket.gethostname(),
             "since": datetime.datetime.now().isoformat(sep=" ", timespec="seconds"),
-            "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])}
+            "command": " ".join([program.name, *sys.argv[1:]])}
 
 
 def _read(fd: int) -> Optional[dict]:
