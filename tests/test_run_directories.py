@@ -378,31 +378,6 @@ def test_a_grid_output_under_a_file_is_one_line(model_files, folder, cache_dir, 
     assert rc == 2 and err.count("\n") == 1 and "notes.txt is a file" in err, err
 
 
-def test_eval_holds_the_run_directory_while_it_writes_into_it(model_files, folder, cache_dir, tmp_path, capsys,
-                                                              monkeypatch):
-    import vlprompt.runs
-
-    out = tmp_path / "run"
-    run(resolve(_request(model_files, folder, cache_dir)), out, progress=False)
-    seen = {}
-    evaluate_run = vlprompt.runs.evaluate_run
-
-    def spy(run_dir, *a, **k):
-        seen["record"] = json.loads((Path(run_dir) / LOCK_NAME).read_text())
-        return evaluate_run(run_dir, *a, **k)
-
-    monkeypatch.setattr(vlprompt.runs, "evaluate_run", spy)
-    rc, _, err = _main(["eval", str(out), "--dataset", "folder", "--root", str(folder), "--cache-dir", cache_dir,
-                        "--quiet"], capsys)
-    assert rc == 0, err
-    assert seen["record"]["pid"] == os.getpid()  # held by this process while it evaluated
-    assert (out / LOCK_NAME).read_text() == ""  # released
-    monkeypatch.undo()
-    rc, _, err = _main(["eval", str(tmp_path / "nothing"), "--dataset", "folder", "--root", str(folder), "--quiet"],
-                       capsys)
-    assert rc == 2 and not (tmp_path / "nothing").exists()  # not a run: refused, no folder made for a lock
-
-
 def test_unwritable_folders_are_one_line_where_chmod_cannot_show_it(model_files, folder, cache_dir, tmp_path, capsys,
                                                                     monkeypatch):
     """As above without chmod (CI may run as root): the permission check and the lock's own OSError."""

@@ -115,7 +115,7 @@ def register(sub, method: Optional[str] = None) -> None:
     e.add_argument("--base-to-new", action="store_true",
                    help="evaluate the base and the new classes (test split) and report their harmonic mean")
     add_backbone_options(e, device_only=True)
-    e.set_defaults(func=_holding_the_run(cmd_eval))
+    e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="export a deployable head (safetensors + JSON)")
     x.add_argument("run")
@@ -181,23 +181,6 @@ def cmd_train(args) -> int:
     if distributed.is_main():  # under torchrun every rank returns the results; one prints them
         print_json(results)
     return 0
-
-
-def _holding_the_run(cmd):
-    """``cmd`` run while this process holds the run directory's lock (one process per run directory: eval writes
-    RUN/eval/...); a folder that is not a run is left to ``cmd`` to refuse, untouched."""
-    def locked(args) -> int:
-        from pathlib import Path
-
-        from ..runs import directory
-        from ..runs.execute import lock_run_dir
-
-        if not directory.is_run_dir(Path(args.run)):
-            return cmd(args)
-        with lock_run_dir(Path(args.run), flag=""):
-            return cmd(args)
-
-    return locked
 
 
 def _eval_data(args):
