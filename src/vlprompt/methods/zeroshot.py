@@ -46,6 +46,13 @@ def format_prompts(template: str, classnames) -> list[str]:
     return [template.format(str(c).replace("_", " ")) for c in classnames]
 
 
+def check_class_prompts_fit(backbone, classnames, templates) -> None:
+    """Raise naming the first class whose prompt (of any template) exceeds the text tower's context length."""
+    for template in templates:
+        check_prompts_fit(backbone.tokenizer, format_prompts(template, classnames), backbone.text.context_length,
+                          what="prompt", names=list(classnames))
+
+
 @torch.no_grad()
 def class_text_features(backbone, classnames, templates) -> torch.Tensor:
     """Normalised class text features (K, E): one template ``normalize(encode_text(prompts))``; several: the
@@ -57,10 +64,10 @@ def class_text_features(backbone, classnames, templates) -> torch.Tensor:
         raise VLPromptError("no prompt template to build the zero-shot classifier from")
     if not classnames:
         raise VLPromptError("no class names to build the zero-shot classifier from")
+    check_class_prompts_fit(backbone, classnames, templates)
     total = None
     for template in templates:
         prompts = format_prompts(template, classnames)
-        check_prompts_fit(backbone.tokenizer, prompts, backbone.text.context_length, what="zero-shot prompt")
         feats = F.normalize(backbone.encode_text(prompts).float(), dim=-1)
         total = feats if total is None else total + feats
     return F.normalize(total / len(templates), dim=-1)
@@ -80,6 +87,9 @@ class ZeroShot(Method):
         self.template_request = list(config.templates)
         self.templates = self.expand_templates(config.templates, template)
         self.config = ZeroShotConfig(templates=list(self.templates))
+        # the text features are made at the first evaluation: a prompt too long is refused now, before a run
+        # directory is written
+        check_class_prompts_fit(backbone, self.classnames, self.templates)
 
     @classmethod
     def expand_templates(cls, request, dataset_template):
