@@ -32,7 +32,7 @@ class Backbone(nn.Module):
     """A frozen CLIP-style model.
 
     Attributes: ``model`` (the open_clip model, eval mode, no gradients), ``tokenizer``, ``text``
-    (a :class:`vlprompt.text.TextEncoder` over the text tower), ``embed_dim`` (E, the joint space),
+    (a :class:`vlprompt.backbone.text_encoder.TextEncoder` over the text tower), ``embed_dim`` (E, the joint space),
     ``preprocess`` (the model's own eval transform), ``preprocess_cfg`` (the JSON-able dict open_clip resolved
     for these weights: size, mode, mean, std, interpolation, resize_mode, fill_color; pass it to
     :func:`vlprompt.data.transforms.build_transforms`), ``pixel_source`` (where its pixel statistics come from, a

@@ -54,6 +54,22 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     return parser
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """The console's log lines, written through ``tqdm.write``: an open progress bar is cleared first and drawn
+    again below the line, instead of the line landing on the bar's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
@@ -65,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"vlprompt: error: {e}", file=sys.stderr)
         return 2
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
-    console = logging.StreamHandler(sys.stderr)
+    console = ConsoleHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
     console.setLevel(level)  # --quiet quiets the console; run logs (log.txt) still get INFO
     console.addFilter(lambda r: r.name.startswith("vlprompt") or r.levelno >= logging.WARNING or args.debug)

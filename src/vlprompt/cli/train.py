@@ -37,9 +37,9 @@ def prescan_method(argv) -> Optional[str]:
             config = a.split("=", 1)[1]
     if method is None and config is not None:
         try:
-            from ..runs.config import load_request
+            from ..runs.config import read_yaml_mapping
 
-            method = load_request(config).get("method")
+            method = read_yaml_mapping(config, "--config").get("method")
         except ConfigError:  # the file is read again, and its error reported, when the command runs
             method = None
     return method
@@ -70,7 +70,8 @@ def _add_run_parser(sub, name: str, help_text: str, method: Optional[str], fixed
                    help="a run configuration (the keys of a run's config.yaml); the flags given override it")
     p.add_argument("--output", default=None, help="run directory (required unless --show-config)")
     p.add_argument("--show-config", action="store_true",
-                   help="print the resolved configuration (the method's preset + your settings) and exit")
+                   help="print the resolved configuration (the method's preset + your settings), each value with "
+                        "where it came from (user / recipe / default), and exit")
     add_backbone_options(p)
     add_data_options(p)
     cls = None
@@ -170,7 +171,7 @@ def cmd_train(args) -> int:
 
     cfg = resolve(request_from_args(args))
     if args.show_config:
-        print(dump_config(cfg), end="")
+        print(dump_config(cfg, annotate=True), end="")
         return 0
     if not args.output:
         raise ConfigError("--output is required (the run directory)")

@@ -75,7 +75,8 @@ def _refuse_short(short: dict[str, list[int]], k: int, split: str) -> None:
     named = ", ".join(f"{c!r} has {have}" for c, (have, _) in list(short.items())[:MAX_NAMED])
     more = f" (and {len(short) - MAX_NAMED} more classes)" if len(short) > MAX_NAMED else ""
     raise DataError(f"few-shot sampling: {len(short)} class(es) have fewer than {k} {split} images: "
-                    f"{named}{more}. Lower the shots or pass allow_fewer=True to take what there is")
+                    f"{named}{more}. Lower --shots, or pass --allow-fewer (data.allow_fewer: true) to take what there "
+                    f"is")
 
 
 def _draw_dassl(samples: Sequence[Sample], k: int, rng: random.Random) -> list[Sample]:

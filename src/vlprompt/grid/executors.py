@@ -31,7 +31,9 @@ def record_failure(run_dir: Path, request_hash: str, method: str, error: str) ->
     from ..runs import directory
 
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if directory.lock_holder(run_dir) is not None:
+        return  # another process runs it: its record is its own
+    if run_dir.is_dir() and directory.entries(run_dir):
         marker = directory.read_marker(run_dir)
         if not marker or marker.get("request_hash") != request_hash:
             return
@@ -92,6 +94,7 @@ def run_cell(task: dict) -> dict:
 def _run_locked(task: dict, output: Path, run_dir: Path, t0: float) -> dict:
     from ..runs import directory, run
     from ..runs.config import RunConfig
+    from ..runs.lock import BusyError
 
     name = task["name"]
     with CellLock(lock_path(output, name)) as lock:
@@ -100,7 +103,10 @@ def _run_locked(task: dict, output: Path, run_dir: Path, t0: float) -> dict:
         cfg = RunConfig.from_dict(task["config"])
         try:
             results = run(cfg, run_dir, resume=True, progress=False)
-            evals = run_evaluations(run_dir, cfg, task.get("evaluations", []))
+            with directory.lock(run_dir):  # they write into the run directory: nobody else may run it meanwhile
+                evals = run_evaluations(run_dir, cfg, task.get("evaluations", []))
+        except BusyError:  # a process outside the grid runs this directory: not the cell's failure
+            return {"name": name, "status": "busy", "seconds": time.perf_counter() - t0}
         except VLPromptError as e:
             record_failure(run_dir, cfg.identity_hash(), cfg.method, one_line(e))
             return {"name": name, "status": "failed", "error": one_line(e), "seconds": time.perf_counter() - t0}

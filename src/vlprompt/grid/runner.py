@@ -76,7 +76,13 @@ def run_grid(cells, output: str | Path, *, executor: str = "local", workers: Opt
                                 gpus_per_cell=gpus_per_cell, ray_address=ray_address,
                                 submitit_cluster=submitit_cluster, slurm_partition=slurm_partition,
                                 slurm_time=slurm_time, slurm_mem=slurm_mem)
-    (output / ".grid").mkdir(parents=True, exist_ok=True)
+    from ..runs import directory
+
+    directory.check_writable(output)
+    try:
+        (output / ".grid").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise directory.cannot_write(output, e) from e
     states = {c.name: cell_state(c, output) for c in cells}
     todo = [c for c in cells if states[c.name]["state"] != "done"]
     skipped = len(cells) - len(todo)

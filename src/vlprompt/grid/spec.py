@@ -203,6 +203,10 @@ def spec_from_mapping(obj: dict, where: str = "grid") -> GridSpec:
     obj = copy.deepcopy(obj)
     obj.pop("version", None)
     request, grid = _split_request(obj, where, GRID_KEYS)
+    if "user_set" in request:  # a run's config.yaml as the base: what its user set (the axes derive the rest again)
+        from ..runs.config import request_of
+
+        request = request_of(request)
     grids = grid.get("grids") or []
     if not isinstance(grids, list):
         raise ConfigError(f"{where}.grids must be a list of sub-grids")

@@ -2,10 +2,10 @@
 folder, can pick up a grid another one started).
 
 A cell is ``done`` (its run finished and every evaluation of it is written), ``running`` (a process holds its lock,
-``OUTPUT/.grid/locks/<cell>.lock``), ``failed`` (run.json says so, with the one-line error), ``interrupted``
-(started and not finished, nobody running it: the next grid resumes it from its last checkpoint), ``stale`` (the
-folder holds a run of another configuration, with results or checkpoints: the cell will refuse to replace it),
-``blocked`` (a folder that is not a vlprompt run) or ``pending``.
+``OUTPUT/.grid/locks/<cell>.lock``, or the run directory's own), ``failed`` (run.json says so, with the one-line
+error), ``interrupted`` (started and not finished, nobody running it: the next grid resumes it from its last
+checkpoint), ``stale`` (the folder holds a run of another configuration, with results or checkpoints: the cell
+will refuse to replace it), ``blocked`` (a folder that is not a vlprompt run: no run.json) or ``pending``.
 """
 from __future__ import annotations
 
@@ -21,40 +21,37 @@ def lock_path(output: Path, name: str) -> Path:
 
 
 class CellLock:
-    """An exclusive, non-blocking lock on a cell (``fcntl.flock``: released when the process dies, however it
-    dies). ``acquired`` says whether this process got it."""
+    """An exclusive, non-blocking lock on a cell: the run directories' own lock (:class:`vlprompt.runs.lock.DirLock`,
+    ``fcntl.flock``: released when the process dies, however it dies) on the cell's lock file. ``acquired`` says
+    whether this process got it; ``holder`` names the process that has it otherwise."""
 
     def __init__(self, path: Path):
+        from ..runs.lock import DirLock
+
         self.path = Path(path)
         self.acquired = False
-        self._f = None
+        self.holder = ""
+        self._lock = DirLock(self.path, what=f"grid cell {self.path.stem}")
 
     def __enter__(self) -> "CellLock":
-        import fcntl
+        from ..runs.lock import BusyError
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a+")
         try:
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock.acquire()
             self.acquired = True
-        except BlockingIOError:
-            self.acquired = False
+        except BusyError as e:
+            self.holder = str(e)
         return self
 
     def __exit__(self, *exc) -> None:
-        import fcntl
-
         if self.acquired:
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
-        self._f.close()
+            self._lock.release()
 
 
 def is_locked(output: Path, name: str) -> bool:
-    path = lock_path(output, name)
-    if not path.exists():
-        return False
-    with CellLock(path) as lock:
-        return not lock.acquired
+    from ..runs.lock import holder
+
+    return holder(lock_path(output, name)) is not None
 
 
 def evaluation_file(run_dir: Path, evaluation: dict) -> Path:
@@ -106,13 +103,13 @@ def cell_state(cell, output: Path) -> dict:
     row = {"name": cell.name, "state": "pending", "detail": ""}
     if is_locked(output, cell.name):
         return {**row, "state": "running"}
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    if run_dir.is_dir() and directory.lock_holder(run_dir) is not None:  # a `vlprompt train` outside the grid
+        return {**row, "state": "running", "detail": "another process runs this directory"}
+    if not run_dir.is_dir() or not directory.entries(run_dir):
         return row
     marker = directory.read_marker(run_dir)
     if marker is None:
-        if directory.is_run_dir(run_dir):
-            return {**row, "state": "stale", "detail": "a run of an earlier vlprompt version"}
-        return {**row, "state": "blocked", "detail": f"{run_dir} is not a vlprompt run directory"}
+        return {**row, "state": "blocked", "detail": f"{run_dir} is not a vlprompt run directory (no run.json)"}
     results = _read_json(run_dir / "results.json")
     ckpts = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
     if marker.get("request_hash") != cell.config.identity_hash():

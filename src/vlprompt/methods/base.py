@@ -536,13 +536,19 @@ def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: float) -> torc
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Accuracy and mean per-class accuracy (percent) of logits (N, K) against labels (N,), from the integer
+    counts of correct predictions, exactly (1 of 10 is 10.0, not float32's 10.000000149011612)."""
+    from fractions import Fraction
+
     pred = logits.argmax(dim=-1).cpu()
     labels = labels.cpu()
-    correct = (pred == labels).float()
-    per_class = [correct[labels == c].mean().item() for c in range(num_classes) if (labels == c).any()]
-    return {"accuracy": 100.0 * correct.mean().item(),
-            "mean_per_class_accuracy": 100.0 * sum(per_class) / max(len(per_class), 1),
-            "num_samples": int(labels.numel())}
+    correct = pred == labels
+    n = int(labels.numel())
+    per_class = [Fraction(int(correct[labels == c].sum()), int((labels == c).sum()))
+                 for c in range(num_classes) if (labels == c).any()]
+    return {"accuracy": float(Fraction(100 * int(correct.sum()), max(n, 1))),
+            "mean_per_class_accuracy": float(100 * sum(per_class, Fraction(0)) / max(len(per_class), 1)),
+            "num_samples": n}
 
 
 def first_difference(trained: Sequence[str], given: Sequence[str]) -> str:

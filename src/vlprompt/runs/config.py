@@ -13,8 +13,13 @@ user set. :func:`resolve` turns it into a :class:`RunConfig`:
    (an option that does not apply to the method, ``views`` with ``online``...), before anything is read or
    written.
 
-``config.yaml`` holds the resolved configuration; ``results.json`` carries it with its identity (the part that
-decides the numbers) and the identity's hash.
+``config.yaml`` holds the resolved configuration, and in ``user_set`` the fields the request set with their
+values (the others came from the method's recipe or the defaults). Read back as a request (``--config``,
+:func:`request_of`), it gives what the user set, plus any field whose value differs from what those derive now
+(edited by hand, given over it, or fixed when the method was built): flags given over it derive the recipe again
+(``--shots 1`` gets the 1-shot epochs), and the file alone resolves to the very same run. A configuration
+without ``user_set`` (written by hand, or by an earlier version) is all user-set. ``results.json`` carries the
+configuration with its identity (the part that decides the numbers) and the identity's hash.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from ..errors import ConfigError
 from ..methods import build_config, method_class
 from ..methods.base import check_fields, opt
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 RANDOM_WEIGHTS = ("none", "None", "random", "")
 
 
@@ -88,6 +93,9 @@ class RunConfig:
     cache_dir: str = field(default_factory=default_cache_dir)
     tensorboard: bool = False
     threads: Optional[int] = None  # CPU threads of torch (None: torch's default); where the numbers come from, not what
+    # the fields the request set and their resolved values, by dotted path ({"data.shots": 16, "method": "coop"});
+    # None: not recorded (every field counts as the user's)
+    user_set: Optional[dict] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -105,7 +113,7 @@ class RunConfig:
         """What decides the numbers: everything but where the cache lives, the device, logging and the fields
         of the training loop that do not change results (checkpoint interval, loader threads, feature batch)."""
         d = self.to_dict()
-        for k in ("cache_dir", "device", "tensorboard", "threads", "version"):
+        for k in ("cache_dir", "device", "tensorboard", "threads", "version", "user_set"):
             d.pop(k)
         for k in PIXEL_FIELDS.values():  # unset: the weights' own (the identity of runs made before these fields)
             if d[k] is None:
@@ -140,6 +148,7 @@ def config_hash(identity: dict) -> str:
 
 # -- resolution ---------------------------------------------------------------------------------------
 TOP_KEYS = {f.name for f in dataclasses.fields(RunConfig)} | {"version"}
+SECTIONS = ("data", "train", "method_options")  # the request's mappings of fields (data.options is one field)
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -192,7 +201,11 @@ def resolve(request: dict | RunConfig) -> RunConfig:
         request = request_of(request)
     if not isinstance(request, dict):
         raise ConfigError(f"a run request is a mapping of options, got {type(request).__name__}")
+    if "user_set" in request:  # a resolved configuration (config.yaml): what its user set
+        request = request_of(request)
     request = copy.deepcopy(request)
+    request.pop("version", None)
+    user_paths = field_paths(request)
     unknown = sorted(set(request) - TOP_KEYS)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(TOP_KEYS - {'version'})}")
@@ -273,8 +286,11 @@ def resolve(request: dict | RunConfig) -> RunConfig:
     threads = request.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"--threads must be an integer >= 1, got {threads!r}")
-    return RunConfig(method=name, data=data, seed=seed, method_options=mcfg.to_dict(), train=train,
-                     cache_dir=_abs(cache_dir), tensorboard=tensorboard, threads=threads, **model)
+    cfg = RunConfig(method=name, data=data, seed=seed, method_options=mcfg.to_dict(), train=train,
+                    cache_dir=_abs(cache_dir), tensorboard=tensorboard, threads=threads, **model)
+    resolved = cfg.to_dict()
+    cfg.user_set = {p: _get(resolved, p) for p in user_paths if _get(resolved, p) is not _ABSENT}
+    return cfg
 
 
 def resolve_data(data_req: dict) -> DataConfig:
@@ -334,15 +350,66 @@ def resolve_model(request: dict) -> dict:
             **{f: pixels.get(k) for k, f in PIXEL_FIELDS.items()}}
 
 
-def request_of(cfg: RunConfig) -> dict:
-    """The request that resolves to ``cfg`` again (its every field, as config.yaml holds them)."""
-    d = cfg.to_dict()
-    d.pop("version")
-    if d["train"] is None:
-        d.pop("train")
-    if d["seed"] is None:
-        d.pop("seed")
-    return d
+def field_paths(d: dict) -> list[str]:
+    """The fields of a request or configuration as dotted paths (``method``, ``data.shots``, ``train.epochs``);
+    a section's value that is not a mapping (``train: null``) is one field."""
+    out = []
+    for key, value in d.items():
+        if key in ("version", "user_set"):
+            continue
+        if key in SECTIONS and isinstance(value, dict):
+            out += [f"{key}.{k}" for k in value]
+        else:
+            out.append(key)
+    return sorted(out)
+
+
+_ABSENT = object()
+
+
+def _get(d: dict, path: str):
+    key, _, sub = path.partition(".")
+    value = d.get(key, _ABSENT)
+    if sub:
+        return value.get(sub, _ABSENT) if isinstance(value, dict) else _ABSENT
+    return value
+
+
+def _put(d: dict, path: str, value) -> None:
+    key, _, sub = path.partition(".")
+    if sub:
+        d.setdefault(key, {})[sub] = copy.deepcopy(value)
+    else:
+        d[key] = copy.deepcopy(value)
+
+
+def request_of(cfg: RunConfig | dict) -> dict:
+    """The request a configuration stands for (a RunConfig, or a config.yaml mapping, possibly with other values
+    merged over it): the fields its ``user_set`` records, plus every field whose value differs from what those
+    derive now (a value edited by hand or given over it, one the method fixed when it was built, a recipe since
+    changed). It resolves to the same configuration, and flags merged over it derive the recipe again. Without
+    ``user_set`` (a hand-written file, an earlier version's config.yaml) every field is the user's."""
+    d = cfg.to_dict() if isinstance(cfg, RunConfig) else copy.deepcopy(cfg)
+    d.pop("version", None)
+    user_set = d.pop("user_set", None)
+    for key in ("train", "seed"):  # null where it does not apply
+        if key in d and d[key] is None:
+            d.pop(key)
+    if user_set is None:
+        return d
+    if not isinstance(user_set, dict) or not all(isinstance(p, str) for p in user_set):
+        raise ConfigError(f"user_set must map the fields the user set (data.shots, train.epochs...) to their values, "
+                          f"got {user_set!r}")
+    request: dict = {}
+    for path, value in user_set.items():
+        _put(request, path, value)
+    # what the user's fields derive here and now (the device aside: the only field checked against this machine)
+    derived = resolve({k: v for k, v in request.items() if k != "device"}).to_dict()
+    derived["device"] = request.get("device")
+    for path in field_paths(d):
+        if _get(derived, path) != _get(d, path):
+            _put(request, path, _get(d, path))
+    return request
 
 
 def merge_requests(base: dict, override: dict) -> dict:
@@ -374,20 +441,60 @@ def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
 
 
 def load_request(path: str | os.PathLike) -> dict:
-    """A request from a YAML file with the keys of config.yaml (e.g. a run's own config.yaml)."""
+    """A request from a YAML file with the keys of config.yaml (e.g. a run's own config.yaml: what its user set,
+    see :func:`request_of`)."""
     obj = read_yaml_mapping(path, "--config")
-    obj.pop("version", None)
-    if obj.get("train") is None:
-        obj.pop("train", None)
-    if obj.get("seed") is None:
-        obj.pop("seed", None)
-    return obj
+    try:
+        return request_of(obj)
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from e
 
 
-def dump_config(cfg: RunConfig) -> str:
+def origins(cfg: RunConfig) -> Optional[dict]:
+    """Where each field's value came from (dotted path -> ``user`` | ``recipe`` | ``default``): the request, the
+    method's preset for these data (and its data defaults), or the defaults; None when ``cfg`` does not record
+    what the user set."""
+    if cfg.user_set is None:
+        return None
+    cls = method_class(cfg.method)
+    preset = cls.preset(cfg.data) or {}
+    recipe = {f"data.{k}" for k in cls.data_defaults()}
+    recipe |= {f"{section}.{k}" for section in ("train", "method_options") for k in (preset.get(section) or {})}
+    return {path: "user" if path in cfg.user_set else "recipe" if path in recipe else "default"
+            for path in field_paths(cfg.to_dict())}
+
+
+def dump_config(cfg: RunConfig, annotate: bool = False) -> str:
+    """config.yaml's text; ``annotate``: each field followed by a comment saying where its value came from
+    (:func:`origins`; the same YAML once loaded)."""
     import yaml
 
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    def dump(key, value, indent: str, origin: Optional[str]) -> list[str]:
+        lines = yaml.safe_dump({key: value}, sort_keys=False, width=float("inf")).splitlines()
+        lines = [indent + line for line in lines]
+        if origin is None:
+            return lines
+        if len(lines) == 1 or lines[0].endswith(":"):  # a scalar, or a block mapping / sequence that follows
+            return [f"{lines[0]}  # {origin}", *lines[1:]]
+        return [f"{indent}# {origin}", *lines]  # a scalar over several lines
+
+    d = cfg.to_dict()
+    where = origins(cfg) if annotate else None
+    header = ("# a vlprompt run configuration; user_set: the values set by the user. Used as --config, this file "
+              "keeps\n# those; flags given over it derive the others again (the method's recipe, the defaults)\n")
+    if where is None:
+        return (header if cfg.user_set is not None else "") + yaml.safe_dump(d, sort_keys=False)
+    out = [f"# where each value comes from: user = set by you (flags, --config, request); recipe = {cfg.method}'s "
+           f"preset for these\n# data (the paper's recipe); default = vlprompt's default. Used as --config, your "
+           f"values (user_set) are kept\n# and flags given over it derive the others again"]
+    for key, value in d.items():
+        if key in SECTIONS and isinstance(value, dict) and value:
+            out.append(f"{key}:")
+            for sub, v in value.items():
+                out += dump(sub, v, "  ", where.get(f"{key}.{sub}"))
+        else:
+            out += dump(key, value, "", where.get(key))
+    return "\n".join(out) + "\n"
 
 
 def as_dict(obj: Any) -> Any:
@@ -402,6 +509,7 @@ def upgrade_request(old: dict) -> dict:
     its own images, a run directory an earlier version wrote."""
     d = copy.deepcopy(old)
     d.pop("version", None)
+    d.pop("user_set", None)  # the run's identity is its every field
     data = dict(d.get("data") or {})
     train = d.get("train")
     train = dict(train) if isinstance(train, dict) else None

@@ -1,8 +1,8 @@
 """Run directories: what a directory holds, and what a new run may do with it.
 
 A run directory is marked by ``run.json`` (``{"vlprompt_run": 1, "status": ..., "request_hash": ...,
-"config_hash": ...}``), written with ``config.yaml`` when the run starts. Directories of earlier versions
-(a ``config.yaml`` naming a ``method``) count as runs too. The rules:
+"config_hash": ...}``), written with ``config.yaml`` when the run starts; nothing else makes a folder a run (a
+hand-written ``config.yaml``, an earlier version's files without run.json: refused, never replaced). The rules:
 
 * an absent or empty directory: a fresh run;
 * this very run (same identity), finished -- results.json written and run.json saying done (results.json comes
@@ -13,13 +13,18 @@ A run directory is marked by ``run.json`` (``{"vlprompt_run": 1, "status": ..., 
 * another run that never wrote a checkpoint nor results (it failed or was killed early): replaced -- a failed
   run never blocks the corrected rerun;
 * another run with checkpoints or results: refused unless ``force``;
-* anything that is not a vlprompt run (any other non-empty directory, a file): refused, ``force`` included --
-  ``--force`` only ever clears a vlprompt run directory.
+* anything that is not a vlprompt run (any other non-empty directory, a file): refused, ``force`` included.
+
+Replacing a run removes only what vlprompt writes in a run directory (:data:`OWN_FILES`, :data:`OWN_DIRS` and
+their temporary files); anything else found there is left in place. One process at a time runs a directory: it
+holds the directory's lock (:mod:`vlprompt.runs.lock`, the file ``.vlprompt.lock``) from the last refusal to the
+end of the run.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +34,16 @@ import yaml
 
 from .._io import atomic_write_json
 from ..errors import ConfigError
+from .lock import LOCK_NAME, BusyError, DirLock, describe, holder
 
 log = logging.getLogger("vlprompt")
 
 MARKER = "run.json"
+#: what vlprompt writes in a run directory: the run (run.json ... best.safetensors), the ordinal methods' plots,
+#: and the commands that write into a run (eval, export, plot-transport); only these are ever removed
+OWN_FILES = ("run.json", "config.yaml", "split.json", "log.txt", "prompt.safetensors", "method.json", "results.json",
+             "metrics.jsonl", "training_curve.png", "best.safetensors", "prototype_similarity.png", "predictions.png")
+OWN_DIRS = ("checkpoints", "eval", "export", "tensorboard", "transport")
 
 
 @dataclass
@@ -55,28 +66,51 @@ def read_marker(run_dir: Path) -> Optional[dict]:
     return obj if isinstance(obj, dict) and obj.get("vlprompt_run") else None
 
 
+def entries(run_dir: Path) -> list[Path]:
+    """What a directory holds, its lock file aside (a run refused or killed right after locking left only it)."""
+    return [p for p in Path(run_dir).iterdir() if p.name != LOCK_NAME]
+
+
 def is_run_dir(run_dir: Path) -> bool:
-    run_dir = Path(run_dir)
-    if read_marker(run_dir) is not None:
+    """Whether vlprompt's own mark (run.json) is there: nothing else makes a folder a run directory."""
+    return read_marker(Path(run_dir)) is not None
+
+
+def _own(name: str) -> bool:
+    """A name vlprompt writes in a run directory, or the temporary file of one: ``.results.json.x1y2.tmp`` (an
+    atomic write, :func:`vlprompt._io.atomic_path`) or ``.training_curve.tmp.png`` (a plot)."""
+    if name in OWN_FILES or name in OWN_DIRS:
         return True
-    cfg = run_dir / "config.yaml"
-    if cfg.is_file():  # a run of an earlier version
-        try:
-            obj = yaml.safe_load(cfg.read_text())
-        except (OSError, yaml.YAMLError):
-            return False
-        return isinstance(obj, dict) and "method" in obj and "data" in obj
+    for own in OWN_FILES:
+        stem, suffix = os.path.splitext(own)
+        if (name.startswith(f".{own}.") and name.endswith(".tmp")) or name == f".{stem}.tmp{suffix}":
+            return True
     return False
 
 
+def refuse_foreign(run_dir: Path) -> None:
+    """Raise when ``run_dir`` is a file, or a non-empty directory without vlprompt's mark (nothing written)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--output {run_dir} is a file, not a directory")
+    if not run_dir.is_dir() or is_run_dir(run_dir) or not entries(run_dir):
+        return
+    looks_like_run = [n for n in ("config.yaml", "results.json", "split.json") if (run_dir / n).is_file()]
+    if looks_like_run:
+        raise ConfigError(f"--output {run_dir} is not a vlprompt run directory: it holds {', '.join(looks_like_run)} "
+                          f"but no run.json (an earlier version's run, or your own files), and vlprompt never "
+                          f"replaces what it did not mark, --force included; move it away or choose another --output")
+    raise ConfigError(f"--output {run_dir} is not empty and is not a vlprompt run directory; choose another "
+                      f"--output (--force only replaces vlprompt runs)")
+
+
 def is_finished(run_dir: Path) -> bool:
-    """Whether the run in ``run_dir`` finished: results.json is there and run.json says done (a directory of an
-    earlier version, without run.json, is finished when it has results.json)."""
+    """Whether the run in ``run_dir`` finished: results.json is there and run.json says done."""
     run_dir = Path(run_dir)
     if not (run_dir / "results.json").is_file():
         return False
     marker = read_marker(run_dir)
-    return marker is None or marker.get("status") == "done"
+    return marker is not None and marker.get("status") == "done"
 
 
 def held_identity_hash(run_dir: Path) -> Optional[str]:
@@ -133,13 +167,9 @@ def inspect(run_dir: Path, identity_hash: str, *, resume: bool, force: bool, ado
     """What a run of ``identity_hash`` may do with ``run_dir`` (see the module doc); ``adopted``: the run is
     the one the directory holds, written by an earlier version (:func:`adopt_earlier`). Writes nothing."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--output {run_dir} is a file, not a directory")
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    refuse_foreign(run_dir)
+    if not run_dir.exists() or not entries(run_dir):
         return DirState("fresh")
-    if not is_run_dir(run_dir):
-        raise ConfigError(f"--output {run_dir} is not empty and is not a vlprompt run directory; choose another "
-                          f"--output (--force only replaces vlprompt runs)")
     held = held_identity_hash(run_dir)
     ckpts = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
     has_results = (run_dir / "results.json").is_file()
@@ -160,17 +190,71 @@ def inspect(run_dir: Path, identity_hash: str, *, resume: bool, force: bool, ado
 
 
 def clear(run_dir: Path) -> None:
-    """Empty a vlprompt run directory (refuses anything else)."""
+    """Remove a vlprompt run's files from its directory (refuses a directory without run.json). Only what vlprompt
+    writes there goes (:data:`OWN_FILES`, :data:`OWN_DIRS`, their temporary files); the lock stays (it is held)
+    and anything else is left in place, said in the log."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise ConfigError(f"{run_dir} is not a vlprompt run directory: not clearing it")
-    for child in run_dir.iterdir():
-        if child.is_dir() and not child.is_symlink():
+    kept = []
+    for child in sorted(run_dir.iterdir()):
+        if child.name in (LOCK_NAME, MARKER):
+            continue
+        if not _own(child.name):
+            kept.append(child.name)
+        elif child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
             child.unlink()
+    marker = run_dir / MARKER
+    if marker.exists():  # cleared last: a clear interrupted half-way still marks a run
+        marker.unlink()
+    if kept:
+        log.info("%s: kept %d file(s) vlprompt did not write: %s", run_dir, len(kept), ", ".join(kept[:5]))
 
 
 def write_marker(run_dir: Path, **fields) -> None:
     old = read_marker(run_dir) or {}
     atomic_write_json(Path(run_dir) / MARKER, {**old, "vlprompt_run": 1, **fields})
+
+
+# -- one process per run directory ---------------------------------------------------------------------------
+def lock(run_dir: Path) -> DirLock:
+    """The lock of a run directory (not taken yet: ``with directory.lock(d):``, or ``.acquire()``)."""
+    return DirLock(Path(run_dir) / LOCK_NAME, what=f"run directory {run_dir}")
+
+
+def lock_holder(run_dir: Path) -> Optional[dict]:
+    """The record of the process that runs ``run_dir`` now (another than this one), or None (reads only)."""
+    return holder(Path(run_dir) / LOCK_NAME)
+
+
+def check_not_busy(run_dir: Path) -> None:
+    """Raise :class:`BusyError` naming the process that runs ``run_dir`` now (reads only; this process's own
+    lock does not count)."""
+    found = lock_holder(run_dir)
+    if found is not None:
+        raise BusyError(f"run directory {run_dir} is in use by {describe(found)}: one process per run directory; "
+                        f"wait for it to finish or stop it")
+
+
+def check_writable(path: Path, flag: str = "--output") -> None:
+    """Raise a ConfigError (one line naming ``flag``) when the directory ``path`` could not be created or written:
+    a parent that is a file, or a folder without write permission (writes nothing)."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{flag} {path}: {probe} is a file, not a folder")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        what = "the run directory" if probe == path else f"its folder {probe}"
+        raise ConfigError(f"{flag} {path}: {what} is not writable (permission denied); choose another {flag}")
+
+
+def cannot_write(path: Path, e: OSError, flag: str = "--output") -> ConfigError:
+    """The one-line error of an OSError met while creating or locking a run directory (``flag``: the option that
+    named it, if any)."""
+    return ConfigError(f"{flag + ' ' if flag else ''}{path}: cannot write there ({e.strerror or e})")

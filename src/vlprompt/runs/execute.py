@@ -214,6 +214,7 @@ def load_method(run_dir: Path, backbone: Optional[Backbone] = None, classnames: 
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
+    directory.check_not_busy(run_dir)  # a run being written (resumed, forced again) is read when it is done
     meta_path = run_dir / "method.json"
     if not meta_path.exists():
         raise CheckpointError(f"{run_dir}: no method.json (not a finished vlprompt run)")
@@ -261,10 +262,9 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
             and directory.is_finished(run_dir)):  # this very run, finished: nothing to load
         log.info("%s is already finished (pass --force to run it again)", run_dir)
         return json.loads((run_dir / "results.json").read_text())
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--output {run_dir} is a file, not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not directory.is_run_dir(run_dir):
-        directory.inspect(run_dir, "", resume=resume, force=force)  # raises: not a vlprompt run
+    directory.refuse_foreign(run_dir)  # not a vlprompt run: refused, --force included
+    directory.check_not_busy(run_dir)  # another process runs it: refused at once, naming it
+    directory.check_writable(run_dir)
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -302,58 +302,100 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
                          "split.json", run_dir, adopted.data.sampler)
                 cfg, splits, skipped = adopted, held_splits, {}
     identity = cfg.identity()
-    state = directory.inspect(run_dir, config_hash(identity), resume=resume, force=force,
-                              adopted=adopted is not None)
-    distributed.barrier()  # every rank has read the directory as it was; rank 0 may now write it
+
+    def inspect():
+        return directory.inspect(run_dir, config_hash(identity), resume=resume, force=force,
+                                 adopted=adopted is not None)
+
+    state = inspect()  # the last refusals; nothing is written before them
     if state.action == "done":
         log.info("%s is already finished (pass --force to run it again)", run_dir)
         return json.loads((run_dir / "results.json").read_text())
-    with run_directory(run_dir, cfg, identity, request_hash=request_hash, splits=splits, action=state.action,
-                       main=main):
-        for name, n in skipped.items():
-            log.warning("%s split: %d unreadable image(s) skipped (--skip-bad-images)", name, n)
-        warnings = data_warnings(splits)  # in log.txt, now that it is attached
-        log_pixel_statistics(backbone, cfg.preprocess)
-        results = _execute(cfg, run_dir, method, backbone, splits, train_tf, test_tf, state.action == "resume",
-                           progress, t_start)
-        results["skipped_images"] = skipped
-        results["warnings"] = warnings
-        return finish_run(run_dir, cfg, identity, results, main=main)
+    with lock_run_dir(run_dir, main):
+        state = inspect()  # again under the lock: another process may have changed the directory meanwhile
+        distributed.barrier()  # every rank has read the directory as it was; rank 0 may now write it
+        if state.action == "done":
+            log.info("%s is already finished (pass --force to run it again)", run_dir)
+            return json.loads((run_dir / "results.json").read_text())
+        with run_directory(run_dir, cfg, identity, request_hash=request_hash, splits=splits, action=state.action,
+                           main=main):
+            for name, n in skipped.items():
+                log.warning("%s split: %d unreadable image(s) skipped (--skip-bad-images)", name, n)
+            warnings = data_warnings(splits)  # in log.txt, now that it is attached
+            log_pixel_statistics(backbone, cfg.preprocess)
+            results = _execute(cfg, run_dir, method, backbone, splits, train_tf, test_tf, state.action == "resume",
+                               progress, t_start)
+            results["skipped_images"] = skipped
+            results["warnings"] = warnings
+            return finish_run(run_dir, cfg, identity, results, main=main)
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path, main: bool = True, flag: str = "--output"):
+    """Hold the lock of ``run_dir`` (created if absent) while a run writes it: rank 0 takes it under torchrun, and
+    every rank raises its refusal (another process runs the directory; it cannot be written: ``flag`` names the
+    option in that message). Yields the lock (None on other ranks)."""
+    from .lock import BusyError
+
+    held, error = None, None
+    if main:
+        try:
+            held = directory.lock(run_dir).acquire()
+        except OSError as e:
+            error = directory.cannot_write(run_dir, e, flag)
+        except VLPromptError as e:
+            error = e
+    message = distributed.broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise BusyError(message)
+    try:
+        yield held
+    finally:
+        if held is not None:
+            held.release()
 
 
 @contextlib.contextmanager
 def run_directory(run_dir: Path, cfg: RunConfig, identity: dict, *, request_hash: str, splits: DatasetSplits,
                   action: str, main: bool = True, **marker):
     """The run directory while a run writes it (every writer of runs goes through here: ``run``, ``import``):
+    the directory's lock is held throughout (:func:`lock_run_dir`; reentered when the caller holds it already),
     ``action`` from :func:`directory.inspect` (``replace`` clears it, ``restart`` drops the unfinished run's
     records, ``resume`` keeps its split.json), then run.json (running), config.yaml and split.json are written
     (by rank 0 under torchrun) and log.txt attached; a failure marks run.json failed, with the error."""
-    if main:
-        if action == "replace":
-            log.info("%s: replacing the run it held", run_dir)
-            directory.clear(run_dir)
-        elif action == "restart":
-            for name in ("metrics.jsonl", "results.json", "best.safetensors"):
-                (run_dir / name).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        directory.write_marker(run_dir, status="running", request_hash=request_hash,
-                               config_hash=config_hash(identity), method=cfg.method, **marker)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        split_file = run_dir / "split.json"
-        if not split_file.is_file() or action != "resume":
-            save_split(splits, split_file)
-    distributed.barrier()  # the run directory is ready
-    handler = attach_log_file(run_dir) if main else None
-    try:
-        yield
-    except BaseException as e:
+    with lock_run_dir(run_dir, main) as lock:
         if main:
-            directory.write_marker(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
-        raise
-    finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
+            if action == "replace":
+                log.info("%s: replacing the run it held", run_dir)
+                directory.clear(run_dir)
+            elif action == "restart":  # this run's own records of an attempt that left no checkpoint
+                for name in ("metrics.jsonl", "results.json", "best.safetensors"):
+                    (run_dir / name).unlink(missing_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            directory.write_marker(run_dir, status="running", request_hash=request_hash,
+                                   config_hash=config_hash(identity), method=cfg.method, **marker)
+            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+            split_file = run_dir / "split.json"
+            if not split_file.is_file() or action != "resume":
+                save_split(splits, split_file)
+        distributed.barrier()  # the run directory is ready
+        handler = attach_log_file(run_dir) if main else None
+        if lock is not None and lock.taken_over:
+            from .lock import describe
+
+            log.warning("%s: took over the lock of %s, which is no longer running", run_dir, describe(lock.taken_over))
+        try:
+            yield
+        except BaseException as e:
+            if main:
+                directory.write_marker(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
+            raise
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
 
 
 def finish_run(run_dir: Path, cfg: RunConfig, identity: dict, results: dict, *, main: bool = True) -> dict:
@@ -649,16 +691,19 @@ def train(request: Optional[dict] = None, *, output: str | Path, resume: bool = 
     """Run a method from a request: ``train({"method": "coop", "data": {"dataset": "dtd", "root": "~/data"}},
     output="runs/coop")``; keyword ``fields`` are top-level keys of the request (``method="coop"``,
     ``data={...}``, ``train={"epochs": 5}``...). The very same resolution as ``vlprompt train`` and
-    ``--config``: the same request gives the same config.yaml."""
+    ``--config``: the same request gives the same config.yaml. ``request`` may be a run's config.yaml (loaded):
+    ``fields`` over it derive the recipe again, as flags over ``--config`` do."""
     from .config import merge_requests
 
-    req = merge_requests(request or {}, fields)
+    request = request or {}
+    req = merge_requests(request_of(request) if "user_set" in request else request, fields)
     return run(resolve(req), output, resume=resume, force=force, progress=progress)
 
 
 def show_config(request: dict) -> str:
-    """The resolved configuration of a request, as config.yaml will hold it (before the method is built)."""
-    return dump_config(resolve(request))
+    """The resolved configuration of a request, as config.yaml will hold it (before the method is built), each
+    value followed by where it came from (the user, the method's recipe, the defaults)."""
+    return dump_config(resolve(request), annotate=True)
 
 
 __all__ = ["run", "train", "resolve", "prepare_data", "evaluate", "evaluate_run", "base_to_new", "harmonic_mean",

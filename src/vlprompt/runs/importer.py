@@ -282,8 +282,9 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     src = read_source(kind, path, epoch=epoch, source_config=source_config)
     cfg = resolve(import_request(src, request))
     run_dir = Path(output)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--output {run_dir} is a file, not a directory")
+    directory.refuse_foreign(run_dir)
+    directory.check_not_busy(run_dir)  # run_directory() takes the directory's lock before writing
+    directory.check_writable(run_dir)
     cls = method_class(cfg.method)
     test_only = _test_only(cfg.data)
     if test_only:  # nothing to sample the run's training images from: its test split alone (its shots recorded)

@@ -14,7 +14,7 @@ import torch
 
 from ...data.templates import DEFAULT_TEMPLATE, resolve_templates
 from ..base import Features, Method, cosine_logits
-from ..parts.handcrafted import class_text_features
+from ..parts.handcrafted import check_class_prompts_fit, class_text_features
 from ..parts.options import HandCraftedOptions
 
 
@@ -45,6 +45,9 @@ class ZeroShot(Method):
         self.template_request = list(config.templates)
         self.templates = self.expand_templates(config.templates, template)
         self.config = ZeroShotConfig(templates=list(self.templates))
+        # the text features are made at the first evaluation: a prompt too long is refused now, before a run
+        # directory is written
+        check_class_prompts_fit(backbone, self.classnames, self.templates)
 
     @classmethod
     def data_defaults(cls) -> dict:

@@ -258,7 +258,7 @@ class OrdinalMethod(Method):
         t = self.target_values(labels, None if targets is None else targets.cpu())
         out = ordinal_metrics(pred["argmax"], pred["expectation"], t,
                               rank_values=None if consecutive_integers(rv) else rv)
-        out["rank_accuracy"] = 100.0 * float((pred["index"] == labels).double().mean())
+        out["rank_accuracy"] = 100 * int((pred["index"] == labels).sum()) / labels.numel()
         out["num_samples"] = int(labels.numel())
         return out
 

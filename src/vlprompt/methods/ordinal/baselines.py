@@ -36,6 +36,7 @@ from ..base import Features, MethodConfig, opt
 from .base import (IMDB_WIKI, MORPH_CONTEXT, TEXT_MODES, OrdinalConfig, OrdinalMethod, PromptPrototypes,
                            RankPrompts, _check_rank_values)
 from .parts import ordinal_loss, regression_decode, regression_logits, regression_units
+from ..parts.context import check_prompts_fit
 
 __all__ = ["RankLinear", "RankLinearConfig", "RankRegression", "RankRegressionConfig", "RankZeroShot",
            "RankZeroShotConfig", "RankCoOp", "RankCoOpConfig"]
@@ -233,7 +234,10 @@ class RankZeroShot(OrdinalMethod):
         return [str(c).replace("_", " ") for c in self.classnames]
 
     def _encode_ranks(self) -> None:
-        sentences = [self.config.template.format(w) for w in self._words()]
+        words = self._words()
+        sentences = [self.config.template.format(w) for w in words]
+        check_prompts_fit(self.backbone.tokenizer, sentences, self.backbone.text.context_length,
+                          what="rank sentence", names=words)  # open_clip would cut it silently
         text = self.backbone.encode_text(sentences, normalize=True)
         self.register_buffer("text", text, persistent=False)
 

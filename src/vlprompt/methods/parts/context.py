@@ -69,8 +69,10 @@ def _token_count(tokenizer, text: str) -> Optional[int]:
     return len(encode(text)) + 2 if callable(encode) else None
 
 
-def check_prompts_fit(tokenizer, texts: Sequence[str], context_length: int, what: str = "prompt") -> None:
-    """Raise VLPromptError naming the first text whose tokens (start + BPE + end) exceed ``context_length``.
+def check_prompts_fit(tokenizer, texts: Sequence[str], context_length: int, what: str = "prompt",
+                      names: Optional[Sequence[str]] = None) -> None:
+    """Raise VLPromptError naming the first text whose tokens (start + BPE + end) exceed ``context_length``;
+    ``names`` (K,): the class name each text was made from, named first.
 
     open_clip's tokenizers cut such a text silently (the class name loses its end, the features change)."""
     texts = list(texts)
@@ -81,6 +83,10 @@ def check_prompts_fit(tokenizer, texts: Sequence[str], context_length: int, what
         i = int(overflow.nonzero()[0, 0])
         n = _token_count(tokenizer, texts[i])
         count = f"{n} tokens" if n is not None else "more tokens"
+        if names is not None:
+            raise VLPromptError(f"class name {names[i]!r} does not fit the text tower's context length: its {what} "
+                                f"needs {count} with the start and end tokens, at most {context_length}; shorten "
+                                f"the name")
         raise VLPromptError(f"{what} {texts[i]!r} does not fit the text tower's context length: {count} with the "
                             f"start and end tokens, at most {context_length}")
 

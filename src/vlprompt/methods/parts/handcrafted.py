@@ -26,6 +26,13 @@ def format_prompts(template: str, classnames) -> list[str]:
     return [template.format(str(c).replace("_", " ")) for c in classnames]
 
 
+def check_class_prompts_fit(backbone, classnames, templates) -> None:
+    """Raise naming the first class whose prompt (of any template) exceeds the text tower's context length."""
+    for template in templates:
+        check_prompts_fit(backbone.tokenizer, format_prompts(template, classnames), backbone.text.context_length,
+                          what="prompt", names=list(classnames))
+
+
 @torch.no_grad()
 def class_text_features(backbone, classnames, templates) -> torch.Tensor:
     """Normalised class text features (K, E): one template ``normalize(encode_text(prompts))``; several: the
@@ -37,10 +44,10 @@ def class_text_features(backbone, classnames, templates) -> torch.Tensor:
         raise VLPromptError("no prompt template to build the zero-shot classifier from")
     if not classnames:
         raise VLPromptError("no class names to build the zero-shot classifier from")
+    check_class_prompts_fit(backbone, classnames, templates)
     total = None
     for template in templates:
         prompts = format_prompts(template, classnames)
-        check_prompts_fit(backbone.tokenizer, prompts, backbone.text.context_length, what="zero-shot prompt")
         feats = F.normalize(backbone.encode_text(prompts).float(), dim=-1)
         total = feats if total is None else total + feats
     return F.normalize(total / len(templates), dim=-1)
@@ -95,4 +102,4 @@ class TextFeatureAdapter(Method):
                                          "templates": list(self.templates)}
 
 
-__all__ = ["format_prompts", "class_text_features", "TextFeatureAdapter"]
+__all__ = ["format_prompts", "check_class_prompts_fit", "class_text_features", "TextFeatureAdapter"]

@@ -1,0 +1,146 @@
+"""config.yaml keeps apart what the user set and what the method's recipe derived: flags over a run's config.yaml
+used as --config derive the recipe again (a plausible wrong number otherwise: --shots 1 kept the 16-shot
+epochs), the file alone is the same run, and --show-config says where each value came from."""
+import json
+
+import pytest
+import yaml
+
+from conftest import color_folder
+from vlprompt.cli import main
+from vlprompt.runs import request_of, resolve, run
+from vlprompt.runs.config import load_request
+from vlprompt.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("prov_models"), "tiny-vit", seed=4)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return color_folder(tmp_path_factory.mktemp("prov_data") / "shapes")
+
+
+@pytest.fixture(scope="module")
+def coop16(model_files, folder, tmp_path_factory):
+    """A real CoOp run's directory: 16 shots (all 5 training images per class), the recipe's 200 epochs, stopped
+    after one step (a smoke run: ``max_steps`` is the user's)."""
+    cfg, weights = model_files
+    out = tmp_path_factory.mktemp("prov_runs") / "coop16"
+    request = {"method": "coop", "backbone": str(cfg), "pretrained": str(weights),
+               "cache_dir": str(tmp_path_factory.mktemp("prov_cache")),
+               "data": {"dataset": "folder", "root": str(folder), "shots": 16, "allow_fewer": True},
+               "train": {"max_steps": 1, "views": 1}, "method_options": {"n_ctx": 2}}
+    with pytest.warns(UserWarning, match="fewer images than asked"):
+        results = run(resolve(request), out, progress=False)
+    return out, results
+
+
+def _show(argv, capsys) -> tuple[dict, str]:
+    rc = main([*argv, "--show-config"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return yaml.safe_load(out), out
+
+
+def test_config_yaml_records_what_the_user_set(coop16):
+    out, results = coop16
+    on_disk = yaml.safe_load((out / "config.yaml").read_text())
+    assert on_disk["train"]["epochs"] == 200  # the recipe's, for 16 shots
+    assert "train.epochs" not in on_disk["user_set"]
+    assert {"method", "data.shots", "data.allow_fewer", "train.max_steps", "method_options.n_ctx"} <= \
+        set(on_disk["user_set"])
+    assert on_disk["user_set"]["data.shots"] == 16 and on_disk["user_set"]["data.root"] == on_disk["data"]["root"]
+    assert results["config"] == on_disk  # results.json carries the resolved configuration with it
+    assert "user_set" not in results["identity"]
+
+
+@pytest.mark.parametrize("flags, epochs", [(["--shots", "1"], 50), (["--shots", "4"], 100), ([], 200)])
+def test_flags_over_a_runs_config_derive_the_recipe_again(flags, epochs, coop16, capsys):
+    out, _ = coop16
+    shown, _ = _show(["train", "--config", str(out / "config.yaml"), *flags], capsys)
+    assert shown["train"]["epochs"] == epochs  # the fresh --shots 1 value: CoOp's 50 epochs at 1 shot
+    assert shown["train"]["max_steps"] == 1 and shown["method_options"]["n_ctx"] == 2  # the user's are kept
+
+
+def test_another_dataset_over_a_runs_config_gets_its_recipe(coop16, tmp_path, capsys):
+    out, _ = coop16
+    shown, _ = _show(["train", "--config", str(out / "config.yaml"), "--dataset", "imagenet", "--root",
+                      str(tmp_path)], capsys)
+    assert shown["train"]["epochs"] == 50  # CoOp's ImageNet recipe (resolution reads no data)
+
+
+def test_the_python_api_and_a_grid_spec_derive_the_same_way(coop16, tmp_path):
+    import vlprompt
+    from vlprompt.grid.spec import expand, resolve_cells, spec_from_mapping
+
+    out, _ = coop16
+    on_disk = yaml.safe_load((out / "config.yaml").read_text())
+    res = vlprompt.train(on_disk, data={"shots": 1}, output=tmp_path / "one", progress=False)  # a loaded config.yaml
+    assert res["config"]["train"]["epochs"] == 50 and res["config"]["data"]["shots"] == 1
+    assert resolve({**on_disk}).identity_hash() == resolve(request_of(on_disk)).identity_hash()
+    from vlprompt.runs import merge_requests
+
+    merged = merge_requests(on_disk, {"data": {"dataset": "imagenet"}})  # values merged over the file itself
+    assert resolve(merged).train.epochs == 50
+    spec = spec_from_mapping({**on_disk, "axes": {"data.shots": [1, 16]}})
+    cells = resolve_cells(expand(spec))
+    assert sorted(c.config.train.epochs for c in cells) == [50, 200]
+
+
+def test_a_runs_own_config_is_the_same_run(coop16, capsys):
+    out, results = coop16
+    again = resolve(load_request(out / "config.yaml"))
+    assert again.identity_hash() == results["config_hash"]
+    rc = main(["train", "--config", str(out / "config.yaml"), "--output", str(out), "--quiet"])
+    printed, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(printed)["metrics"] == results["metrics"]  # already finished: the same run, not another
+
+
+def test_a_value_set_in_the_file_is_kept(coop16, tmp_path, capsys):
+    """An explicit --epochs is the user's; a value edited by hand in config.yaml is kept too (it differs from
+    what the recipe gives), and a hand-written config without user_set is all the user's."""
+    out, _ = coop16
+    on_disk = yaml.safe_load((out / "config.yaml").read_text())
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text(yaml.safe_dump({**on_disk, "train": {**on_disk["train"], "epochs": 7},
+                                        "user_set": {**on_disk["user_set"], "train.epochs": 7}}))
+    shown, _ = _show(["train", "--config", str(explicit), "--shots", "1"], capsys)
+    assert shown["train"]["epochs"] == 7
+    edited = tmp_path / "edited.yaml"
+    edited.write_text((out / "config.yaml").read_text().replace("epochs: 200", "epochs: 30"))
+    shown, _ = _show(["train", "--config", str(edited), "--shots", "1"], capsys)
+    assert shown["train"]["epochs"] == 30 and shown["user_set"]["train.epochs"] == 30
+    # a value the user set, edited by hand: the recipe follows it
+    shots = tmp_path / "shots.yaml"
+    shots.write_text(yaml.safe_dump({**on_disk, "data": {**on_disk["data"], "shots": 1}}))
+    shown, _ = _show(["train", "--config", str(shots)], capsys)
+    assert shown["train"]["epochs"] == 50
+    hand = tmp_path / "hand.yaml"
+    hand.write_text(yaml.safe_dump({k: v for k, v in on_disk.items() if k != "user_set"}))
+    shown, _ = _show(["train", "--config", str(hand), "--shots", "1"], capsys)
+    assert shown["train"]["epochs"] == 200  # no provenance: every value is the user's
+
+
+def test_show_config_names_where_each_value_came_from(coop16, capsys):
+    out, _ = coop16
+    shown, text = _show(["train", "--config", str(out / "config.yaml"), "--shots", "1"], capsys)
+    lines = text.splitlines()
+
+    def origin(key: str, section: str) -> str:
+        start = lines.index(f"{section}:")
+        line = next(x for x in lines[start + 1:] if x.startswith(f"  {key}:"))
+        return line.rsplit("#", 1)[1].strip()
+
+    assert origin("shots", "data") == "user"
+    assert origin("epochs", "train") == "recipe"
+    assert origin("lr", "train") == "recipe"  # CoOp's recipe names its learning rate
+    assert origin("grad_clip", "train") == "default"
+    assert origin("n_ctx", "method_options") == "user"
+    assert "method: coop  # user" in lines
+    assert "recipe = coop's preset" in text
+    # the annotated text is the same YAML as config.yaml holds
+    assert shown == yaml.safe_load(text) and shown["data"]["shots"] == 1
