@@ -346,7 +346,7 @@ def test_a_resumed_run_keeps_its_own_split_json(model_files, folder, tmp_path, m
         raise AssertionError("a resumed run sampled its images again")
 
     monkeypatch.setattr("vlprompt.data.protocol.few_shot_split", no_sampling)
-    monkeypatch.setattr("vlprompt.runs.execute.few_shot_split", no_sampling)
+    monkeypatch.setattr("vlprompt.runs.assembly.few_shot_split", no_sampling)
     res = run(resolve(req), tmp_path / "run", resume=True, progress=False)
     assert (tmp_path / "run" / "split.json").read_text() == before and res["config"]["data"]["sampler"] == "sorted"
 

@@ -23,7 +23,7 @@ from vlprompt.cli import main
 from vlprompt.data import load_dataset
 from vlprompt.errors import CheckpointError, ConfigError
 from vlprompt.methods.base import Features
-from vlprompt.runs.execute import load_method
+from vlprompt.runs.assembly import load_method
 from vlprompt.runs.importer import import_run
 from vlprompt.safe_pickle import Placeholder, load_checkpoint, load_pickle
 from vlprompt.testing import make_tiny_checkpoint

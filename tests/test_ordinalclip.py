@@ -590,7 +590,7 @@ def test_cli_train_select_export_predict_folds(tmp_path, tiny_dir, tiny_vit, fac
     head = json.loads((tmp_path / "head" / "head.json").read_text())
     assert head["kind"] == "ordinal" and head["method"] == "ordinalclip" and head["image_encoder"] == "clip"
     from vlprompt.runs import load_method, predict_images
-    from vlprompt.runs.execute import head_logits
+    from vlprompt.runs.heads import head_logits
     from vlprompt.data import build_test_transform, load_image
     method, _, bb = load_method(run, device="cpu")
     method.eval()

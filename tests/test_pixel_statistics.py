@@ -15,7 +15,7 @@ from vlprompt.backbone import load_backbone, tag_pixel_statistics
 from vlprompt.cli import main
 from vlprompt.errors import BackboneError
 from vlprompt.runs import export_run, load_method, resolve, run
-from vlprompt.runs.execute import recorded_pixels, transforms_for
+from vlprompt.runs.assembly import recorded_pixels, transforms_for
 from vlprompt.testing import make_tiny_checkpoint
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -99,7 +99,7 @@ def test_disagreeing_or_no_tags_get_the_defaults_said_in_log_and_results(tags, m
 def test_a_resize_mode_fallback_warns_only_where_the_policy_resizes_so(monkeypatch, model_files, caplog):
     import logging
 
-    from vlprompt.runs.execute import log_pixel_statistics
+    from vlprompt.runs.assembly import log_pixel_statistics
 
     _tags_like(monkeypatch, model_files, "ViT-H-14")  # its tags agree but on the resize mode
     bb = _load(model_files)

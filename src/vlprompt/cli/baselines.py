@@ -65,7 +65,7 @@ def cmd_features(args) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     from ..backbone import load_backbone
     from ..runs.config import pixel_overrides, resolve_data, resolve_model
-    from ..runs.execute import prepare_data
+    from ..runs.assembly import prepare_data
     from ..runs.features import cache_features
 
     # the same resolution and data preparation as a run, so the cached entries are the ones runs read

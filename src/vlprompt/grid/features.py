@@ -20,7 +20,7 @@ from ..errors import DataError, VLPromptError
 
 log = logging.getLogger("vlprompt")
 
-EVAL_BATCH = 64  # the batch of vlprompt.runs.execute.eval_features (results do not depend on it)
+EVAL_BATCH = 64  # the batch of the evaluation sources (vlprompt.engine.sources.eval_source) (results do not depend on it)
 
 
 def one_line(e: BaseException) -> str:

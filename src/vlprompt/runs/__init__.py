@@ -6,8 +6,10 @@ The CLI (``vlprompt train``, ``zeroshot``, ``linear-probe``), the Python API (:f
 """
 from .config import (DataConfig, RunConfig, config_hash, default_cache_dir, dump_config, load_request,
                      merge_requests, request_of, resolve)
-from .execute import (base_to_new, evaluate, evaluate_run, export_run, harmonic_mean, interpret_run, load_method,
-                      predict_images, prepare_data, run, show_config, train, transforms_for)
+from .assembly import load_method, prepare_data, transforms_for
+from .evaluate import base_to_new, evaluate, evaluate_run, harmonic_mean
+from .execute import run, show_config, train
+from .heads import export_run, interpret_run, predict_images
 
 __all__ = ["DataConfig", "RunConfig", "resolve", "run", "train", "show_config", "load_request", "merge_requests",
            "request_of", "dump_config", "config_hash", "default_cache_dir", "prepare_data", "evaluate",

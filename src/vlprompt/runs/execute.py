@@ -3,12 +3,14 @@
 One path for every method and baseline (:func:`run`). Everything that can be refused -- the configuration,
 the data (missing files, too few images for the shots), the weights, the method on these classes (a context
 too long for a class name, a word init of another length) -- is checked BEFORE the run directory is touched;
-then ``run.json`` + ``config.yaml`` + ``split.json`` are written, the method learns (by gradient, by a
-closed-form fit, or not at all), and ``results.json`` closes the run. A run directory holds ``config.yaml``
+then ``run.json`` + ``config.yaml`` + ``split.json`` are written, the method goes through its lifecycle
+(:class:`vlprompt.methods.base.Method`: setup from the training data, training, after-training searches, the test
+evaluation), and ``results.json`` closes the run. A run directory holds ``config.yaml``
 (the resolved configuration), ``split.json`` (the exact samples used), ``log.txt``, ``prompt.safetensors`` +
 ``method.json`` (the learned tensors and what rebuilds the method on any class list), ``results.json`` (the
 configuration, its identity and hash, the metrics), and for trained methods ``metrics.jsonl``,
-``training_curve.png`` and ``checkpoints/``.
+``training_curve.png`` and ``checkpoints/``. Assembling the pieces is :mod:`.assembly`, evaluation
+:mod:`.evaluate`, heads (export / predict / interpret) :mod:`.heads`.
 
 Under torchrun every rank calls :func:`run` with the same arguments (``torchrun --nproc-per-node N -m vlprompt
 train ...``): all ranks resolve and check the same things, rank 0 alone writes the run directory, the training
@@ -21,28 +23,27 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from .._io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from .._io import atomic_write_json, atomic_write_text
 from ..backbone import Backbone, load_backbone
 from ..backbone.cache import FeatureCache
-from ..data import (DatasetSplits, check_samples, few_shot_split, load_dataset, load_split,
-                    save_split, subsample_classes, transform_id)
-from ..data.transforms import build_transforms
+from ..data import DatasetSplits, load_split, save_split
 from ..engine import distributed
 from ..engine.callbacks import BestEpoch, MetricsJsonl, TensorBoard, TrainingCurve
-from ..engine.sources import eval_source, features_of_images, sample_targets, split_data, train_source
-from ..engine.trainer import Trainer, predict_logits, seed_everything
-from ..errors import CheckpointError, ConfigError, DataError, VLPromptError
+from ..engine.sources import sample_targets, split_data, train_source
+from ..engine.trainer import Trainer, seed_everything
+from ..errors import DataError, VLPromptError
 from ..methods import Method, build_config, build_method, method_class
-from ..methods.base import Features, cosine_logits
 from . import directory
-from .config import DataConfig, RunConfig, config_hash, default_cache_dir, dump_config, request_of, resolve
+from .assembly import (data_warnings, log_pixel_statistics, needed_splits, prepare_data, save_method,
+                       transforms_for)
+from .config import RunConfig, config_hash, dump_config, request_of, resolve
+from .evaluate import evaluate
 
 log = logging.getLogger("vlprompt")
 
@@ -55,189 +56,6 @@ def attach_log_file(run_dir: Path) -> logging.Handler:
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
     return handler
-
-
-# -- data -------------------------------------------------------------------------------------------
-def needed_splits(cls: type, config) -> tuple[str, ...]:
-    """The splits a method's run reads: a method that neither trains nor sets itself up from the training data
-    only evaluates on test (:meth:`Method.needs_training_data`)."""
-    return ("train", "val", "test") if cls.needs_training_data(config) else ("test",)
-
-
-def prepare_data(data: DataConfig, seed: Optional[int], needs: Sequence[str] = ("train", "val", "test"),
-                 split_file: Optional[Path] = None) -> tuple[DatasetSplits, dict]:
-    """The dataset with the protocol applied, as CoOp's code does it: few-shot sampling of the train and val
-    splits first (``seed``), then the base / new classes (``subsample_classes``, relabelled from 0); the same
-    images for every method -- CoOp, CoCoOp, PLOT, the linear probe -- of the same data, shots and seed. The
-    splits not in ``needs`` are emptied (their images are never opened); the images of the others are checked
-    up front (a bad file stops the run at once, or is skipped and counted with ``on_bad_image="skip"``).
-    ``split_file`` (a resumed run's ``split.json``: it keeps the images it started with, whatever sampler drew
-    them) is read instead when given; ``data.fewshot_file`` (Dassl's pkl) replaces the sampling. Returns (splits,
-    skipped images per split)."""
-    from ..data.protocol import read_dassl_few_shot
-
-    if split_file is not None:
-        return load_split(split_file), {}
-    if not data.dataset.startswith("torchvision:") and not os.path.exists(data.root):
-        raise DataError(f"data root {data.root} does not exist (`vlprompt datasets` shows the layout each dataset "
-                        f"expects)")
-    splits = load_dataset(data.dataset, data.root, **data.options)
-    if data.shots > 0 and data.fewshot_file:
-        splits = read_dassl_few_shot(data.fewshot_file, splits, data.shots)
-    elif data.shots > 0:
-        splits = few_shot_split(splits, data.shots, seed, allow_fewer=data.allow_fewer, sampler=data.sampler)
-    if data.classes != "all":
-        splits = subsample_classes(splits, data.classes)
-    splits = splits.with_splits(**{name: [] for name in ("train", "val", "test") if name not in needs})
-    skipped = {}
-    for name in needs:
-        samples = getattr(splits, name)
-        if samples:
-            ok, problems = check_samples(samples, mode=data.on_bad_image, source=f"{splits.name} {name} split")
-            if problems:
-                skipped[name] = len(problems)
-                log.warning("%s split: skipped %d unreadable image(s), e.g. %s: %s", name, len(problems),
-                            problems[0][0], problems[0][1])
-                splits = splits.with_splits(**{name: ok})
-    return splits, skipped
-
-
-def data_warnings(splits: DatasetSplits) -> list[str]:
-    """The warnings the dataset's reader recorded (``extra["warnings"]``, e.g. class names that are bare numbers),
-    each logged once; results.json and eval files carry them."""
-    warnings = [str(w) for w in splits.extra.get("warnings") or []]
-    for w in warnings:
-        log.warning("%s", w)
-    return warnings
-
-
-def transforms_for(preprocess: str, backbone: Backbone):
-    """(train, test) image transforms: the backbone's pixel statistics (``backbone.pixel_statistics``) with CoOp's
-    crop/flip policy (``coop``) or open_clip's own pipeline for these weights (``model``)."""
-    return build_transforms(backbone.preprocess_cfg, preprocess)
-
-
-def recorded_pixels(meta: dict) -> Optional[dict]:
-    """The pixel statistics a run's method.json (or an exported head.json) records, for ``load_backbone(...,
-    pixels=)``: eval, export and predict use those the run was made with. Files written before they were recorded
-    took a tag's, an hf-hub: / local-dir: config's (None: the loader takes them again), or for a checkpoint file
-    open_clip's defaults (OpenAI's), which a later loader would no longer choose for every architecture."""
-    from ..backbone import PIXEL_KEYS
-
-    stats = meta.get("pixels")
-    if isinstance(stats, dict):
-        return {k: stats[k] for k in PIXEL_KEYS if stats.get(k) is not None}
-    pretrained, name = meta.get("pretrained"), str(meta.get("backbone"))
-    if pretrained and os.path.isfile(str(pretrained)) and not name.startswith(("hf-hub:", "local-dir:")):
-        from open_clip.transform import PreprocessCfg
-
-        defaults = dataclasses.asdict(PreprocessCfg())
-        return {k: list(defaults[k]) if isinstance(defaults[k], tuple) else defaults[k] for k in PIXEL_KEYS}
-    return None
-
-
-def log_pixel_statistics(backbone: Backbone, preprocess: str) -> None:
-    """The pixel statistics in log.txt; a warning when some that the ``preprocess`` policy uses are open_clip's
-    defaults for a weights file (CoOp's policy has no resize mode)."""
-    stats = backbone.pixel_statistics
-    text = (f"pixel statistics: mean {stats['mean']}, std {stats['std']}, {stats['interpolation']}, resize "
-            f"{stats['resize_mode']} ({stats['source']})")
-    if set(backbone.pixel_fallback) - ({"resize_mode"} if preprocess == "coop" else set()):
-        log.warning("%s", text)
-    else:
-        log.info("%s", text)
-
-
-# -- features -----------------------------------------------------------------------------------------
-def evaluate(method: Method, backbone: Backbone, samples, transform, cache: FeatureCache,
-             batch_size: int = 256, progress: bool = False) -> tuple[dict, torch.Tensor]:
-    """Metrics and logits of ``method`` on ``samples`` (what it reads comes from :func:`engine.sources.eval_source`:
-    the frozen tower's features from the cache, or the images)."""
-    if not samples:
-        raise DataError("nothing to evaluate: the split is empty")
-    labels = torch.tensor([s.label for s in samples])
-    if distributed.active() and not isinstance(cache, distributed.RankSharedCache):
-        cache = distributed.RankSharedCache(cache)
-    source = eval_source(method, backbone, samples, transform, cache)
-    if distributed.active():  # each rank a contiguous share of the images, gathered in order
-        share = distributed.share(len(samples))
-        mine = predict_logits(method, _Offset(source, share.start), share.stop - share.start, batch_size,
-                              progress and distributed.is_main())
-        logits = distributed.gather_rows(mine)
-    else:
-        logits = predict_logits(method, source, len(samples), batch_size, progress)
-    return method.metrics(logits, labels, sample_targets(samples)), logits
-
-
-class _Offset:
-    """A source whose item i is item ``offset + i`` of another (a rank's share of an evaluation)."""
-
-    def __init__(self, source, offset: int):
-        self.source = source
-        self.offset = offset
-
-    def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Features:
-        return self.source.batch(idx + self.offset, gen)
-
-
-# -- method files -------------------------------------------------------------------------------------
-def save_method(run_dir: Path, cfg: RunConfig, method: Method, splits: DatasetSplits) -> None:
-    atomic_save_safetensors(run_dir / "prompt.safetensors", method.learned_state())
-    meta = {"method": cfg.method, "config": method.config.to_dict(), "classnames": list(method.classnames),
-            "backbone": cfg.backbone, "pretrained": cfg.pretrained, "dataset": cfg.data.dataset,
-            "template": splits.template, "preprocess": cfg.preprocess, "image_size": method.backbone.image_size,
-            "pixels": method.backbone.pixel_statistics}
-    if method.template_field:  # what the user asked for (e.g. ["dataset"]), resolved again on other datasets
-        meta["template_request"] = method.template_request
-    atomic_write_json(run_dir / "method.json", meta)
-
-
-def template_request(cls: type, meta: dict):
-    """The template request of a saved ``uses_template`` method (method.json's ``template_request``). A run written
-    before it was recorded holds only the resolved templates: when they are what the method's default request
-    (the dataset's own prompt) gives on its dataset, that default is taken, else the templates as they are."""
-    if "template_request" in meta:
-        return meta["template_request"]
-    saved = (meta.get("config") or {}).get(cls.template_field)
-    default = cls.config_class().to_dict().get(cls.template_field)
-    return default if cls.expand_templates(default, meta.get("template")) == saved else saved
-
-
-def load_method(run_dir: Path, backbone: Optional[Backbone] = None, classnames: Optional[Sequence[str]] = None,
-                device: Optional[str] = None, dataset_template: Optional[str] = None
-                ) -> tuple[Method, dict, Backbone]:
-    """Rebuild a run's method from its directory, optionally on another class list (a class-specific context or
-    a linear probe refuses class lists other than its own). ``dataset_template``: the own prompt of the dataset
-    it is rebuilt for; a method whose hand-crafted templates follow its dataset's (zero-shot and the baselines on
-    its class features, with the default ``dataset`` templates) then uses that one, explicit templates stay.
-    ``meta["templates_from"]`` says which: ``"evaluated dataset"`` or ``"run"``."""
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    directory.check_not_busy(run_dir)  # a run being written (resumed, forced again) is read when it is done
-    meta_path = run_dir / "method.json"
-    if not meta_path.exists():
-        raise CheckpointError(f"{run_dir}: no method.json (not a finished vlprompt run)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        state = load_file(str(run_dir / "prompt.safetensors"))
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{run_dir}: cannot read the trained method ({e})") from e
-    cls = method_class(meta["method"])
-    options, template = cls.config_for_loading(dict(meta["config"])), meta.get("template")
-    if cls.template_field:
-        request = template_request(cls, meta)
-        meta["templates_from"] = "run"
-        if dataset_template is not None and cls.template_follows_dataset(request):
-            options[cls.template_field], template = request, dataset_template
-            meta["templates_from"] = "evaluated dataset"
-    if backbone is None:
-        backbone = load_backbone(meta["backbone"], meta["pretrained"], device, pixels=recorded_pixels(meta))
-    method = build_method(meta["method"], options, backbone, meta["classnames"], template=template)
-    method.load_learned_state({k: v.to(backbone.device) for k, v in state.items()})
-    if classnames is not None and list(classnames) != list(meta["classnames"]):
-        method.set_classnames(classnames)
-    return method, meta, backbone
 
 
 # -- a run ------------------------------------------------------------------------------------------
@@ -499,192 +317,6 @@ def _train(cfg, run_dir, method, backbone, splits, cache, transforms, resume, pr
     return trainer.state, (best.selected if best is not None else None)
 
 
-# -- after a run ------------------------------------------------------------------------------------
-def _run_identity(run_dir: Path) -> Optional[dict]:
-    p = Path(run_dir) / "results.json"
-    try:
-        return json.loads(p.read_text()).get("identity")
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def run_cache_dir(run_dir: str | Path) -> str:
-    """The feature cache a run used (``cache_dir`` of its config.yaml), where its evaluations look first: the
-    default cache only for a run that records none."""
-    held = directory.held_config(Path(run_dir)) or {}
-    cache_dir = held.get("cache_dir")
-    return cache_dir if isinstance(cache_dir, str) and cache_dir else default_cache_dir()
-
-
-def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", device: Optional[str] = None,
-                 cache_dir: Optional[str] = None, progress: bool = True, backbone: Optional[Backbone] = None) -> dict:
-    """Evaluate a finished run on any dataset / class split (its classes replace the trained ones); writes
-    ``RUN/eval/<dataset>-<classes>-<split>.json``. Features come from ``cache_dir``, by default the run's own
-    (:func:`run_cache_dir`)."""
-    run_dir = Path(run_dir)
-    if split not in ("train", "val", "test"):
-        raise ConfigError(f"--split must be train, val or test, got {split!r}")
-    data = dataclasses.replace(data, shots=0, allow_fewer=False)
-    data.root = os.path.abspath(os.path.expanduser(data.root))
-    splits, skipped = prepare_data(data, None, needs=(split,))
-    method, meta, backbone = load_method(run_dir, backbone=backbone, classnames=splits.classnames, device=device,
-                                         dataset_template=splits.template)
-    samples = getattr(splits, split)
-    if not samples:
-        raise DataError(f"{data.dataset}: no {split} images")
-    warnings = data_warnings(splits)
-    prompts = {}
-    if method.template_field:  # the papers' cross-dataset protocol: the evaluated dataset's own prompt
-        prompts = {"templates": getattr(method.config, method.template_field), "templates_from": meta["templates_from"]}
-        log.info("%s: prompt template(s) %s (%s)", meta["method"], prompts["templates"],
-                 "the evaluated dataset's own prompt" if meta["templates_from"] == "evaluated dataset"
-                 else "as the run was configured")
-    _, test_tf = transforms_for(meta.get("preprocess", "coop"), backbone)
-    cache = FeatureCache(cache_dir or run_cache_dir(run_dir), progress=progress)
-    metrics, _ = evaluate(method, backbone, samples, test_tf, cache, progress=progress)
-    result = {"run": str(run_dir), "method": meta["method"], "trained_on": meta["dataset"],
-              "dataset": data.dataset, "classes": data.classes, "split": split, "metrics": metrics, **prompts,
-              "skipped_images": skipped, "warnings": warnings, "identity": _run_identity(run_dir),
-              "eval_data": data.to_dict()}
-    name = f"{data.dataset.replace(':', '_').replace('/', '_')}-{data.classes}-{split}.json"
-    atomic_write_json(run_dir / "eval" / name, result)
-    return result
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    """CoCoOp's H = 2 * base * new / (base + new) (0 when both are 0)."""
-    return 2.0 * base * new / (base + new) if (base + new) > 0 else 0.0
-
-
-def base_to_new(run_dir: str | Path, data: DataConfig, *, metric: str = "accuracy", device: Optional[str] = None,
-                cache_dir: Optional[str] = None, progress: bool = True) -> dict:
-    """The base-to-new protocol: test accuracy on the base classes and on the new classes (each half
-    relabelled from 0), and their harmonic mean. Writes ``RUN/eval/base2new-<dataset>.json``. Only of a run
-    trained on the base classes (or of a method that learns nothing): any other is refused
-    (:func:`vlprompt.reporting.collect.base_to_new_problem`)."""
-    from ..reporting.collect import base_to_new_problem, run_identity
-
-    run_dir = Path(run_dir)
-    problem = base_to_new_problem(run_identity(run_dir)[0]) if (run_dir / "method.json").is_file() else None
-    if problem is not None:
-        raise ConfigError(f"--base-to-new: {run_dir}: {problem}, and base / new / H would not measure generalisation "
-                          f"to unseen classes. Train on the base half (--classes base) and evaluate that run, or "
-                          f"evaluate this one on a class split with --classes base|new")
-    _, meta, backbone = load_method(run_dir, device=device)
-    out = {}
-    for half in ("base", "new"):
-        res = evaluate_run(run_dir, dataclasses.replace(data, classes=half), device=device, cache_dir=cache_dir,
-                           progress=progress, backbone=backbone)
-        out[half] = res["metrics"][metric]
-    data = dataclasses.replace(data, shots=0, classes="all")
-    data.root = os.path.abspath(os.path.expanduser(data.root))
-    result = {"run": str(run_dir), "method": meta["method"], "dataset": data.dataset, "metric": metric,
-              "base": out["base"], "new": out["new"], "harmonic_mean": harmonic_mean(out["base"], out["new"]),
-              "identity": _run_identity(run_dir), "eval_data": data.to_dict()}
-    atomic_write_json(run_dir / "eval" / f"base2new-{data.dataset.replace(':', '_').replace('/', '_')}.json", result)
-    return result
-
-
-# -- heads ------------------------------------------------------------------------------------------
-def export_run(run_dir: str | Path, output: Optional[str | Path] = None, device: Optional[str] = "cpu") -> Path:
-    """Write a deployable head: ``head.safetensors`` + ``head.json`` (``kind`` from the method: ``linear``
-    class text features, ``affine`` weight and bias, ``prompt`` the learned tensors, or the method's own)."""
-    run_dir = Path(run_dir)
-    out = Path(output) if output else run_dir / "export"
-    method, meta, backbone = load_method(run_dir, device=device)
-    head = method.export_head()
-    if head is None:
-        tensors, info = method.learned_state(), {"kind": "prompt"}
-    else:
-        tensors, info = head
-    info = {**info, "method": meta["method"], "config": meta["config"], "classnames": list(method.classnames),
-            "template": meta.get("template"), "backbone": meta["backbone"], "pretrained": meta["pretrained"],
-            "preprocess": meta.get("preprocess", "coop"), "image_size": backbone.image_size,
-            "pixels": meta.get("pixels") or backbone.pixel_statistics, "source_run": str(run_dir), "vlprompt_head": 1}
-    atomic_save_safetensors(out / "head.safetensors", {k: v.detach().cpu() for k, v in tensors.items()})
-    atomic_write_json(out / "head.json", info)
-    return out
-
-
-def read_head(head_dir: str | Path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    head_dir = Path(head_dir)
-    try:
-        info = json.loads((head_dir / "head.json").read_text())
-        tensors = load_file(str(head_dir / "head.safetensors"))
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{head_dir}: not an exported head ({e}); create one with `vlprompt export RUN`") from e
-    return info, tensors
-
-
-def head_logits(info: dict, tensors: dict, backbone: Backbone, x: torch.Tensor, method: Optional[Method] = None):
-    """Logits (B, K) of an exported head on preprocessed images (B, 3, H, W)."""
-    kind = info["kind"]
-    if kind == "linear":
-        return cosine_logits(backbone.encode_image(x), tensors["text_features"].to(backbone.device),
-                             float(info["logit_scale"])).cpu()
-    if kind == "affine":
-        feats = backbone.encode_image(x).float()
-        return (feats @ tensors["weight"].to(feats.device).t() + tensors["bias"].to(feats.device)).cpu()
-    if kind == "prompt":
-        return method(features_of_images(method, backbone, x.to(backbone.device))).float().cpu()
-    return method_class(info["method"]).head_logits(tensors, info, backbone, x).cpu()
-
-
-def predict_images(head_dir: str | Path, images: Sequence[str], topk: int = 5, device: Optional[str] = None,
-                   batch_size: int = 32) -> list[dict]:
-    """Top-k classes of image files with an exported head (and a value, for heads that predict one)."""
-    from ..data import load_image
-
-    if topk < 1:
-        raise ConfigError(f"--topk must be >= 1, got {topk}")
-    info, tensors = read_head(head_dir)
-    backbone = load_backbone(info["backbone"], info["pretrained"], device, pixels=recorded_pixels(info))
-    _, tf = transforms_for(info.get("preprocess", "coop"), backbone)
-    method = None
-    if info["kind"] == "prompt":
-        cls = method_class(info["method"])
-        method = build_method(info["method"], cls.config_for_loading(dict(info["config"])), backbone,
-                              info["classnames"], template=info.get("template"))
-        method.load_learned_state({k: v.to(backbone.device) for k, v in tensors.items()})
-        method.eval()
-    cls = method_class(info["method"])
-    classnames = info["classnames"]
-    out = []
-    for i in range(0, len(images), batch_size):
-        paths = list(images[i:i + batch_size])
-        x = torch.stack([tf(load_image(p)) for p in paths])
-        with torch.no_grad():
-            logits = head_logits(info, tensors, backbone, x, method)
-        probs = logits.softmax(-1)
-        k = min(topk, probs.shape[1])
-        p, idx = probs.topk(k, dim=-1)
-        values = cls.head_values(logits, tensors, info)
-        for n, (path, pi, ii) in enumerate(zip(paths, p.tolist(), idx.tolist())):
-            out.append({"image": path, "top": [{"class": classnames[j], "probability": q} for j, q in zip(ii, pi)]})
-            if values is not None:
-                out[-1]["value"] = float(values[n])
-    return out
-
-
-def interpret_run(run_dir: str | Path, topk: int = 5, device: Optional[str] = "cpu") -> list[dict]:
-    """Nearest vocabulary words (Euclidean distance in the token-embedding space) to each learned vector the
-    method declares (:meth:`Method.interpretable_vectors`), as in CoOp's paper."""
-    method, meta, backbone = load_method(Path(run_dir), device=device)
-    vectors = method.interpretable_vectors()
-    if not vectors:
-        raise VLPromptError(f"{meta['method']} has no learned vectors in the token-embedding space to interpret")
-    table = backbone.text._parts["token_embedding"].weight.detach().float()
-    decode = backbone.tokenizer.decode
-    rows = []
-    for label, vecs in vectors:
-        vals, ids = torch.cdist(vecs.detach().float().reshape(-1, vecs.shape[-1]), table).topk(topk, largest=False)
-        for pos, (dv, iv) in enumerate(zip(vals.tolist(), ids.tolist())):
-            rows.append({**label, "position": pos, "words": [decode([t]).strip() for t in iv], "distances": dv})
-    return rows
-
-
 # -- the Python API ------------------------------------------------------------------------------------
 def train(request: Optional[dict] = None, *, output: str | Path, resume: bool = False, force: bool = False,
           progress: bool = True, **fields) -> dict:
@@ -706,6 +338,4 @@ def show_config(request: dict) -> str:
     return dump_config(resolve(request), annotate=True)
 
 
-__all__ = ["run", "train", "resolve", "prepare_data", "evaluate", "evaluate_run", "base_to_new", "harmonic_mean",
-           "export_run", "predict_images", "interpret_run", "load_method", "transforms_for", "request_of",
-           "show_config"]
+__all__ = ["run", "train", "show_config", "run_directory", "finish_run", "lock_run_dir", "attach_log_file"]

@@ -9,7 +9,7 @@ from ..backbone import Backbone
 from ..backbone.cache import FeatureCache
 from ..data import DatasetSplits, transform_id
 from ..errors import VLPromptError
-from .execute import transforms_for
+from .assembly import transforms_for
 
 log = logging.getLogger("vlprompt")
 

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from ..errors import CheckpointError, ConfigError
-from ..methods.parts.originals import ImportedRun, OriginalRun, config_get, shape
+from ..methods.parts.originals import ImportedRun, OriginalRun, shape
 from ..safe_pickle import load_checkpoint
 from . import directory
 
@@ -275,8 +275,9 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     from ..backbone.cache import FeatureCache
     from ..methods import build_config, build_method, method_class
     from .config import config_hash, resolve
-    from .execute import (evaluate, finish_run, log_pixel_statistics, needed_splits, prepare_data, run_directory,
-                          save_method, transforms_for)
+    from .assembly import log_pixel_statistics, needed_splits, prepare_data, save_method, transforms_for
+    from .evaluate import evaluate
+    from .execute import finish_run, run_directory
 
     t_start = time.perf_counter()
     src = read_source(kind, path, epoch=epoch, source_config=source_config)
