@@ -8,7 +8,7 @@ import yaml
 
 from conftest import color_folder
 from vlprompt.cli import main
-from vlprompt.runs import request_of, resolve, run
+from vlprompt.runs import merge_requests, request_of, resolve, run
 from vlprompt.runs.config import load_request
 from vlprompt.testing import make_tiny_checkpoint
 
@@ -144,3 +144,30 @@ def test_show_config_names_where_each_value_came_from(coop16, capsys):
     assert "recipe = coop's preset" in text
     # the annotated text is the same YAML as config.yaml holds
     assert shown == yaml.safe_load(text) and shown["data"]["shots"] == 1
+
+
+def test_values_the_method_fixes_when_built_are_derived_again(model_files, folder, tmp_path):
+    """A word init fixes n_ctx, zero-shot expands its template set when they are built: config.yaml records what
+    was used, and its ``built_from`` keeps them derived (not the user's) when the file is used again: zero-shot's
+    config on another dataset takes that dataset's prompt, a CoOp config with another init its length."""
+    cfg, weights = model_files
+    base = {"backbone": str(cfg), "pretrained": str(weights), "cache_dir": str(tmp_path / "cache"),
+            "data": {"dataset": "folder", "root": str(folder)}}
+    zs = run(resolve({**base, "method": "zeroshot"}), tmp_path / "zs", progress=False)
+    assert zs["config"]["method_options"]["templates"] == ["a photo of a {}."]
+    on_disk = yaml.safe_load((tmp_path / "zs" / "config.yaml").read_text())
+    assert on_disk["built_from"] == {"method_options.templates": ["dataset"]}
+    again = resolve(request_of(on_disk))
+    assert again.method_options["templates"] == ["dataset"] and again.identity_hash() != zs["config_hash"]
+    other = merge_requests(request_of(on_disk), {"data": {"options": {"template": "{} texture."}}})
+    dtd_like = run(resolve(other), tmp_path / "zs-texture", progress=False)
+    assert dtd_like["config"]["method_options"]["templates"] == ["{} texture."]  # the dataset's own prompt
+    # the same run again from its own file: the same identity (the built value is what it derives)
+    assert run(resolve(request_of(on_disk)), tmp_path / "zs", progress=False)["config_hash"] == zs["config_hash"]
+    coop = {**base, "method": "coop", "data": {**base["data"], "shots": 2},
+            "train": {"epochs": 1, "views": 1}, "method_options": {"init": "a photo of a"}}
+    first = run(resolve(coop), tmp_path / "coop", progress=False)
+    assert first["config"]["method_options"]["n_ctx"] == 4
+    on_disk = yaml.safe_load((tmp_path / "coop" / "config.yaml").read_text())
+    longer = resolve(merge_requests(request_of(on_disk), {"method_options": {"init": "a good photo of a"}}))
+    assert longer.method_options["n_ctx"] is None  # derived from the new init when built (5), not the old 4

@@ -96,6 +96,10 @@ class RunConfig:
     # the fields the request set and their resolved values, by dotted path ({"data.shots": 16, "method": "coop"});
     # None: not recorded (every field counts as the user's)
     user_set: Optional[dict] = None
+    # the method options the method itself fixed when it was built (a word init's n_ctx, zero-shot's expanded
+    # templates), with the value they had before ({"method_options.templates": ["dataset"]}): not the user's, so
+    # a run's config.yaml used as --config derives them again (on another dataset, with another init)
+    built_from: Optional[dict] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -113,7 +117,7 @@ class RunConfig:
         """What decides the numbers: everything but where the cache lives, the device, logging and the fields
         of the training loop that do not change results (checkpoint interval, loader threads, feature batch)."""
         d = self.to_dict()
-        for k in ("cache_dir", "device", "tensorboard", "threads", "version", "user_set"):
+        for k in ("cache_dir", "device", "tensorboard", "threads", "version", "user_set", "built_from"):
             d.pop(k)
         for k in PIXEL_FIELDS.values():  # unset: the weights' own (the identity of runs made before these fields)
             if d[k] is None:
@@ -355,7 +359,7 @@ def field_paths(d: dict) -> list[str]:
     a section's value that is not a mapping (``train: null``) is one field."""
     out = []
     for key, value in d.items():
-        if key in ("version", "user_set"):
+        if key in ("version", "user_set", "built_from"):
             continue
         if key in SECTIONS and isinstance(value, dict):
             out += [f"{key}.{k}" for k in value]
@@ -392,6 +396,7 @@ def request_of(cfg: RunConfig | dict) -> dict:
     d = cfg.to_dict() if isinstance(cfg, RunConfig) else copy.deepcopy(cfg)
     d.pop("version", None)
     user_set = d.pop("user_set", None)
+    built_from = d.pop("built_from", None) or {}
     for key in ("train", "seed"):  # null where it does not apply
         if key in d and d[key] is None:
             d.pop(key)
@@ -407,8 +412,10 @@ def request_of(cfg: RunConfig | dict) -> dict:
     derived = resolve({k: v for k, v in request.items() if k != "device"}).to_dict()
     derived["device"] = request.get("device")
     for path in field_paths(d):
-        if _get(derived, path) != _get(d, path):
-            _put(request, path, _get(d, path))
+        # a value the method fixed when it was built is compared (and kept) as it was before the build
+        value = built_from[path] if path in built_from and path not in user_set else _get(d, path)
+        if _get(derived, path) != value:
+            _put(request, path, value)
     return request
 
 
@@ -510,6 +517,7 @@ def upgrade_request(old: dict) -> dict:
     d = copy.deepcopy(old)
     d.pop("version", None)
     d.pop("user_set", None)  # the run's identity is its every field
+    d.pop("built_from", None)
     data = dict(d.get("data") or {})
     train = d.get("train")
     train = dict(train) if isinstance(train, dict) else None
@@ -540,3 +548,12 @@ def upgrade_request(old: dict) -> dict:
     if d.get("seed") is None:
         d.pop("seed", None)
     return d
+
+
+def with_built_options(cfg: RunConfig, method) -> RunConfig:
+    """``cfg`` recording the method options as the built method fixed them (what was actually used: e.g. the
+    number of context vectors a word init gives), and in ``built_from`` what they were before (so that they stay
+    derived, not the user's, when the run's config.yaml is used again)."""
+    built = method.config.to_dict()
+    changed = {f"method_options.{k}": cfg.method_options.get(k) for k in built if built[k] != cfg.method_options.get(k)}
+    return dataclasses.replace(cfg, method_options=built, built_from=changed or None)

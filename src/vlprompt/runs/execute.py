@@ -20,7 +20,6 @@ and the evaluations are split over the ranks (:mod:`vlprompt.engine.distributed`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -42,7 +41,7 @@ from ..methods import Method, build_config, build_method, method_class
 from . import directory
 from .assembly import (data_warnings, log_pixel_statistics, needed_splits, prepare_data, save_method,
                        transforms_for)
-from .config import RunConfig, config_hash, dump_config, request_of, resolve
+from .config import RunConfig, config_hash, dump_config, request_of, resolve, with_built_options
 from .evaluate import evaluate
 
 log = logging.getLogger("vlprompt")
@@ -105,7 +104,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
     seed_everything(cfg.seed or 0)  # the method's initial values (random contexts) follow the seed
     method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template)
     # record what is actually used (e.g. the number of context vectors a word init gives)
-    cfg = dataclasses.replace(cfg, method_options=method.config.to_dict())
+    cfg = with_built_options(cfg, method)
     if cls.trains(method.config) and cfg.train is not None:
         distributed.check_supported(method, cfg.train, len(splits.train))
     adopted = None

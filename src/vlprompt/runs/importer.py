@@ -274,7 +274,7 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     from ..backbone import load_backbone
     from ..backbone.cache import FeatureCache
     from ..methods import build_config, build_method, method_class
-    from .config import config_hash, resolve
+    from .config import config_hash, resolve, with_built_options
     from .assembly import log_pixel_statistics, needed_splits, prepare_data, save_method, transforms_for
     from .evaluate import evaluate
     from .execute import finish_run, run_directory
@@ -303,7 +303,7 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     _, test_tf = transforms_for(cfg.preprocess, backbone)
     method = build_method(cfg.method, cls.config_for_loading(dict(cfg.method_options)), backbone, splits.classnames,
                           template=splits.template)
-    cfg = dataclasses.replace(cfg, method_options=method.config.to_dict())
+    cfg = with_built_options(cfg, method)
     learned = map_state(src, method)  # first: a shape mismatch names the learned tensor
     for check in src.checks:
         check(method)
