@@ -194,7 +194,7 @@ def test_hook_sees_both_gradients_after_backward_and_before_the_step(tiny_vit, t
 
 def _train_args(model_files, folder, cache_dir, out):
     return ["train", "--method", "test-epoch-average", *_common(model_files, folder, cache_dir), "--shots", "2",
-            "--views", "2", "--epochs", "30", "--batch-size", "2", "--output", out]
+            "--views", "2", "--epochs", "12", "--batch-size", "2", "--output", out]
 
 
 def test_epoch_state_survives_sigkill_and_resume_bit_for_bit(plugin_path, model_files, folder, cache_dir, tmp_path):
@@ -218,8 +218,8 @@ def test_epoch_state_survives_sigkill_and_resume_bit_for_bit(plugin_path, model_
     assert resumed.returncode == 0, err
     a = load_file(str(tmp_path / "full" / "prompt.safetensors"))["emb"]
     b = load_file(str(tmp_path / "killed" / "prompt.safetensors"))["emb"]
-    assert torch.equal(a, b)  # the average over all 30 epochs, the first ones from before the kill
-    assert len(_records(tmp_path / "killed")) == 30
+    assert torch.equal(a, b)  # the average over all 12 epochs, the first ones from before the kill
+    assert len(_records(tmp_path / "killed")) == 12
 
 
 def test_python_api_builds_steps_evaluates_and_loads(tiny_vit, registered, model_files, folder, cache_dir,
