@@ -140,12 +140,20 @@ def test_preset_is_the_originals_recipe_field_by_field():
             assert (t.warmup_epochs, t.warmup_lr) == (rec["warmup_epoch"], rec["warmup_lr"])
             assert o["init"] == original.INIT_TEXT and o["kg_weight"] == rec["w"] and o["csc"] is rec["csc"]
             assert o["class_position"] == rec["class_token_position"] and o["n_ctx"] is None  # 4: the init's length
-            # the anchors' template: KgCoOp's own table, which differs from CoOp's for DTD only
-            from vlprompt.data.templates import template_for
+            assert o["templates"] == ["dataset"]  # the same option on every dataset: one recipe to average
 
-            expected = original.CUSTOM_TEMPLATES[dassl]
-            assert o["templates"] == ([expected] if dataset == "dtd" else ["dataset"])
-            assert dataset == "dtd" or template_for(dataset) == expected
+
+def test_anchor_templates_are_kgcoops_own_on_every_dataset(tiny_vit):
+    """``--templates dataset`` on each dataset, as a run builds the method (with the dataset's own CoOp prompt), is
+    KgCoOp's table (kgcoop.py:37-54): CoOp's except DTD's; an explicit template stays."""
+    from vlprompt.data.registry import ALIASES
+    from vlprompt.data.templates import template_for
+
+    for dassl, expected in original.CUSTOM_TEMPLATES.items():
+        method = build_method("kgcoop", {}, tiny_vit, ["cat"], template=template_for(ALIASES[dassl]))
+        assert method.handcrafted.templates == [expected] and method.template_request == ["dataset"], dassl
+    method = build_method("kgcoop", {"templates": ["{} texture."]}, tiny_vit, ["cat"], template="{} texture.")
+    assert method.handcrafted.templates == ["{} texture."]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from vlprompt.engine.sources import CachedViews
 from vlprompt.engine.trainer import TrainConfig, Trainer
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Batch, Features
-from vlprompt.methods.prompts.prograd import PROGRAD_TEMPLATES, ProGrad
+from vlprompt.methods.prompts.prograd import ProGrad
 from vlprompt.testing import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,20 +37,17 @@ def feats(n, dim, seed=0):
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
 
 
-def prograd_template(dassl_name: str) -> str:
-    """vlprompt's ProGrad template of a dataset named as Dassl names it."""
-    name = ALIASES[dassl_name]
-    return PROGRAD_TEMPLATES.get(name, template_for(name))
-
-
 def test_template_table_and_every_datasets_init_and_layout_equal_the_original(tiny_vit):
-    """The context (zeros, then the phrase's first p word vectors) and the fixed tokens after it (the phrase's
-    spilled token where it has a comma, the class name, '.', end, padding) of each of the 15 datasets' phrases."""
+    """On each of the 15 datasets (built as a run builds it: the default ``--templates dataset`` and the dataset's
+    own prompt), the teacher's template is ProGrad's, and the context (zeros, then the phrase's first p word vectors)
+    and the fixed tokens after it (the phrase's spilled token where it has a comma, the class name, '.', end,
+    padding) are the original's."""
     model = tiny_vit.model
     spilled = 0
     for dassl, template in original.CUSTOM_TEMPLATES.items():
-        assert prograd_template(dassl) == template, dassl
-        method = build_method("prograd", {"templates": [template]}, tiny_vit, NAMES)
+        method = build_method("prograd", {}, tiny_vit, NAMES, template=template_for(ALIASES[dassl]))
+        assert method.config.templates == [template] and method.config.to_dict()["templates"] == [template], dassl
+        assert method.template_request == ["dataset"]
         ctx, prefix = original.init_context(model, dassl)
         tp, ts, tok, _ = original.prompt_buffers(model, NAMES, prefix, 16)
         assert method.config.init == original.init_phrase(dassl) and method.prompt.n_ctx == 16
@@ -174,8 +171,7 @@ def test_preset_is_the_originals_recipe_field_by_field():
                                                                    rec["class_token_position"])
             assert (o["init"], o["init_length"], o["init_placement"], o["temperature"]) == ("template", "words", "end",
                                                                                           rec["T"])
-            assert o["templates"] == ([original.CUSTOM_TEMPLATES[dassl]] if dataset in PROGRAD_TEMPLATES
-                                      else ["dataset"])
+            assert o["templates"] == ["dataset"]  # ProGrad's wording of the dataset's prompt (test above)
         # base-to-new (base2new_train_prograd.sh): rn50_ep100, ImageNet rn50_ep50, lambda 1
         cfg = resolve({"method": "prograd", "data": {"dataset": dataset, "root": "/data", "shots": 16,
                                                      "classes": "base"}})

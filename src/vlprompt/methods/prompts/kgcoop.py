@@ -18,8 +18,9 @@ What the original does, and what this method does with it:
 * ``CLASS_TOKEN_POSITION`` is read and never used: the class name is always at the end (kgcoop.py:173, 175-193).
   ``--class-position`` middle / front are CoOp's layouts, a variant;
 * its hand-crafted prompts are CoOp's per-dataset templates except DTD's, "a photo of a {}, a type of texture."
-  (kgcoop.py:37-54, DTD at l.41): :meth:`KgCoOp.preset` sets it for ``dtd``; class names with "_" replaced
-  (kgcoop.py:137-138);
+  (kgcoop.py:37-54, DTD at l.41): ``--templates dataset`` (the default) is the dataset's prompt in KgCoOp's wording
+  (:data:`KGCOOP_TEMPLATES`), so the recipe's option is the same on every dataset (a run's identity, the report's
+  11-dataset averages); class names with "_" replaced (kgcoop.py:137-138);
 * the anchors come from a second CLIP built fp16 on CUDA (kgcoop.py:132-146) and the whole model is fp16 by default
   (``PREC "fp16"``): here everything is float32 (autocast on GPU for the towers), an fp16 artefact not reproduced;
 * dead parameters that consume RNG and are saved in every checkpoint but never used in the forward:
@@ -44,7 +45,7 @@ from typing import Optional, Sequence
 
 import torch.nn.functional as F
 
-from ...data.templates import DEFAULT_TEMPLATE, resolve_templates
+from ...data.templates import DATASET_TEMPLATES, DEFAULT_TEMPLATE, resolve_templates
 from ...errors import CheckpointError
 from ..base import Batch, StepOutput, cosine_logits, opt
 from ..parts.context import ContextClassifier
@@ -57,8 +58,9 @@ from ..parts.recipes import DASSL_SGD
 INIT_WORDS = "a photo of a"
 
 #: KgCoOp's hand-crafted prompts where they differ from CoOp's (kgcoop.py:37-54: only DescribableTextures, l.41),
-#: by vlprompt's dataset names.
+#: by vlprompt's dataset names; ``dataset`` in ``--templates`` stands for these.
 KGCOOP_TEMPLATES = {"dtd": "a photo of a {}, a type of texture."}
+_WORDING = {DATASET_TEMPLATES[name]: template for name, template in KGCOOP_TEMPLATES.items()}
 
 #: The saved tensors of its prompt learner (kgcoop.py:123-171): the context, the fixed token buffers and the dead
 #: parameters (bias_vectors, meta_net.linear1) that every checkpoint holds.
@@ -68,6 +70,11 @@ SAVED_TENSORS = {"ctx", "token_prefix", "token_suffix", "bias_vectors", "meta_ne
 
 @dataclass
 class KgCoOpConfig(ClassContextOptions, HandCraftedOptions):
+    templates: list[str] = opt(default_factory=lambda: ["dataset"],
+                               help="the hand-crafted prompts the learned class features are kept near: dataset (the "
+                                    "dataset's prompt in KgCoOp's wording: CoOp's, DTD 'a photo of a {}, a type of "
+                                    "texture.'), a template with '{}', imagenet80, imagenet-select, ensemble; several "
+                                    "are ensembled")
     init: Optional[str] = opt(INIT_WORDS, "initialise the context from words (the original: 'a photo of a' whatever "
                               "its CTX_INIT says); 'none': random N(0, init_std)")
     kg_weight: float = opt(8.0, "W, the weight of the knowledge-guided term 1 - mean_c cos(learned, hand-crafted "
@@ -91,17 +98,17 @@ class KgCoOp(ContextClassifier):
         100 epochs (l.18), cosine with one constant warm-up epoch at 1e-5 (l.19-22); momentum 0.9 and weight decay
         5e-4 are the Dassl fork's defaults (``Dassl.ProGrad.pytorch/dassl/config/defaults.py:149-157``);
         ``CTX_INIT: True`` (l.33) = "a photo of a" (kgcoop.py:94-104), ``N_CTX 4``, end, CSC False
-        (base2new_train.sh:12-15); W 8.0 (scripts/run.sh); DTD's own template (kgcoop.py:41). The same for every
-        dataset and number of shots. Backbone ViT-B/16 (l.29): give ``--backbone ViT-B-16``."""
-        train = {**DASSL_SGD, "batch_size": 128, "epochs": 100}
-        options = {"init": INIT_WORDS, "kg_weight": 8.0}
-        if data.dataset in KGCOOP_TEMPLATES:
-            options["templates"] = [KGCOOP_TEMPLATES[data.dataset]]
-        return {"train": train, "method_options": options}
+        (base2new_train.sh:12-15); W 8.0 (scripts/run.sh); the dataset's prompt in KgCoOp's wording (kgcoop.py:37-54,
+        :meth:`expand_templates`). The same for every dataset and number of shots. Backbone ViT-B/16 (l.29): give
+        ``--backbone ViT-B-16``."""
+        return {"train": {**DASSL_SGD, "batch_size": 128, "epochs": 100},
+                "method_options": {"init": INIT_WORDS, "kg_weight": 8.0, "templates": ["dataset"]}}
 
     @classmethod
     def expand_templates(cls, request, dataset_template):
-        return resolve_templates(request, dataset_template or DEFAULT_TEMPLATE)
+        """``dataset`` is the dataset's prompt in KgCoOp's wording (CoOp's, except DTD's)."""
+        own = dataset_template or DEFAULT_TEMPLATE
+        return resolve_templates(request, _WORDING.get(own, own))
 
     @classmethod
     def import_original(cls, run):

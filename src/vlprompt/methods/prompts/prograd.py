@@ -19,7 +19,9 @@ What the original does, and what this method does with it:
   own wording of CoOp's templates ("a type of pet, a photo of a {}.", DTD "a texture of {}.", prograd.py:201-217)
   without " {}.", whose first p WORD embeddings fill the last p of ``N_CTX`` = 16 slots, zeros before
   (prograd.py:78-95). p counts words, so where the phrase has a comma ("pet,") its last token ("a") is not learned
-  and stays a fixed token right after the context. Here: ``init "template"`` (the phrase of the first template),
+  and stays a fixed token right after the context. ``--templates dataset`` (the default) is the dataset's prompt in
+  ProGrad's wording (:data:`PROGRAD_TEMPLATES`): the recipe's option is the same on every dataset (a run's
+  identity, the report's 11-dataset averages). Here: ``init "template"`` (the phrase of the first template),
   ``init_placement end``, ``init_length words``, ``n_ctx 16`` -- the shared word-init rule of
   :mod:`..parts.context`; the phrase is recorded in the run's configuration, so an evaluation on another dataset
   keeps the trained prompt layout (the original would rebuild the layout from the evaluated dataset's phrase);
@@ -50,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data.registry import ALIASES
-from ...data.templates import DEFAULT_TEMPLATE, resolve_templates, template_for
+from ...data.templates import DATASET_TEMPLATES, DEFAULT_TEMPLATE, resolve_templates, template_for
 from ...errors import CheckpointError, ConfigError
 from ..base import Batch, StepOutput, cosine_logits, opt
 from ..parts.context import ContextClassifier
@@ -69,6 +71,7 @@ PROGRAD_TEMPLATES = {
     "dtd": "a texture of {}.",
     "food101": "a type of food, a photo of {}.",
 }
+_WORDING = {DATASET_TEMPLATES[name]: template for name, template in PROGRAD_TEMPLATES.items()}
 
 #: ``LOSS.LAMBDA`` 0.8 for these datasets at 8 and 16 shots (ProGrad.public/README.md:52); 1.0 otherwise
 #: (scripts/prograd.sh:15, base2new_train_prograd.sh:16).
@@ -95,6 +98,11 @@ def template_phrase(template: str) -> str:
 
 @dataclass
 class ProGradConfig(ClassContextOptions, HandCraftedOptions):
+    templates: list[str] = opt(default_factory=lambda: ["dataset"],
+                               help="the hand-crafted prompts of the zero-shot teacher (and of --init template): "
+                                    "dataset (the dataset's prompt in ProGrad's wording, e.g. 'a type of pet, a photo "
+                                    "of a {}.'), a template with '{}', imagenet80, imagenet-select, ensemble; several "
+                                    "are ensembled")
     n_ctx: Optional[int] = opt(16, "context vectors M (the original: 16; with --init-placement end the init's words "
                                "fill the last of them)", min=1)
     init: Optional[str] = opt(TEMPLATE_INIT, "initialise the context from words: 'template' (the original) = the "
@@ -133,22 +141,22 @@ class ProGrad(ContextClassifier):
         base-to-new (``--classes base``): rn50_ep100, 100 epochs, ImageNet rn50_ep50 (base2new_train_prograd.sh:10,
         README.md "change the CFG ... to rn50_ep50"); 16 context vectors (README.md commands, base2new scripts
         NCTX=16) from the template phrase (``CTX_INIT: True``, rn50*.yaml l.37); lambda 1.0 (prograd.sh:15), 0.8 for
-        8 and 16 shots of Flowers, DTD and EuroSAT (README.md:52); T 1.0 (rn50*.yaml l.25); ProGrad's template for
-        Pets, Flowers, Aircraft, DTD and Food101 (prograd.py:201-217). Backbone RN50 (rn50*.yaml l.33)."""
+        8 and 16 shots of Flowers, DTD and EuroSAT (README.md:52); T 1.0 (rn50*.yaml l.25); the dataset's prompt in
+        ProGrad's wording (prograd.py:201-217, :meth:`expand_templates`). Backbone RN50 (rn50*.yaml l.33)."""
         train = coop_recipe(data)
         base_to_new = data.classes != "all"
         if base_to_new:
             train["epochs"] = 50 if "imagenet" in data.dataset.lower() else 100
         lam = 0.8 if (not base_to_new and data.dataset in LAMBDA_08 and data.shots in (8, 16)) else 1.0
         options = {"n_ctx": 16, "init": TEMPLATE_INIT, "init_length": "words", "init_placement": "end",
-                   "lambda_": lam, "temperature": 1.0}
-        if data.dataset in PROGRAD_TEMPLATES:
-            options["templates"] = [PROGRAD_TEMPLATES[data.dataset]]
+                   "lambda_": lam, "temperature": 1.0, "templates": ["dataset"]}
         return {"train": train, "method_options": options}
 
     @classmethod
     def expand_templates(cls, request, dataset_template):
-        return resolve_templates(request, dataset_template or DEFAULT_TEMPLATE)
+        """``dataset`` is the dataset's prompt in ProGrad's wording (CoOp's, reworded for 5 datasets)."""
+        own = dataset_template or DEFAULT_TEMPLATE
+        return resolve_templates(request, _WORDING.get(own, own))
 
     @classmethod
     def import_original(cls, run):
