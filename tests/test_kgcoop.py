@@ -325,3 +325,23 @@ def test_config_alone_is_validated_and_the_python_api_builds_it(tiny_vit):
     method.set_classnames(["cat", "dog", "bird"])  # class-agnostic
     assert method.handcrafted.features().shape == (3, tiny_vit.embed_dim)
     assert F.cosine_similarity(method.prompt.encode()[0], method.handcrafted.features()).min() > 1 - 1e-5
+
+
+def test_a_resumed_run_continues_bit_for_bit(tiny_vit, tmp_path):
+    """Stopped after 2 of 4 epochs and resumed on a freshly built method (the hand-crafted features encoded again):
+    the same context as the uninterrupted run, to the bit."""
+    views = feats(12, tiny_vit.embed_dim, seed=11).reshape(2, 6, -1)
+    labels = torch.arange(6) % len(NAMES)
+    common = dict(epochs=4, batch_size=3, lr=0.3, warmup_epochs=1, checkpoint_every=1)
+    runs = {}
+    for name, stop in (("full", 0), ("part", 4)):
+        method = build_method("kgcoop", {"templates": [DTD_KGCOOP]}, tiny_vit, NAMES)
+        Trainer(method, TrainConfig(**common, max_steps=stop), tmp_path / name, seed=5,
+                progress=False).fit(CachedViews(views), labels)
+        runs[name] = method
+    assert not torch.equal(runs["part"].prompt.ctx, runs["full"].prompt.ctx)
+    resumed = build_method("kgcoop", {"templates": [DTD_KGCOOP]}, tiny_vit, NAMES)
+    trainer = Trainer(resumed, TrainConfig(**common), tmp_path / "part", seed=5, progress=False)
+    assert trainer.resume() and trainer.state.epoch == 2
+    trainer.fit(CachedViews(views), labels)
+    assert torch.equal(resumed.prompt.ctx, runs["full"].prompt.ctx)

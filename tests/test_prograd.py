@@ -372,3 +372,25 @@ def test_import_with_another_phrase_is_refused_by_the_saved_class_tokens(tiny_vi
                           str(tmp_path / "cache"), "--output", str(tmp_path / "out"), "--quiet"], capsys)
     assert rc == 2 and "saved class tokens" in err and err.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_continues_bit_for_bit(tiny_vit, tmp_path):
+    """Stopped after 2 of 4 epochs and resumed from its checkpoint on a freshly built method (the teacher encoded
+    again, nothing of the hook kept between steps): the same context as the uninterrupted run, to the bit."""
+    views = feats(12, tiny_vit.embed_dim, seed=11).reshape(2, 6, -1)  # 2 cached views of 6 images
+    labels = torch.arange(6) % len(NAMES)
+    common = dict(epochs=4, batch_size=3, lr=0.3, warmup_epochs=1, checkpoint_every=1)
+    runs = {}
+    for name, stop in (("full", 0), ("part", 4)):  # 2 steps per epoch: stop after 2 epochs
+        torch.manual_seed(0)
+        method = build_method("prograd", {}, tiny_vit, NAMES)
+        Trainer(method, TrainConfig(**common, max_steps=stop), tmp_path / name, seed=5,
+                progress=False).fit(CachedViews(views), labels)
+        runs[name] = method
+    assert not torch.equal(runs["part"].prompt.ctx, runs["full"].prompt.ctx)
+    torch.manual_seed(1)  # another init: the checkpoint must replace it
+    resumed = build_method("prograd", {}, tiny_vit, NAMES)
+    trainer = Trainer(resumed, TrainConfig(**common), tmp_path / "part", seed=5, progress=False)
+    assert trainer.resume() and trainer.state.epoch == 2
+    trainer.fit(CachedViews(views), labels)
+    assert torch.equal(resumed.prompt.ctx, runs["full"].prompt.ctx)
