@@ -109,4 +109,5 @@ class HandCraftedOptions(MethodConfig):
                                   f"{', '.join(TEMPLATE_SETS)}), and not a template: {e}") from e
 
 
-__all__ = ["POSITIONS", "TEXT_MODES", "INIT_LENGTHS", "INIT_PLACEMENTS", "clean_init_words", "ContextOptions", "ClassContextOptions", "HandCraftedOptions"]
+__all__ = ["POSITIONS", "TEXT_MODES", "INIT_LENGTHS", "INIT_PLACEMENTS", "clean_init_words", "ContextOptions",
+           "ClassContextOptions", "HandCraftedOptions"]
