@@ -85,8 +85,7 @@ class KgCoOp(ContextClassifier):
     name = "kgcoop"
     family = "prompts"
     config_class = KgCoOpConfig
-    summary = ("CoOp's context trained near the hand-crafted prompts' class text features: loss CE + W * (1 - mean "
-               "cosine between learned and hand-crafted class features); evaluates as CoOp, on any class list")
+    summary = "CoOp's context kept near the hand-crafted prompts' class features: CE + W (1 - mean cosine)"
     original_format = "dassl"
     uses_template = True
     template_field = "templates"

@@ -125,8 +125,7 @@ class ProGrad(ContextClassifier):
     name = "prograd"
     family = "prompts"
     config_class = ProGradConfig
-    summary = ("CoOp's context whose cross-entropy gradient is projected off the gradient of a KL toward zero-shot "
-               "CLIP where they conflict (two backward passes per step); evaluates as CoOp, on any class list")
+    summary = "CoOp's context; the CE gradient projected off the zero-shot KL's gradient where they conflict"
     original_format = "dassl"
     uses_template = True
     template_field = "templates"
