@@ -212,7 +212,7 @@ class ProGrad(ContextClassifier):
         reaches :meth:`on_before_optimizer_step`, never the update itself."""
         image = batch.feats.global_
         logits = cosine_logits(image, self.prompt.encode()[0], self.logit_scale)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(image.device.type, enabled=False):  # the original's fp32 teacher
             teacher = cosine_logits(image.float(), self.teacher.features(), self.logit_scale)
         student = logits.float()
         ce = F.cross_entropy(student, batch.labels)
