@@ -81,7 +81,8 @@ def reference(models, dtd, cache_dir, tmp_path_factory):
 # -- expansion -----------------------------------------------------------------------------------------
 def test_every_preset_expands_to_its_protocols_cells():
     expected = {"coop-fewshot": 165, "plot-fewshot": 165, "coop-dg": 3, "cocoop-base2new": 33,
-                "cocoop-cross-dataset": 3, "ordinal-folds": 21, "ordinal-fewshot": 7, "ordinal-shift": 8}
+                "cocoop-cross-dataset": 3, "ordinal-folds": 21, "ordinal-fewshot": 7, "ordinal-shift": 8,
+                "kgcoop-fewshot": 33, "prograd-base2new": 33, "prograd-dg": 3}
     assert set(preset_names()) == set(expected)
     for name, n in expected.items():
         spec = load_preset(name)
@@ -97,6 +98,20 @@ def test_every_preset_expands_to_its_protocols_cells():
     cells = resolve_cells(expand(b2n))
     assert cells[0].config.data.classes == "base" and cells[0].evaluations == [{"base_to_new": True}]
     assert len(expand(_rooted("cocoop-cross-dataset"))[0].evaluations) == 10
+    # KgCoOp's and ProGrad's own grids (their scripts), and theirs on the grids they share with CoOp / CoCoOp
+    kg = resolve_cells(expand(_rooted("kgcoop-fewshot")))
+    assert {(c.config.backbone, c.config.data.shots, c.config.data.classes) for c in kg} == {("ViT-B-16", 4, "all")}
+    assert {c.config.train.epochs for c in kg} == {100} and {c.config.method for c in kg} == {"kgcoop"}
+    pg = resolve_cells(expand(_rooted("prograd-base2new")))
+    assert {(c.config.backbone, c.config.data.shots, c.config.data.classes) for c in pg} == {("RN50", 4, "base")}
+    assert {c.config.data.dataset: c.config.train.epochs for c in pg}["imagenet"] == 50
+    assert pg[0].evaluations == [{"base_to_new": True}]
+    dg = resolve_cells(expand(_rooted("prograd-dg")))
+    assert dg[0].config.data.shots == 4 and len(dg[0].evaluations) == 4
+    for name, method in (("cocoop-base2new", "kgcoop"), ("coop-fewshot", "prograd")):
+        spec = _rooted(name)
+        spec.set_axis("method", [method], "--methods")
+        assert {c.config.method for c in resolve_cells(expand(spec))} == {method}
 
 
 def _rooted(name):

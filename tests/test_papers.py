@@ -9,10 +9,11 @@ from vlprompt.papers import PROTOCOLS, load_papers, matches, normalize_backbone,
 
 def test_bundled_paper_files_load_and_every_number_has_its_source():
     numbers = load_papers()
-    assert {f.name for f in paper_files()} == {"coop.json", "cocoop.json", "plot.json", "ordinalclip.json"}
+    assert {f.name for f in paper_files()} == {"coop.json", "cocoop.json", "plot.json", "ordinalclip.json",
+                                               "kgcoop.json"}
     assert numbers and all(n.source.strip() and n.protocol in PROTOCOLS for n in numbers)
     notes = paper_notes()
-    assert set(notes) == {"CoOp", "CoCoOp", "PLOT", "OrdinalCLIP"}
+    assert set(notes) == {"CoOp", "CoCoOp", "PLOT", "OrdinalCLIP", "KgCoOp"}
     assert all(v["notes"] and v["citation"] for v in notes.values())  # what was bundled and why, per paper
 
 
@@ -109,7 +110,8 @@ def test_a_number_whose_backbone_is_not_stated_never_joins():
 
 @pytest.mark.parametrize("method, dataset, protocol, shots, classes", [
     ("cocoop", "dtd", "base2new", 16, "base"), ("coop", "imagenet", "fewshot", 16, "all"),
-    ("coop", "imagenet", "fewshot", 1, "all"), ("zeroshot", "dtd", "base2new", 0, "base")])
+    ("coop", "imagenet", "fewshot", 1, "all"), ("zeroshot", "dtd", "base2new", 0, "base"),
+    ("kgcoop", "eurosat", "base2new", 16, "base"), ("prograd", "eurosat", "base2new", 16, "base")])
 def test_a_default_run_of_the_papers_recipe_meets_its_numbers_conditions(method, dataset, protocol, shots, classes):
     """The conditions name keys a resolved run really carries, with the values its default (paper) recipe has: a
     condition on a key no run has, or on a value the recipe never takes, would silently never join."""
@@ -126,3 +128,29 @@ def test_a_default_run_of_the_papers_recipe_meets_its_numbers_conditions(method,
     for n in found:
         assert matches(n, method=method, dataset=dataset, protocol=protocol, backbone=backbone, pretrained="openai",
                        shots=shots, metric=n.metric, flat_identity=flat), n
+
+
+def test_kgcoop_numbers_are_its_readmes_and_maintainers_and_join_only_its_recipe():
+    """htyao89/KgCoOp readme.md (base-to-new averages, ViT-B/16 16 shots: KgCoOp and ProGrad as its comparison
+    prints it) and issue #2 (EuroSAT base); KgCoOp's rows join runs of its scripts' recipe only, either schedule."""
+    rows = [n for n in load_papers() if n.paper == "KgCoOp"]
+    by = {(n.method, n.dataset, n.metric): n for n in rows}
+    assert len(by) == len(rows) == 8
+    for method, (b, n, h) in {"kgcoop": (80.73, 73.6, 77.0), "prograd": (82.48, 70.75, 76.16)}.items():
+        assert [by[method, "average11", m].value for m in ("base", "new", "harmonic_mean")] == [b, n, h]
+        assert 2 * b * n / (b + n) == pytest.approx(h, abs=0.01)  # the README's H is of its averages
+    assert by["kgcoop", "eurosat", "base"].value == 85.64 and by["prograd", "eurosat", "base"].value == 90.11
+    assert all((n.backbone, n.pretrained, n.shots, n.protocol) == ("ViT-B-16", "openai", 16, "base2new")
+               for n in rows)
+    assert all(not n.conditions for n in rows if n.method == "prograd")
+    recipe = {"method_options.init": "a photo of a", "method_options.n_ctx": None, "method_options.csc": False,
+              "method_options.class_position": "end", "method_options.kg_weight": 8.0, "train.epochs": 100,
+              "train.batch_size": 128, "train.scheduler": "cosine"}
+    n = by["kgcoop", "average11", "harmonic_mean"]
+    kw = dict(method="kgcoop", dataset="average11", protocol="base2new", backbone="ViT-B-16", pretrained="openai",
+              shots=16, metric="harmonic_mean")
+    assert matches(n, **kw, flat_identity=recipe)
+    assert matches(n, **kw, flat_identity={**recipe, "train.scheduler": "cosine_squared"})
+    for change in ({"method_options.kg_weight": 4.0}, {"method_options.init": None}, {"train.epochs": 200},
+                   {"method_options.csc": True}, {"train.batch_size": 32}):
+        assert not matches(n, **kw, flat_identity={**recipe, **change}), change

@@ -310,6 +310,43 @@ def test_word_count_init_keeps_the_further_init_tokens_fixed_as_the_reference(ti
     assert plot.prompt.n_ctx == 3 and torch.equal(plot.prompt.tail, coop.prompt.tail)
 
 
+@pytest.mark.parametrize("length", ["words", "tokens"])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_init_placed_at_the_end_of_a_zero_padded_context(tiny_vit, position, length):
+    """``init_placement end`` (ProGrad's rule, for any prompt learner): the init's p vectors are the last of n_ctx,
+    zeros before, and the prompt text is ``"X" * (n_ctx - p) + init``: counting words, "itap of a"'s 4th token stays
+    a fixed token right after the context; counting tokens, all 4 are learned."""
+    model = tiny_vit.model
+    words, n_ctx = "itap of a", 7
+    p = 3 if length == "words" else 4
+    coop = CoOp(CoOpConfig(init=words, init_length=length, init_placement="end", n_ctx=n_ctx,
+                           class_position=position, text_mode="plain"), tiny_vit, NAMES)
+    assert coop.prompt.n_ctx == coop.config.n_ctx == n_ctx
+    with torch.no_grad():
+        first = model.token_embedding(_tokenizer(words))[0, 1:1 + p]
+    torch.testing.assert_close(coop.prompt.ctx[0, 0, n_ctx - p:].detach(), first, rtol=0, atol=0)
+    assert torch.count_nonzero(coop.prompt.ctx[0, 0, :n_ctx - p]) == 0
+    with torch.no_grad():
+        coop.prompt.ctx.normal_(0, 0.5)
+    prefix = " ".join(["X"] * (n_ctx - p) + [words]) if length == "words" else None
+    expected, tokenized = reference_prompts(model, NAMES, coop.prompt.ctx[0, 0].detach(), position,
+                                            prompt_prefix=prefix)
+    torch.testing.assert_close(coop.prompt.full_embeddings()[0], expected, rtol=0, atol=0)
+    image = images(6, tiny_vit.embed_dim)
+    coop.eval()
+    with torch.no_grad():
+        ref = reference_logits(model, image, reference_text(model, expected, tokenized))
+        torch.testing.assert_close(coop(Features(global_=image)), ref, rtol=0, atol=1e-5)
+    rebuilt = build_method("coop", coop.config.to_dict(), tiny_vit, NAMES)
+    assert torch.equal(rebuilt.prompt.tail, coop.prompt.tail)
+    with pytest.raises(ConfigError, match=r"give --n-ctx 3 or more \(got 2\)"):
+        CoOp(CoOpConfig(init=words, init_length="words", init_placement="end", n_ctx=2), tiny_vit, NAMES)
+    with pytest.raises(ConfigError, match="init_placement.*--init"):
+        CoOpConfig(init_placement="end")  # a random context has no words to place: refused by the config
+    with pytest.raises(ConfigError, match="pad it with zeros"):
+        CoOp(CoOpConfig(init=words, n_ctx=7), tiny_vit, NAMES)
+
+
 def test_word_count_init_is_refused_where_it_means_nothing(tiny_vit):
     with pytest.raises(ConfigError, match="init_length.*--init"):
         CoOp(CoOpConfig(init_length="words"), tiny_vit, CLASSES)

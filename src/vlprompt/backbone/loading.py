@@ -10,23 +10,20 @@ instead of after the hub client's ~50 s of retries.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import pickle
 import warnings
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError
-from .model import PIXEL_KEYS, Backbone, BackboneSpec, _json_preprocess_cfg, _model_preprocess_cfg
+from .model import PIXEL_KEYS, Backbone, BackboneSpec, _model_preprocess_cfg
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ def register(sub) -> None:
 
     sources = importable_methods()
 
-    p = sub.add_parser("import", help="import a run of the original CoOp / CoCoOp / PLOT / OrdinalCLIP code",
+    p = sub.add_parser("import", help=f"import a run of a method's original code ({', '.join(sources)})",
                        description="Import a run of the original repositories (Dassl output folder or checkpoint, "
                                    "OrdinalCLIP Lightning .ckpt) into a vlprompt run directory, evaluated on the "
                                    "test split. Nothing from the files is executed.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 
-SCHEDULERS = ("cosine", "constant", "cosine_step")
+SCHEDULERS = ("cosine", "constant", "cosine_step", "cosine_squared")
 
 
 def lr_at_step(epoch: int, step: int, steps_per_epoch: int, *, base_lr: float, epochs: int, scheduler: str = "cosine",
@@ -29,12 +29,17 @@ def lr_at_epoch(epoch: int, *, base_lr: float, epochs: int, scheduler: str = "co
 
     Warm-up epochs run at ``warmup_lr`` and count inside ``epochs``; afterwards the cosine restarts from the base
     rate: epoch e >= w has lr = base * (1 + cos(pi * (e - w) / epochs)) / 2, stepped once per epoch.
+
+    ``cosine_squared``: base * ((1 + cos(pi * (e - w) / epochs)) / 2) ** 2 -- two such cosine schedulers stepping
+    one optimizer under torch 1.x (each multiplies the rate by its own ratio), what KgCoOp's maintainer ran in the
+    log posted in htyao89/KgCoOp issue #2 (its printed rates are these to 7 digits; the released code has one).
     """
     if epoch < warmup_epochs:
         return warmup_lr
     if scheduler == "constant":
         return base_lr
-    if scheduler != "cosine":
-        raise ValueError(f"unknown scheduler {scheduler!r} (cosine | constant)")
+    if scheduler not in ("cosine", "cosine_squared"):
+        raise ValueError(f"unknown scheduler {scheduler!r} (cosine | constant | cosine_squared)")
     t = epoch - warmup_epochs
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * t / epochs))
+    factor = 0.5 * (1.0 + math.cos(math.pi * t / epochs))
+    return base_lr * (factor * factor if scheduler == "cosine_squared" else factor)

@@ -60,7 +60,9 @@ class TrainConfig:
     adam_eps: float = opt(1e-8, "epsilon of adam / adamw / radam (torch's default 1e-8)", gt=0)
     weight_decay: float = opt(5e-4, "weight decay", min=0)
     scheduler: str = opt("cosine", "learning-rate schedule: cosine / constant per epoch (Dassl's), cosine_step "
-                         "per optimisation step (torch's CosineAnnealingLR over every step)", choices=SCHEDULERS)
+                         "per optimisation step (torch's CosineAnnealingLR over every step), cosine_squared per epoch "
+                         "(two of Dassl's cosines on one optimizer: the KgCoOp maintainer's posted log)",
+                         choices=SCHEDULERS)
     warmup_epochs: int = opt(1, "epochs at the constant warm-up rate, counted inside --epochs", min=0)
     warmup_lr: float = opt(1e-5, "learning rate of the warm-up epochs", gt=0)
     views: Optional[int] = opt(10, "cached augmented views per training image (cached-views mode; null where it "

@@ -51,6 +51,8 @@ register_method("linear-probe", "vlprompt.methods.baselines.linear_probe:LinearP
 register_method("coop", "vlprompt.methods.prompts.coop:CoOp")
 register_method("cocoop", "vlprompt.methods.prompts.cocoop:CoCoOp")
 register_method("plot", "vlprompt.methods.prompts.plot:PLOT")
+register_method("kgcoop", "vlprompt.methods.prompts.kgcoop:KgCoOp")
+register_method("prograd", "vlprompt.methods.prompts.prograd:ProGrad")
 register_method("ordinalclip", "vlprompt.methods.ordinal.ordinalclip:OrdinalCLIP")
 register_method("rank-linear", "vlprompt.methods.ordinal.baselines:RankLinear")
 register_method("rank-regression", "vlprompt.methods.ordinal.baselines:RankRegression")

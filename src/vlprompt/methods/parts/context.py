@@ -1,5 +1,6 @@
 """Learned context vectors placed around class names: the prompt layout shared by CoOp, CoCoOp, PLOT, KgCoOp
-and ProGrad (:class:`PromptContext`), and :class:`ContextPromptMethod`, the base of the methods that learn one.
+and ProGrad (:class:`PromptContext`), :class:`ContextPromptMethod`, the base of the methods that learn one, and
+:class:`ContextClassifier`, the base of those whose K class prompts classify by cosine (CoOp, KgCoOp, ProGrad).
 
 A prompt is ``<sot> ctx_1 .. ctx_M <class name> . <eot> <pad>..`` (class token at the end), or with the class
 name in the middle (context split at M // 2) or at the front. The learned context is stored without the class
@@ -19,6 +20,13 @@ instead (``n_ctx = len(ctx_init.split(" "))``): it learns the first ``n_ctx`` to
 tokenizes ``"<init> {name}."`` whole, so an init with more tokens than words ("itap of a": 3 words, 4 tokens)
 keeps its further tokens fixed, before the class name. ``init_length="words"`` does exactly that (the imported
 original checkpoints need it); where every word is one token the two are the same prompt.
+
+Where the words go (``init_placement``): ``start`` -- the context is exactly the init's vectors (CoOp; ``n_ctx``, if
+given, must be their number); ``end`` -- a context of ``n_ctx`` vectors whose last ones are the init's and whose
+first ones are zeros (ProGrad, BeierZhu/Prompt-align ``trainers/prograd.py:78-95``: the template phrase in the last
+p of 16 slots). The prompt text is then ``"X" * (n_ctx - p) + init``, so with ``init_length="words"`` the init's
+tokens beyond its p words stay fixed right after the context, as in ProGrad (its "a type of pet, a photo of a":
+8 words, 9 tokens).
 """
 from __future__ import annotations
 
@@ -26,11 +34,12 @@ from enum import Enum
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError, VLPromptError
-from ..base import Method, first_difference
-from .options import INIT_LENGTHS
+from ..base import Features, Method, cosine_logits, first_difference
+from .options import INIT_LENGTHS, INIT_PLACEMENTS, clean_init_words
 
 DEFAULT_N_CTX = 16  # context vectors of a random init when n_ctx is not given (CoOp's and PLOT's papers)
 
@@ -39,15 +48,6 @@ class ClassTokenPosition(str, Enum):
     END = "end"
     MIDDLE = "middle"
     FRONT = "front"
-
-
-def clean_init_words(words: Optional[str]) -> Optional[str]:
-    if words is None:
-        return None
-    words = words.replace("_", " ").strip()
-    if not words or words.lower() in ("random", "none"):
-        return None
-    return words
 
 
 def clean_classname(name) -> str:
@@ -104,7 +104,7 @@ class PromptContext(nn.Module):
     def __init__(self, text_encoder, classnames: Sequence[str], *, n_ctx: Optional[int] = None, csc: bool = False,
                  position: str | ClassTokenPosition = ClassTokenPosition.END, init_words: Optional[str] = None,
                  n_prompts: int = 1, init_std: float = 0.02, text_mode: str = "auto",
-                 chunk_size: Optional[int] = 256, init_length: str = "tokens"):
+                 chunk_size: Optional[int] = 256, init_length: str = "tokens", init_placement: str = "start"):
         super().__init__()
         self.text = text_encoder
         self.position = ClassTokenPosition(position)
@@ -123,7 +123,14 @@ class PromptContext(nn.Module):
                               f"{init_length!r}")
         if init_length == "words" and self.init_words is None:
             raise ConfigError("init_length (--init-length) = words counts the words of a word init: give --init")
+        if init_placement not in INIT_PLACEMENTS:
+            raise ConfigError(f"init_placement (--init-placement) must be one of {', '.join(INIT_PLACEMENTS)}, got "
+                              f"{init_placement!r}")
+        if init_placement == "end" and self.init_words is None:
+            raise ConfigError("init_placement (--init-placement) = end places the words of a word init: give --init")
         self.init_length = init_length
+        self.init_placement = init_placement
+        self.n_init = 0  # context vectors initialised from the init's words (the last ones with placement end)
         if self.init_words is not None:
             check_prompts_fit(text_encoder.tokenizer, [self.init_words], text_encoder.context_length,
                               what="init (--init) words")
@@ -136,11 +143,20 @@ class PromptContext(nn.Module):
                                       f"{n_tokens} tokens; remove the repeated spaces")
             else:  # their BPE tokens, one vector each
                 n_words, unit = n_tokens, "tokens"
-            if n_ctx is not None and n_ctx != n_words:
-                raise ConfigError(f"n_ctx (--n-ctx) = {n_ctx} but init (--init) {self.init_words!r} is {n_words} "
-                                  f"{unit} (init_length={init_length}): drop n_ctx or set it to {n_words}")
-            n_ctx = n_words
-            words = text_encoder.embed(tokens)[0, 1:1 + n_ctx]  # (M, D)
+            if init_placement == "end":  # zeros, then the words (ProGrad)
+                if n_ctx is None or n_ctx < n_words:
+                    raise ConfigError(f"init_placement (--init-placement) = end puts init (--init) "
+                                      f"{self.init_words!r} ({n_words} {unit}) at the end of a context of n_ctx "
+                                      f"vectors: give --n-ctx {n_words} or more" + ("" if n_ctx is None else
+                                                                                 f" (got {n_ctx})"))
+            else:
+                if n_ctx is not None and n_ctx != n_words:
+                    raise ConfigError(f"n_ctx (--n-ctx) = {n_ctx} but init (--init) {self.init_words!r} is {n_words} "
+                                      f"{unit} (init_length={init_length}): drop n_ctx or set it to {n_words}, or "
+                                      f"pad it with zeros before the words (--init-placement end)")
+                n_ctx = n_words
+            self.n_init = n_words
+            words = text_encoder.embed(tokens)[0, 1:1 + n_words]  # (p, D)
         elif n_ctx is None:
             n_ctx = DEFAULT_N_CTX
         if n_ctx < 1:
@@ -155,7 +171,8 @@ class PromptContext(nn.Module):
         if self.init_words is None:
             nn.init.normal_(ctx, std=init_std)
         else:
-            ctx[:] = words
+            ctx.zero_()
+            ctx[..., self.n_ctx - self.n_init:, :] = words
             if self.n_prompts > 1:  # identical prompts would receive identical updates forever
                 ctx[1:] += torch.randn(ctx[1:].shape, generator=g) * init_std
         self.ctx = nn.Parameter(ctx.to(text_encoder.device))
@@ -180,8 +197,9 @@ class PromptContext(nn.Module):
         m = self.n_ctx
         length = te.context_length
         if self.init_length == "words":
-            # the reference's sentence: the init's tokens beyond the m learned ones stay in the fixed tail
-            placeholder = self.init_words
+            # the reference's sentence: the init's tokens beyond the m learned ones stay in the fixed tail (placement
+            # end: "X" for each zero vector before the words, as ProGrad writes it)
+            placeholder = " ".join(["X"] * (m - self.n_init) + [self.init_words])
         else:
             placeholder = " ".join(["X"] * m)  # "X" is one token; the reference writes the init words there
             # instead, which gives the same tokens after the context when each is one token (the name follows
@@ -291,7 +309,7 @@ class ContextPromptMethod(Method):
                                     position=config.class_position, init_words=config.init, n_prompts=n_prompts,
                                     init_std=config.init_std, text_mode=config.text_mode,
                                     chunk_size=getattr(config, "chunk_size", chunk_size),
-                                    init_length=config.init_length)
+                                    **config.word_init_rule())
         # record what was learned (method.json / config.yaml write this config); the caller's object is left alone
         self.config = dataclasses.replace(config, n_ctx=self.prompt.n_ctx)
 
@@ -302,3 +320,21 @@ class ContextPromptMethod(Method):
     def interpretable_vectors(self) -> list[tuple[dict, torch.Tensor]]:
         """({"prompt": n, "class": class name or None}, (M, D) context vectors) per learned context block."""
         return self.prompt.interpretable_vectors()
+
+
+class ContextClassifier(ContextPromptMethod):
+    """A learned context whose K class prompts give the class text features that classify images by cosine: CoOp,
+    and the methods that only change how it is trained (KgCoOp's loss, ProGrad's gradient). Evaluation encodes the
+    prompts once; the export is a linear head (the normalised class text features)."""
+
+    def text_features(self) -> torch.Tensor:
+        """(K, E) class text features, not normalised; computed once per evaluation."""
+        return self.once_per_eval(lambda: self.prompt.encode()[0])
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return cosine_logits(feats.global_, self.text_features(), self.logit_scale)
+
+    def export_head(self):
+        with torch.no_grad():
+            text = F.normalize(self.prompt.encode()[0].float(), dim=-1)
+        return {"text_features": text}, {"kind": "linear", "logit_scale": self.logit_scale}

@@ -4,7 +4,9 @@
   the normalised features of each are averaged per class and renormalised (CLIP's prompt ensembling, CoOp's
   ``ZeroshotCLIP2``);
 * :class:`TextFeatureAdapter`: a method that learns on those frozen class features (CoOp's text-transform,
-  text-bias and fine-tuned image encoder baselines).
+  text-bias and fine-tuned image encoder baselines);
+* :class:`HandCraftedText`: those features as the fixed reference a learned prompt is trained toward (KgCoOp's
+  anchors, ProGrad's zero-shot teacher), encoded only when training needs them.
 """
 from __future__ import annotations
 
@@ -102,4 +104,32 @@ class TextFeatureAdapter(Method):
                                          "templates": list(self.templates)}
 
 
-__all__ = ["format_prompts", "check_class_prompts_fit", "class_text_features", "TextFeatureAdapter"]
+class HandCraftedText:
+    """The hand-crafted class text features (K, E) of ``templates`` that a learned prompt is trained toward
+    (KgCoOp's anchors, ProGrad's zero-shot teacher: :func:`class_text_features`, normalised).
+
+    The prompts are checked to fit the text tower when the class list is set (before a run writes anything); the
+    features are encoded on first use -- float32, no gradient, outside any autocast, as the originals' separate
+    fp32 CLIP -- and kept until the class list changes. Only training reads them: a method built to evaluate or
+    predict never encodes them."""
+
+    def __init__(self, backbone, templates: Sequence[str], classnames: Sequence[str]):
+        self.backbone = backbone
+        self.templates = list(templates)
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        classnames = list(classnames)
+        check_class_prompts_fit(self.backbone, classnames, self.templates)
+        self.classnames = classnames
+        self._features = None
+
+    def features(self) -> torch.Tensor:
+        """(K, E) normalised class text features, float32, without gradient."""
+        if self._features is None:
+            with torch.autocast(self.backbone.device.type, enabled=False):
+                self._features = class_text_features(self.backbone, self.classnames, self.templates)
+        return self._features
+
+
+__all__ = ["format_prompts", "check_class_prompts_fit", "class_text_features", "TextFeatureAdapter", "HandCraftedText"]

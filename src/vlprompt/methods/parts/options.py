@@ -19,6 +19,18 @@ POSITIONS = ("end", "middle", "front")
 TEXT_MODES = ("auto", "plain", "cut", "prefix")
 #: how a word init's length is counted (see :mod:`.context`)
 INIT_LENGTHS = ("tokens", "words")
+#: where a word init's vectors go in the context (see :mod:`.context`)
+INIT_PLACEMENTS = ("start", "end")
+
+
+def clean_init_words(words: Optional[str]) -> Optional[str]:
+    """The words of an ``init`` option ("_" as spaces), or None for a random context (none, random, empty)."""
+    if words is None:
+        return None
+    words = words.replace("_", " ").strip()
+    if not words or words.lower() in ("random", "none"):
+        return None
+    return words
 
 
 @dataclass
@@ -32,9 +44,36 @@ class ContextOptions(MethodConfig):
     init_length: str = opt("tokens", "how --init's length is counted: tokens (one learned vector per BPE token) or "
                            "words (the original CoOp: one per space-separated word; the init's further tokens "
                            "stay fixed before the class name)", choices=INIT_LENGTHS)
+    init_placement: str = opt("start", "where --init's vectors go: start (the context is exactly the init's vectors) "
+                              "or end (the last of --n-ctx vectors, zeros before them, as ProGrad)",
+                              choices=INIT_PLACEMENTS)
     init_std: float = opt(0.02, "standard deviation of the random context init", gt=0)
     class_position: str = opt("end", "where the class name goes in the prompt", choices=POSITIONS)
     text_mode: str = opt("auto", "text path (all exact; auto picks the fastest)", choices=TEXT_MODES)
+
+    def check(self) -> None:
+        import dataclasses
+
+        from ...errors import ConfigError
+
+        super().check()
+        if clean_init_words(self.init) is None:  # a random context: the word-init rules do not apply
+            # accepted: the random context's own values (tokens, start) and the method's defaults (ProGrad's words,
+            # end: its rule for its default init); anything else was asked for and would change nothing
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name, what, neutral in (("init_length", "counts the words of", "tokens"),
+                                        ("init_placement", "places the words of", "start")):
+                if getattr(self, name) not in (defaults[name], neutral):
+                    raise ConfigError(f"{name} (--{name.replace('_', '-')}) = {getattr(self, name)} {what} a word "
+                                      f"init: give --init")
+
+    def word_init_rule(self) -> dict:
+        """The word-init options as :class:`.context.PromptContext` takes them: a random context (no ``init``) has
+        no length or placement (a method whose defaults are ProGrad's words / end then builds CoOp's random
+        context)."""
+        if clean_init_words(self.init) is None:
+            return {"init_length": "tokens", "init_placement": "start"}
+        return {"init_length": self.init_length, "init_placement": self.init_placement}
 
 
 @dataclass
@@ -70,4 +109,5 @@ class HandCraftedOptions(MethodConfig):
                                   f"{', '.join(TEMPLATE_SETS)}), and not a template: {e}") from e
 
 
-__all__ = ["POSITIONS", "TEXT_MODES", "INIT_LENGTHS", "ContextOptions", "ClassContextOptions", "HandCraftedOptions"]
+__all__ = ["POSITIONS", "TEXT_MODES", "INIT_LENGTHS", "INIT_PLACEMENTS", "clean_init_words", "ContextOptions",
+           "ClassContextOptions", "HandCraftedOptions"]

@@ -3,12 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
-from ..base import Features, cosine_logits
 from ...errors import CheckpointError
-from ..parts.context import ContextPromptMethod
+from ..parts.context import ContextClassifier
 from ..parts.options import ClassContextOptions
 from ..parts.originals import check_known_tensors, check_trainer, dassl_context_import, shape
 from ..parts.recipes import coop_recipe
@@ -19,7 +15,7 @@ class CoOpConfig(ClassContextOptions):
     pass
 
 
-class CoOp(ContextPromptMethod):
+class CoOp(ContextClassifier):
     name = "coop"
     family = "prompts"
     config_class = CoOpConfig
@@ -47,15 +43,3 @@ class CoOp(ContextPromptMethod):
         return dassl_context_import(cls, run, ctx=ctx, mapped=ctx[None] if csc else ctx[None, None],
                                     section="TRAINER.COOP", options={"csc": csc},
                                     num_classes=int(ctx.shape[0]) if csc else None)
-
-    def text_features(self) -> torch.Tensor:
-        """(K, E) class text features, not normalised; computed once per evaluation."""
-        return self.once_per_eval(lambda: self.prompt.encode()[0])
-
-    def forward(self, feats: Features) -> torch.Tensor:
-        return cosine_logits(feats.global_, self.text_features(), self.logit_scale)
-
-    def export_head(self):
-        with torch.no_grad():
-            text = F.normalize(self.prompt.encode()[0].float(), dim=-1)
-        return {"text_features": text}, {"kind": "linear", "logit_scale": self.logit_scale}
