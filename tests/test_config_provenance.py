@@ -171,3 +171,13 @@ def test_values_the_method_fixes_when_built_are_derived_again(model_files, folde
     on_disk = yaml.safe_load((tmp_path / "coop" / "config.yaml").read_text())
     longer = resolve(merge_requests(request_of(on_disk), {"method_options": {"init": "a good photo of a"}}))
     assert longer.method_options["n_ctx"] is None  # derived from the new init when built (5), not the old 4
+
+
+def test_an_option_added_later_leaves_the_identity_of_earlier_runs_at_its_default():
+    """init_placement came after runs were made: at its default it is not part of the identity (an earlier run's
+    directory keeps its hash), set otherwise it is."""
+    base = {"method": "coop", "data": {"dataset": "dtd", "root": "/data"}, "method_options": {"n_ctx": 4}}
+    cfg = resolve(base)
+    assert cfg.method_options["init_placement"] == "start" and "init_placement" not in cfg.identity()["method_options"]
+    placed = resolve({**base, "method_options": {"n_ctx": 6, "init": "a photo of a", "init_placement": "end"}})
+    assert placed.identity()["method_options"]["init_placement"] == "end"

@@ -22,11 +22,13 @@ from ..errors import CheckpointError, ConfigError, VLPromptError
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: Optional[Sequence] = None,
         min: Optional[float] = None, max: Optional[float] = None, gt: Optional[float] = None,
-        flag: Optional[str] = None, default_factory: Any = dataclasses.MISSING):
+        flag: Optional[str] = None, default_factory: Any = dataclasses.MISSING, since: Optional[str] = None):
     """A config field with its help text and valid values: ``choices``, ``min`` / ``max`` (inclusive), ``gt``
-    (exclusive lower bound). ``flag`` renames the generated command-line flag (default ``--field-name``)."""
+    (exclusive lower bound). ``flag`` renames the generated command-line flag (default ``--field-name``).
+    ``since``: the version that added the field; at its default it is left out of a run's identity, so runs made
+    before it existed keep their identity (their directories resume, their tables join)."""
     meta = {"help": help, "choices": None if choices is None else tuple(choices), "min": min, "max": max, "gt": gt,
-            "flag": flag}
+            "flag": flag, "since": since}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -559,3 +561,16 @@ def first_difference(trained: Sequence[str], given: Sequence[str]) -> str:
     if len(given) > len(trained):
         return f"class {len(trained)} {given[len(trained)]!r} is not in the trained list"
     return f"the trained class {len(given)} {trained[len(given)]!r} is missing"
+
+
+def added_fields_at_default(obj: Any) -> list[str]:
+    """The fields of a config dataclass declared with ``since`` (added after runs were made) whose value is their
+    default: left out of a run's identity."""
+    out = []
+    for f in dataclasses.fields(obj):
+        if not f.metadata.get("since"):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if getattr(obj, f.name) == default:
+            out.append(f.name)
+    return out

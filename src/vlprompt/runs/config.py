@@ -125,6 +125,8 @@ class RunConfig:
         if d["train"] is not None:
             for k in TrainConfig.NOT_IDENTITY:
                 d["train"].pop(k)
+        for k in _added_at_default(self.method, d["method_options"]):
+            d["method_options"].pop(k)
         return d
 
     def identity_hash(self) -> str:
@@ -133,6 +135,17 @@ class RunConfig:
     def pixels(self) -> dict:
         """The pixel statistics set for this run (``load_backbone(..., pixels=)``), by open_clip's names."""
         return pixel_overrides(self.to_dict())
+
+
+def _added_at_default(method: str, options: dict) -> list[str]:
+    """Method options added after runs were made (``opt(since=...)``) and at their default in ``options``."""
+    from ..methods.base import added_fields_at_default
+
+    try:
+        config = method_class(method).config_class(**options)
+    except (ConfigError, TypeError):  # options of another version: compared as they are
+        return []
+    return added_fields_at_default(config)
 
 
 #: open_clip's name of each pixel statistic -> the field of a run configuration (and its flag, with dashes)

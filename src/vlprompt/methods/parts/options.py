@@ -46,7 +46,7 @@ class ContextOptions(MethodConfig):
                            "stay fixed before the class name)", choices=INIT_LENGTHS)
     init_placement: str = opt("start", "where --init's vectors go: start (the context is exactly the init's vectors) "
                               "or end (the last of --n-ctx vectors, zeros before them, as ProGrad)",
-                              choices=INIT_PLACEMENTS)
+                              choices=INIT_PLACEMENTS, since="0.2")
     init_std: float = opt(0.02, "standard deviation of the random context init", gt=0)
     class_position: str = opt("end", "where the class name goes in the prompt", choices=POSITIONS)
     text_mode: str = opt("auto", "text path (all exact; auto picks the fastest)", choices=TEXT_MODES)
