@@ -81,7 +81,8 @@ def reference(models, dtd, cache_dir, tmp_path_factory):
 # -- expansion -----------------------------------------------------------------------------------------
 def test_every_preset_expands_to_its_protocols_cells():
     expected = {"coop-fewshot": 165, "plot-fewshot": 165, "coop-dg": 3, "cocoop-base2new": 33,
-                "cocoop-cross-dataset": 3, "ordinal-folds": 21, "ordinal-fewshot": 7, "ordinal-shift": 8}
+                "cocoop-cross-dataset": 3, "ordinal-folds": 21, "ordinal-fewshot": 7, "ordinal-shift": 8,
+                "maple-base2new": 33, "maple-cross-dataset": 3, "clip-lora-fewshot": 165}
     assert set(preset_names()) == set(expected)
     for name, n in expected.items():
         spec = load_preset(name)
@@ -97,6 +98,13 @@ def test_every_preset_expands_to_its_protocols_cells():
     cells = resolve_cells(expand(b2n))
     assert cells[0].config.data.classes == "base" and cells[0].evaluations == [{"base_to_new": True}]
     assert len(expand(_rooted("cocoop-cross-dataset"))[0].evaluations) == 10
+    # MaPLe: each protocol's cells get the recipe of that protocol (the method's own preset)
+    b2n = resolve_cells(expand(_rooted("maple-base2new")))
+    assert b2n[0].config.method_options["depth"] == 9 and b2n[0].evaluations == [{"base_to_new": True}]
+    xd = resolve_cells(expand(_rooted("maple-cross-dataset")))
+    assert xd[0].config.method_options["depth"] == 3 and len(xd[0].evaluations) == 14
+    lora = resolve_cells(expand(_rooted("clip-lora-fewshot")))
+    assert sorted({c.config.train.iterations for c in lora}) == [500, 1000, 2000, 4000, 8000]
 
 
 def _rooted(name):

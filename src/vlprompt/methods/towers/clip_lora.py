@@ -1,4 +1,4 @@
-"""CLIP-LoRA (Zanella and Ben Ayed, CVPR 2024 workshops): low-rank updates of the attention projections of both
+"""CLIP-LoRA (Zanella and Ben Ayed, arXiv:2405.18541, 2024): low-rank updates of the attention projections of both
 towers, trained by cross-entropy on the hand-crafted prompt through the adapted text tower.
 
 The computation of MaxZanella/CLIP-LoRA@358f0d7 (``loralib/layers.py`` ``LinearLoRA`` l.152-208,
