@@ -259,12 +259,11 @@ def _write_log(folder: Path, cfg: dict) -> None:
 
 def test_import_of_an_original_checkpoint_equals_the_original_computation(deep, model_files, four_classes, tmp_path,
                                                                           capsys):
-    from vlprompt.runs.execute import load_method
-
-    classes = ["green_thing", "grey_thing"]  # the base half of the sorted labels (blue_thing, green_thing | ...)
     from vlprompt.data import load_dataset
+    from vlprompt.runs.execute import load_method
+    from vlprompt.runs.importer import read_source
 
-    base = load_dataset("folder", str(four_classes)).classnames[:2]
+    base = load_dataset("folder", str(four_classes)).classnames[:2]  # the base half of the sorted labels
     learned, fixed = _original(deep, 2, 3, "a photo of a", seed=7)
     source = tmp_path / "output"
     orig.write_original_checkpoint(source, {**learned, **fixed}, deep.model, epoch=5)
@@ -275,7 +274,7 @@ def test_import_of_an_original_checkpoint_equals_the_original_computation(deep, 
                            "--output", tmp_path / "imported"], capsys)[0])
     assert res["imported_from"]["format"] == "dassl" and res["imported_from"]["epoch"] == 5
     assert res["config"]["method_options"]["depth"] == 3 and res["config"]["data"]["classes"] == "base"
-    assert res["config"]["train"]["lr"] == 0.0035 and res["num_classes"] == 2 and classes
+    assert res["config"]["train"]["lr"] == 0.0035 and res["num_classes"] == 2
     method, _, _ = load_method(tmp_path / "imported", backbone=deep)
     assert method.classnames == base
     method.eval()
@@ -298,5 +297,41 @@ def test_import_of_an_original_checkpoint_equals_the_original_computation(deep, 
     cfg["TRAINER"]["MAPLE"]["PROMPT_DEPTH"] = 9
     _write_log(source, cfg)
     with pytest.raises(CheckpointError, match="PROMPT_DEPTH 9"):
-        from vlprompt.runs.importer import read_source
         read_source("maple", source)
+
+
+def test_two_torchrun_ranks_learn_the_single_process_prompts(tmp_path, four_classes):
+    """torchrun, 2 CPU processes (gloo): each rank runs the prompted image tower on its slice of the global batch
+    and its share of the classes' prompts (class-sharded text encoding with the deep prompts); the summed gradients
+    make the same steps as one process. Reduction order differs: after 4 SGD steps the tensors agree with one
+    process to float32 rounding amplified by the steps (tolerance 2e-5, as tests/test_distributed.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cfg, weights = make_tiny_checkpoint(tmp_path / "model", "tiny-vit", seed=3, sharpen=True)  # 2 blocks a tower
+
+    def argv(out, cache):  # 4 classes x 3 shots, batch 6: 2 steps a pass, slices of 3 images per rank
+        return ["train", "--method", "maple", "--backbone", cfg, "--pretrained", weights, "--dataset", "folder",
+                "--root", four_classes, "--shots", "3", "--depth", "2", "--epochs", "2", "--warmup-epochs", "0",
+                "--lr", "0.05", "--batch-size", "6", "--cache-dir", cache, "--output", out, "--quiet"]
+
+    assert main([str(a) for a in argv(tmp_path / "single", tmp_path / "c1")]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "vlprompt", *map(str, argv(tmp_path / "dist", tmp_path / "c2"))],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = load_file(str(tmp_path / "single" / "prompt.safetensors"))
+    dist = load_file(str(tmp_path / "dist" / "prompt.safetensors"))
+    start = build_method("maple", {"depth": 2}, load_backbone(str(cfg), str(weights), "cpu"),
+                         ["a", "b"]).learned_state()["prompt.ctx"]  # the words' embeddings, as the runs started
+    assert set(single) == set(dist)
+    for k in single:
+        torch.testing.assert_close(dist[k], single[k], rtol=0, atol=2e-5, msg=k)
+    assert float((single["prompt.ctx"] - start).abs().max()) > 1e-3  # the steps moved it
+    results = json.loads((tmp_path / "dist" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["train"]["steps"] == 4

@@ -1,8 +1,8 @@
-"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip|maple|clip-lora|... --dataset D --root R --output RUN``.
+"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip|maple|clip-lora --dataset D --root R --output RUN``.
 
 Turns a run of the original repositories (a Dassl output folder or checkpoint, an OrdinalCLIP Lightning
-``.ckpt``, a CLIP-LoRA ``lora_weights.pt``) into an ordinary run directory (:mod:`vlprompt.runs.importer`). The run options are ``vlprompt
-train``'s: the source's own configuration fills what the flags leave out.
+``.ckpt``, a CLIP-LoRA ``lora_weights.pt``) into an ordinary run directory (:mod:`vlprompt.runs.importer`). The
+run options are ``vlprompt train``'s: the source's own configuration fills what the flags leave out.
 """
 from __future__ import annotations
 

@@ -41,12 +41,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...backbone.patches import LoRA, lora_applied, tower_blocks
@@ -55,7 +54,7 @@ from ...errors import CheckpointError, ConfigError, DataError, VLPromptError
 from ..base import Features, Method, MethodConfig, cosine_logits, opt
 from ..parts.context import check_prompts_fit
 from ..parts.handcrafted import class_text_features, format_prompts
-from ..parts.originals import ImportedRun, shape
+from ..parts.originals import ImportedRun
 
 #: the original's logit scale (``main.py`` l.22)
 LOGIT_SCALE = 100.0
@@ -149,8 +148,9 @@ class CLIPLoRA(Method):
         was a typo), betas and eps torch's defaults, ``CosineAnnealingLR(T_max = 500 x shots, eta_min 1e-6)``
         stepped every iteration (``lora.py`` l.76, l.122), no warm-up; the LoRA options' defaults are
         ``run_utils.py`` l.32-37 (encoder both, position all, params q k v, r 2, alpha 1, dropout 0.25). Its
-        protocol is few-shot only (1-16 shots; issue #15: no base-to-new): with all the training images (shots 0)
-        no iteration count was published and ``--epochs`` or ``--iterations`` must say how long to train."""
+        protocol is few-shot only (1-16 shots of all classes; no base-to-new, its issue #15, and no cross-dataset or
+        domain-generalisation recipe was published): with all the training images (shots 0) no iteration count
+        was published and ``--epochs`` or ``--iterations`` must say how long to train."""
         train = {"batch_size": 32, "last_batch": "keep", "optimizer": "adamw", "lr": 2e-4, "weight_decay": 1e-2,
                  "adam_eps": 1e-8, "scheduler": "cosine_step", "warmup_epochs": 0, "min_lr": 1e-6}
         if data.shots > 0:

@@ -50,7 +50,7 @@ from ...errors import CheckpointError, ConfigError, VLPromptError
 from ..base import Features, Method, MethodConfig, cosine_logits, opt
 from ..parts.context import leading_tokens_context
 from ..parts.options import TEXT_MODES
-from ..parts.originals import (check_frozen_towers, check_trainer, config_get, dassl_context_import, shape)
+from ..parts.originals import check_frozen_towers, check_trainer, config_get, dassl_context_import, shape
 from ..parts.recipes import DASSL_SGD
 
 #: the base-to-new recipe, configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml: batch 4 (l.3), lr 0.0035 (l.17),
@@ -150,8 +150,8 @@ class MaPLe(Method):
                 raise CheckpointError(f"{run.path}: unexpected tensor {k!r} in a MaPLe checkpoint")
         ctx = sd.get(pl + "ctx")
         if ctx is None or ctx.dim() != 2:
-            raise CheckpointError(f"{run.path}: prompt_learner.ctx has shape {shape(ctx) if ctx is not None else None}; "
-                                  f"MaPLe saves (n_ctx, dim)")
+            raise CheckpointError(f"{run.path}: prompt_learner.ctx has shape "
+                                  f"{shape(ctx) if ctx is not None else None}; MaPLe saves (n_ctx, dim)")
         deep = 0
         while pl + f"compound_prompts_text.{deep}" in sd:
             deep += 1
