@@ -11,7 +11,7 @@ re-implementation of the original forward, side by side in one run.
 
 A step is the forward, cross-entropy, backward and the optimiser step (SGD for MaPLe, AdamW for CLIP-LoRA), fp32 on
 the CPU, random weights of ViT-B/16's size (text 512 wide, 12 blocks, 8 heads; vision 768 wide, 12 blocks, 224 px,
-patch 16; ``--size tiny`` for a 2-block model that runs in seconds), K class names of 1-4 tokens. Prints the median
+patch 16; ``--size tiny`` for a 2-block model that runs in seconds), K class names of 2-4 tokens. Prints the median
 step time of ``--repeats`` steps after a warm-up, the ratio to the original's, the CPU share of the process and the
 memory a step holds for backward (the bytes of the tensors autograd saves, each storage counted once). On a
 machine shared with other work absolute times move: read the ratios taken in the same run.
