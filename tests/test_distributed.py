@@ -46,9 +46,9 @@ DRIVER = textwrap.dedent('''
         pc = PromptContext(te, names, n_ctx=4)
         rows = []
         local = te._encode_local
-        def counting(prefix, suffix, eot, mode, chunk):
+        def counting(prefix, suffix, eot, mode, chunk, lp=None):
             rows.append(int(suffix.shape[-3]))
-            return local(prefix, suffix, eot, mode, chunk)
+            return local(prefix, suffix, eot, mode, chunk, lp)
         te._encode_local = counting
         def features_and_grad(sharded):
             pc.ctx.grad = None
