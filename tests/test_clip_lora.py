@@ -320,6 +320,11 @@ def test_cli_trains_evaluates_exports_predicts_and_imports_a_lora_weights_file(d
         text = orig.text_features(deep.model, mpl_clip.tokenize(orig.class_texts(classnames)), factors, scale)
         ref = orig.logits(orig.image_features(deep.model, images, factors, scale), text)
         torch.testing.assert_close(method(Features(images=images)), ref, rtol=0, atol=1e-4)
+    # the file outside save_lora's folders: the shots must be given
+    bare = tmp_path / "bare.pt"
+    bare.write_bytes(path.read_bytes())
+    _, err = _run(["import", bare, "--from", "clip-lora", *common, "--output", tmp_path / "bare"], capsys, code=2)
+    assert "--shots" in err and len(err.strip().splitlines()) == 1
     # a file of other options than the flags: refused, naming both
     _, err = _run(["import", path, "--from", "clip-lora", *common, "--position", "half-up", "--output",
                    tmp_path / "wrong"], capsys, code=2)
@@ -363,3 +368,20 @@ def test_a_run_killed_by_sigkill_resumes_to_the_same_factors_bit_for_bit(tiny_di
     assert any(a[k].abs().max() > 0 for k in a if k.endswith("_B"))  # it learned
     records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 14 and records[-1]["steps"] == 1
+
+
+def test_towers_of_other_depths_and_widths_are_read_from_the_model(tmp_path):
+    from test_maple import tower_backbone
+
+    bb = tower_backbone(tmp_path, text_layers=2, vision_layers=3)
+    method = build_method("clip-lora", {}, bb, NAMES)
+    assert method.blocks == [("text", 0), ("text", 1), ("image", 0), ("image", 1), ("image", 2)]
+    assert method.lora.factors["image_2_q_A"].shape == (2, 96) and method.lora.factors["text_1_v_B"].shape == (64, 2)
+    factors = _factors(bb.model)
+    _load(method, factors)
+    method.eval()
+    images, scale = _images(2, seed=6), orig.scaling(2, 1)
+    with torch.no_grad():
+        text = orig.text_features(bb.model, mpl_clip.tokenize(orig.class_texts(NAMES)), factors, scale)
+        ref = orig.logits(orig.image_features(bb.model, images, factors, scale), text)
+        torch.testing.assert_close(method(Features(images=images)), ref, rtol=0, atol=1e-4)

@@ -336,3 +336,38 @@ def test_two_torchrun_ranks_learn_the_single_process_prompts(tmp_path, four_clas
     assert float((single["prompt.ctx"] - start).abs().max()) > 1e-3  # the steps moved it
     results = json.loads((tmp_path / "dist" / "results.json").read_text())
     assert results["world_size"] == 2 and results["train"]["steps"] == 4
+
+
+def tower_backbone(directory: Path, text_layers: int, vision_layers: int):
+    """A ViT CLIP whose towers differ in depth and width (ViT-L/14 has 24 vision blocks and 12 text ones)."""
+    import open_clip
+
+    cfg = {"embed_dim": 48, "vision_cfg": {"image_size": 32, "layers": vision_layers, "width": 96, "patch_size": 8,
+                                           "head_width": 32},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": text_layers}}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "m.json").write_text(json.dumps(cfg))
+    torch.manual_seed(2)
+    model = open_clip.CLIP(**cfg)
+    from vlprompt.testing import sharpen_
+
+    sharpen_(model)
+    torch.save(model.state_dict(), directory / "m.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_backbone(str(directory / "m.json"), str(directory / "m.pt"), "cpu")
+
+
+def test_towers_of_other_depths_and_widths_are_read_from_the_model(tmp_path):
+    bb = tower_backbone(tmp_path, text_layers=2, vision_layers=3)
+    with pytest.raises(ConfigError, match=r"\(2 text, 3 image\): at most 2"):
+        _build(bb, depth=3)
+    learned, fixed = _original(bb, 2, 2, "a photo of a", seed=9)
+    method = _build(bb, depth=2)
+    method.load_learned_state(to_ours(learned))
+    method.eval()
+    images = _images(3, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(method(Features(images=images)), orig.maple_logits(bb.model, learned, fixed, images),
+                                   rtol=0, atol=1e-6 * bb.logit_scale)
+    assert (method.text_width, method.vision_width) == (64, 96)

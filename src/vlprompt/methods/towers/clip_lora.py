@@ -248,8 +248,8 @@ class CLIPLoRA(Method):
                         out[f"lora.factors.{tower}_{i}_{p}_{part}"] = (name, t, t)
             return out
 
-        return ImportedRun(cls.name, run.path, {}, request, run.info, state_for=state_for,
-                           required=() if shots and seed else ("shots",))
+        # without save_lora's folders, the shots must be given (the import's request says so)
+        return ImportedRun(cls.name, run.path, {}, request, run.info, state_for=state_for)
 
     # -- classes ---------------------------------------------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:
