@@ -277,8 +277,8 @@ class CLIPLoRA(Method):
         :func:`lora_applied`."""
         if self.class_text is not None:
             return self.class_text
-        mode = "cut" if self.config.text_mode == "auto" else self.config.text_mode
-        return self.backbone.text(self.token_embeddings, self.eot, mode=mode, chunk_size=None)
+        # auto: cut where the tower is causal (every CLIP text tower), else plain
+        return self.backbone.text(self.token_embeddings, self.eot, mode=self.config.text_mode, chunk_size=None)
 
     def forward(self, feats: Features) -> torch.Tensor:
         with lora_applied(self.backbone.model, self.lora, training=self.training):
