@@ -82,7 +82,8 @@ def reference(models, dtd, cache_dir, tmp_path_factory):
 def test_every_preset_expands_to_its_protocols_cells():
     expected = {"coop-fewshot": 165, "plot-fewshot": 165, "coop-dg": 3, "cocoop-base2new": 33,
                 "cocoop-cross-dataset": 3, "ordinal-folds": 21, "ordinal-fewshot": 7, "ordinal-shift": 8,
-                "kgcoop-fewshot": 33, "prograd-base2new": 33, "prograd-dg": 3}
+                "kgcoop-fewshot": 33, "prograd-base2new": 33, "prograd-dg": 3,
+                "maple-base2new": 33, "maple-cross-dataset": 3, "clip-lora-fewshot": 165}
     assert set(preset_names()) == set(expected)
     for name, n in expected.items():
         spec = load_preset(name)
@@ -112,6 +113,13 @@ def test_every_preset_expands_to_its_protocols_cells():
         spec = _rooted(name)
         spec.set_axis("method", [method], "--methods")
         assert {c.config.method for c in resolve_cells(expand(spec))} == {method}
+    # MaPLe: each protocol's cells get the recipe of that protocol (the method's own preset)
+    b2n = resolve_cells(expand(_rooted("maple-base2new")))
+    assert b2n[0].config.method_options["depth"] == 9 and b2n[0].evaluations == [{"base_to_new": True}]
+    xd = resolve_cells(expand(_rooted("maple-cross-dataset")))
+    assert xd[0].config.method_options["depth"] == 3 and len(xd[0].evaluations) == 14
+    lora = resolve_cells(expand(_rooted("clip-lora-fewshot")))
+    assert sorted({c.config.train.iterations for c in lora}) == [500, 1000, 2000, 4000, 8000]
 
 
 def _rooted(name):

@@ -10,10 +10,10 @@ from vlprompt.papers import PROTOCOLS, load_papers, matches, normalize_backbone,
 def test_bundled_paper_files_load_and_every_number_has_its_source():
     numbers = load_papers()
     assert {f.name for f in paper_files()} == {"coop.json", "cocoop.json", "plot.json", "ordinalclip.json",
-                                               "kgcoop.json"}
+                                               "kgcoop.json", "maple.json", "clip_lora.json"}
     assert numbers and all(n.source.strip() and n.protocol in PROTOCOLS for n in numbers)
     notes = paper_notes()
-    assert set(notes) == {"CoOp", "CoCoOp", "PLOT", "OrdinalCLIP", "KgCoOp"}
+    assert set(notes) == {"CoOp", "CoCoOp", "PLOT", "OrdinalCLIP", "KgCoOp", "MaPLe", "CLIP-LoRA"}
     assert all(v["notes"] and v["citation"] for v in notes.values())  # what was bundled and why, per paper
 
 
@@ -35,6 +35,11 @@ def test_bundled_numbers_are_the_cited_ones():
     assert by["coop", "eurosat", "base2new", "base", None] == 92.19
     assert by["cocoop", "fgvc_aircraft", "cross-dataset", "accuracy", None] == 22.94
     assert by["coop", "imagenet_r", "domain-generalization", "accuracy", None] == 75.21
+    # MaPLe's README (11-dataset average), its EuroSAT row as issue #28 quotes it; CLIP-LoRA's Flowers as issue #1 does
+    for ds, (b, n, h) in {"average11": (82.28, 75.14, 78.55), "eurosat": (94.07, 73.23, 82.35)}.items():
+        assert [by["maple", ds, "base2new", m, None] for m in ("base", "new", "harmonic_mean")] == [b, n, h]
+        assert 2 * b * n / (b + n) == pytest.approx(h, abs=0.006)
+    assert by["clip-lora", "oxford_flowers", "fewshot", "accuracy", None] == 98.0
 
 
 def test_cocoop_table_1_is_self_consistent_per_dataset_and_on_average():
@@ -108,17 +113,19 @@ def test_a_number_whose_backbone_is_not_stated_never_joins():
     assert normalize_backbone("ViT-B/16") == "ViT-B-16" and normalize_backbone(None) is None
 
 
-@pytest.mark.parametrize("method, dataset, protocol, shots, classes", [
-    ("cocoop", "dtd", "base2new", 16, "base"), ("coop", "imagenet", "fewshot", 16, "all"),
-    ("coop", "imagenet", "fewshot", 1, "all"), ("zeroshot", "dtd", "base2new", 0, "base"),
-    ("kgcoop", "eurosat", "base2new", 16, "base"), ("prograd", "eurosat", "base2new", 16, "base")])
-def test_a_default_run_of_the_papers_recipe_meets_its_numbers_conditions(method, dataset, protocol, shots, classes):
+@pytest.mark.parametrize("method, dataset, protocol, shots, classes, backbone", [
+    ("cocoop", "dtd", "base2new", 16, "base", "ViT-B-16"), ("coop", "imagenet", "fewshot", 16, "all", "RN50"),
+    ("coop", "imagenet", "fewshot", 1, "all", "RN50"), ("zeroshot", "dtd", "base2new", 0, "base", "ViT-B-16"),
+    ("kgcoop", "eurosat", "base2new", 16, "base", "ViT-B-16"), ("prograd", "eurosat", "base2new", 16, "base", "ViT-B-16"),
+    ("maple", "eurosat", "base2new", 16, "base", "ViT-B-16"),
+    ("clip-lora", "oxford_flowers", "fewshot", 16, "all", "ViT-B-16")])
+def test_a_default_run_of_the_papers_recipe_meets_its_numbers_conditions(method, dataset, protocol, shots, classes,
+                                                                         backbone):
     """The conditions name keys a resolved run really carries, with the values its default (paper) recipe has: a
     condition on a key no run has, or on a value the recipe never takes, would silently never join."""
     from vlprompt.reporting.collect import flatten
     from vlprompt.runs import resolve
 
-    backbone = "RN50" if protocol == "fewshot" else "ViT-B-16"
     cfg = resolve({"method": method, "backbone": backbone, "pretrained": "openai",
                    "data": {"dataset": dataset, "root": "/nonexistent", "shots": shots, "classes": classes}})
     flat = flatten(cfg.identity())

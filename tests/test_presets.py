@@ -158,7 +158,9 @@ def test_baselines_that_learn_nothing_by_gradient():
 def test_every_registered_method_is_pinned_here():
     pinned = {"zeroshot", "linear-probe", "coop", "cocoop", "plot", "ordinalclip", "rank-linear",
               "rank-regression", "rank-zeroshot", "rank-coop", "text-transform", "text-bias", "finetune-image",
-              "kgcoop", "prograd"}  # KgCoOp / ProGrad: tests/test_kgcoop.py, tests/test_prograd.py
+              "kgcoop", "prograd",  # KgCoOp / ProGrad: tests/test_kgcoop.py, tests/test_prograd.py
+              "maple",  # tests/test_maple.py::test_recipes_base_to_new_and_cross_dataset_with_their_sources
+              "clip-lora"}  # tests/test_clip_lora.py::test_recipe_with_its_sources
     assert set(method_names()) <= pinned | {n for n in method_names() if n.startswith("test-")}
 
 

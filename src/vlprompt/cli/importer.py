@@ -1,8 +1,8 @@
-"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip --dataset D --root R --output RUN``.
+"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip|maple|clip-lora --dataset D --root R --output RUN``.
 
 Turns a run of the original repositories (a Dassl output folder or checkpoint, an OrdinalCLIP Lightning
-``.ckpt``) into an ordinary run directory (:mod:`vlprompt.runs.importer`). The run options are ``vlprompt
-train``'s: the source's own configuration fills what the flags leave out.
+``.ckpt``, a CLIP-LoRA ``lora_weights.pt``) into an ordinary run directory (:mod:`vlprompt.runs.importer`). The
+run options are ``vlprompt train``'s: the source's own configuration fills what the flags leave out.
 """
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("import", help=f"import a run of a method's original code ({', '.join(sources)})",
                        description="Import a run of the original repositories (Dassl output folder or checkpoint, "
-                                   "OrdinalCLIP Lightning .ckpt) into a vlprompt run directory, evaluated on the "
-                                   "test split. Nothing from the files is executed.")
-    p.add_argument("path", help="Dassl output folder (with prompt_learner/), a model.pth.tar-N / model-best.pth.tar "
-                                "file, or an OrdinalCLIP .ckpt")
+                                   "OrdinalCLIP Lightning .ckpt, CLIP-LoRA lora_weights.pt) into a vlprompt run "
+                                   "directory, evaluated on the test split. Nothing from the files is executed.")
+    p.add_argument("path", help="Dassl output folder (with its module folder: prompt_learner/, "
+                                "MultiModalPromptLearner/...), a model.pth.tar-N / model-best.pth.tar file, an "
+                                "OrdinalCLIP .ckpt, or a CLIP-LoRA lora_weights.pt")
     p.add_argument("--from", dest="source", required=True, choices=sources, help="the repository that wrote it")
     p.add_argument("--output", required=True, help="the run directory to write")
     p.add_argument("--epoch", type=int, default=None, help="Dassl: import model.pth.tar-EPOCH (default: "

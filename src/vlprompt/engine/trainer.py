@@ -54,6 +54,12 @@ class TrainConfig:
     epochs: Optional[int] = opt(None, "training epochs (default: the method's paper recipe, e.g. CoOp's "
                                 "50/100/100/200/200 by shots, ImageNet 50); 0 trains nothing", min=0)
     batch_size: int = opt(32, "images per optimisation step", min=1)
+    last_batch: str = opt("drop", "a last batch smaller than --batch-size: dropped when there is a full one (Dassl's "
+                          "rule) or kept (torch's DataLoader default, Tip-Adapter-F's)", choices=("drop", "keep"))
+    iterations: int = opt(0, "train for exactly this many optimisation steps instead of --epochs: passes over the "
+                          "shuffled training images repeat until the count is reached, the last one cut "
+                          "(CLIP-LoRA's 500 x shots); the cosine_step schedule spans these steps; 0: --epochs "
+                          "decides", min=0)
     optimizer: str = opt("sgd", "optimiser", choices=("sgd", "adamw", "adam", "radam"))
     lr: float = opt(0.002, "base learning rate", gt=0)
     momentum: float = opt(0.9, "SGD momentum", min=0, max=1)
@@ -65,6 +71,7 @@ class TrainConfig:
                          choices=SCHEDULERS)
     warmup_epochs: int = opt(1, "epochs at the constant warm-up rate, counted inside --epochs", min=0)
     warmup_lr: float = opt(1e-5, "learning rate of the warm-up epochs", gt=0)
+    min_lr: float = opt(0.0, "the rate the cosine schedules decay to (torch's eta_min; CLIP-LoRA's 1e-6)", min=0)
     views: Optional[int] = opt(10, "cached augmented views per training image (cached-views mode; null where it "
                                "does not apply)", min=1)
     online: bool = opt(False, "augment and encode images at every step, exactly as the papers (no cached views)")
@@ -88,6 +95,14 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         check_fields(self, "train")
+        if self.iterations and self.epochs is not None:
+            raise ConfigError(f"train.epochs (--epochs {self.epochs}) and train.iterations (--iterations "
+                              f"{self.iterations}) both say how long to train: give one")
+        if self.min_lr and self.scheduler not in ("cosine", "cosine_step"):
+            raise ConfigError(f"train.min_lr (--min-lr) is where a cosine schedule ends; --scheduler "
+                              f"{self.scheduler} has none")
+        if self.min_lr >= self.lr:
+            raise ConfigError(f"train.min_lr (--min-lr {self.min_lr:g}) must be below train.lr ({self.lr:g})")
         if self.epochs and self.warmup_epochs > self.epochs:  # (0 epochs: nothing runs, no warm-up either)
             raise ConfigError(f"train: warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         if self.optimizer == "sgd" and self.adam_eps != 1e-8:
@@ -97,6 +112,21 @@ class TrainConfig:
 
     #: fields that do not change the numbers (not part of a run's identity)
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("checkpoint_every", "batch_workers", "feature_batch_size")
+    #: fields left out of the identity at these values, so that runs made before the fields existed keep theirs
+    IDENTITY_UNLESS_SET: ClassVar[dict] = {"last_batch": "drop", "iterations": 0, "min_lr": 0.0}
+
+    def steps_per_epoch(self, n: int) -> int:
+        """Optimisation steps of one pass over ``n`` training images (the last partial batch dropped when there
+        is a full one, unless ``last_batch`` keeps it)."""
+        bs = self.batch_size
+        return n // bs if (n >= bs and self.last_batch == "drop") else -(-n // bs)
+
+    def epochs_for(self, n: int) -> int:
+        """The passes over ``n`` training images a run makes: ``epochs``, or the passes ``iterations`` steps need
+        (the last one cut)."""
+        if not self.iterations:
+            return int(self.epochs)
+        return -(-self.iterations // max(self.steps_per_epoch(n), 1))
 
 
 @dataclass
@@ -181,7 +211,8 @@ class Trainer:
         self.state = TrainState(epoch=int(state["epoch"]), step=int(state["step"]),
                                 skipped_steps=int(state["skipped_steps"]), history=json.loads(state["history"]))
         set_rng_state(state["rng"])
-        log.info("resumed from %s (epoch %d of %d)", path, self.state.epoch, self.cfg.epochs)
+        length = (f"{self.cfg.epochs} epochs" if not self.cfg.iterations else f"{self.cfg.iterations} steps")
+        log.info("resumed from %s (after epoch %d, step %d, of %s)", path, self.state.epoch, self.state.step, length)
         for cb in self.callbacks:
             cb.on_resume(self)
         return True
@@ -196,21 +227,24 @@ class Trainer:
     def _batches(self, n: int, gen: torch.Generator) -> list[torch.Tensor]:
         order = torch.randperm(n, generator=gen)
         bs = self.cfg.batch_size
-        drop_last = n >= bs  # as Dassl: drop the last partial batch when there is at least one full batch
+        # as Dassl: drop the last partial batch when there is at least one full batch (unless it is kept)
+        drop_last = n >= bs and self.cfg.last_batch == "drop"
         stop = (n // bs) * bs if drop_last else n
         return [order[i:i + bs] for i in range(0, stop, bs)]
 
-    def _set_lr(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+    def _set_lr(self, epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
         cfg = self.cfg
-        lr = lr_at_step(epoch, step, steps_per_epoch, base_lr=cfg.lr, epochs=cfg.epochs, scheduler=cfg.scheduler,
-                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr)
+        lr = lr_at_step(epoch, step, steps_per_epoch, base_lr=cfg.lr, epochs=epochs, scheduler=cfg.scheduler,
+                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+                        total_steps=cfg.iterations or None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def fit(self, source, labels: torch.Tensor, targets: Optional[torch.Tensor] = None,
             evaluate: Optional[Callable[[], dict]] = None) -> TrainState:
-        """Train from ``self.state.epoch`` to ``cfg.epochs``. ``source.batch(idx, gen)`` gives Features."""
+        """Train from ``self.state.epoch`` to ``cfg.epochs`` (or until ``cfg.iterations`` steps are done).
+        ``source.batch(idx, gen)`` gives Features."""
         cfg = self.cfg
         n = len(labels)
         if n == 0:
@@ -223,7 +257,10 @@ class Trainer:
         sharded = text.class_sharded if (parallel and hasattr(text, "class_sharded")) else contextlib.nullcontext
         params = method.trainable_parameters()
         pin = self.device.type == "cuda"
-        for epoch in range(self.state.epoch, cfg.epochs):
+        epochs = cfg.epochs_for(n)
+        # the step count that ends the run: --iterations (the recipe's length) or --max-steps (a smoke run)
+        stop_at = min(s for s in (cfg.iterations, cfg.max_steps) if s) if (cfg.iterations or cfg.max_steps) else 0
+        for epoch in range(self.state.epoch, epochs):
             gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             torch.manual_seed(epoch_seed(self.seed, epoch, "augment"))
             random.seed(epoch_seed(self.seed, epoch, "python"))
@@ -232,10 +269,10 @@ class Trainer:
             losses, correct, seen = [], 0, 0
             part_sums: dict[str, float] = {}
             batches = self._batches(n, gen)
-            lr = self._set_lr(epoch, 0, len(batches))
-            bar = _progress(batches, f"epoch {epoch + 1}/{cfg.epochs}", self.progress)
+            lr = self._set_lr(epoch, 0, len(batches), epochs)
+            bar = _progress(batches, f"epoch {epoch + 1}/{epochs}", self.progress)
             for i, idx in enumerate(bar):
-                lr = self._set_lr(epoch, i, len(batches))
+                lr = self._set_lr(epoch, i, len(batches), epochs)
                 feats = source.batch(idx, gen)  # the global batch: the generator advances as in one process
                 if parallel:
                     sl = distributed.share(len(idx))
@@ -295,7 +332,7 @@ class Trainer:
                 seen += len(y)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if cfg.max_steps and self.state.step >= cfg.max_steps:
+                if stop_at and self.state.step >= stop_at:
                     break
             if parallel:
                 counts = distributed.all_reduce_sum(torch.tensor([correct, seen], device=self.device))
@@ -305,17 +342,17 @@ class Trainer:
                       "skipped_steps": self.state.skipped_steps, "seconds": time.perf_counter() - t0}
             if len(part_sums) > 1 or (part_sums and "ce" not in part_sums):  # named terms beyond the plain CE
                 record.update({f"loss_{k}": v / max(len(losses), 1) for k, v in part_sums.items()})
-            method.on_train_epoch_end(epoch + 1, cfg.epochs)
+            method.on_train_epoch_end(epoch + 1, epochs)
             if evaluate is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
                 record.update({f"val_{k}": v for k, v in evaluate().items()})
             self.state.history.append(record)
             self.state.epoch = epoch + 1
-            log.info("epoch %d/%d  loss %.4f  train acc %.2f%%  lr %.2e  %.1fs", epoch + 1, cfg.epochs,
+            log.info("epoch %d/%d  loss %.4f  train acc %.2f%%  lr %.2e  %.1fs", epoch + 1, epochs,
                      record["loss"], record["train_accuracy"], lr, record["seconds"])
             if distributed.is_main():  # the callbacks write the run's files
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, record)
-            done = self.state.epoch == cfg.epochs or (cfg.max_steps and self.state.step >= cfg.max_steps)
+            done = self.state.epoch == epochs or bool(stop_at and self.state.step >= stop_at)
             if cfg.checkpoint_every and (self.state.epoch % cfg.checkpoint_every == 0 or done):
                 self.save()
             if done:

@@ -61,6 +61,8 @@ register_method("rank-coop", "vlprompt.methods.ordinal.baselines:RankCoOp")
 register_method("finetune-image", "vlprompt.methods.baselines.finetune_image:FinetuneImage")
 register_method("text-transform", "vlprompt.methods.baselines.text_transform:TextTransform")
 register_method("text-bias", "vlprompt.methods.baselines.text_bias:TextBias")
+register_method("maple", "vlprompt.methods.towers.maple:MaPLe")
+register_method("clip-lora", "vlprompt.methods.towers.clip_lora:CLIPLoRA")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}

@@ -125,6 +125,9 @@ class RunConfig:
         if d["train"] is not None:
             for k in TrainConfig.NOT_IDENTITY:
                 d["train"].pop(k)
+            for k, default in TrainConfig.IDENTITY_UNLESS_SET.items():
+                if d["train"][k] == default:
+                    d["train"].pop(k)
         for k in _added_at_default(self.method, d["method_options"]):
             d["method_options"].pop(k)
         return d
@@ -248,8 +251,14 @@ def resolve(request: dict | RunConfig) -> RunConfig:
 
     train: Optional[TrainConfig] = None
     if cls.trains(mcfg):
-        train = TrainConfig(**{**preset.get("train", {}), **train_req}).validate()
-        if train.epochs is None:
+        recipe = dict(preset.get("train", {}))
+        # how long to train is one choice, in epochs or in steps: the user's replaces the recipe's
+        if train_req.get("epochs") is not None or train_req.get("iterations"):
+            for k in ("epochs", "iterations"):
+                if k not in train_req:
+                    recipe.pop(k, None)
+        train = TrainConfig(**{**recipe, **train_req}).validate()
+        if train.epochs is None and not train.iterations:
             raise ConfigError(f"{name}: train.epochs is not set by the method's preset; give --epochs")
         own_images = not uses_cached_features(cls, mcfg)
         # options that do not apply are refused when given a value other than the one the run will use (a

@@ -4,7 +4,8 @@ The files are read here, by format, always through the restricted unpickler (:mo
 from them runs): ``dassl`` -- a Dassl output folder (``<output>/<module>/model.pth.tar-<epoch>``,
 ``model-best.pth.tar``) or one of those files, with the configuration Dassl prints into ``<output>/log.txt`` (or a
 ``config.yaml`` there); ``lightning`` -- a Lightning ``.ckpt`` and its ``config.yaml`` (beside it or in a parent
-folder, or ``--source-config``). What the tensors mean is the method's business: its ``import_original`` hook
+folder, or ``--source-config``); ``clip-lora`` -- MaxZanella/CLIP-LoRA's ``lora_weights.pt`` (its LoRA factors and the
+options they were trained with). What the tensors mean is the method's business: its ``import_original`` hook
 (:meth:`vlprompt.methods.base.Method.import_original`) maps them by their original names onto its learned state,
 reads the run's options from the configuration and adds checks against the rebuilt method (the saved fixed
 buffers of a prompt learner against the rebuilt ones: another backbone, class list, class order or init shows
@@ -67,7 +68,7 @@ def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
         return path
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
-    folder = path / "prompt_learner" if (path / "prompt_learner").is_dir() else path
+    folder = _module_folder(path)
     if epoch is not None:
         f = folder / f"model.pth.tar-{epoch}"
         if not f.is_file():
@@ -78,13 +79,38 @@ def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
     numbered = sorted((int(m.group(1)), p) for p in folder.glob("model.pth.tar-*")
                       if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", p.name)))
     if not numbered:
-        raise CheckpointError(f"{path}: no Dassl checkpoint (prompt_learner/model.pth.tar-<epoch> or "
-                              f"model-best.pth.tar)")
+        raise CheckpointError(f"{path}: no Dassl checkpoint (<module>/model.pth.tar-<epoch> or model-best.pth.tar, "
+                              f"<module> e.g. prompt_learner)")
     return numbered[-1][1]
 
 
+def _holds_checkpoints(folder: Path) -> bool:
+    return (folder / "model-best.pth.tar").is_file() or any(folder.glob("model.pth.tar-*"))
+
+
+def _module_folder(path: Path) -> Path:
+    """The folder of a Dassl output that holds its checkpoints: the registered model's sub-folder (Dassl writes one
+    per registered name: ``prompt_learner`` for CoOp, CoCoOp and PLOT, ``MultiModalPromptLearner`` for MaPLe...) or
+    the folder itself."""
+    if (path / "prompt_learner").is_dir():
+        return path / "prompt_learner"
+    subs = sorted(d for d in path.iterdir() if d.is_dir() and _holds_checkpoints(d))
+    if len(subs) > 1:
+        raise CheckpointError(f"{path}: checkpoints in several module folders ({', '.join(d.name for d in subs)}); "
+                              f"give the one to import")
+    return subs[0] if subs else path
+
+
+def _has_config(folder: Path) -> bool:
+    return (folder / "config.yaml").is_file() or (folder / "log.txt").is_file()
+
+
 def _run_folder(ckpt: Path) -> Path:
-    return ckpt.parent.parent if ckpt.parent.name == "prompt_learner" else ckpt.parent
+    """The output folder of a checkpoint: above its module folder (``prompt_learner/``...), where log.txt is."""
+    folder = ckpt.parent
+    if folder.name == "prompt_learner" or (not _has_config(folder) and _has_config(folder.parent)):
+        return folder.parent
+    return folder
 
 
 def read_dassl_config(folder: Path) -> tuple[Optional[dict], Optional[Path]]:
@@ -176,6 +202,38 @@ def read_lightning_run(path: Path, source_config: Optional[Path] = None) -> Orig
     return OriginalRun(path, sd, cfg, ckpt, info, cfg_file)
 
 
+def read_clip_lora_run(path: Path) -> OriginalRun:
+    """MaxZanella/CLIP-LoRA's saved file (``save_lora``, ``loralib/utils.py`` l.137-184): ``torch.save({"weights":
+    {"layer_<i>": {"q_proj" | "k_proj" | "v_proj" | "proj": {"w_lora_A", "w_lora_B"}}}, "metadata": {"r", "alpha",
+    "encoder", "params", "position"}})`` (or a folder holding exactly one such ``.pt``): the tensors by their
+    dotted names (``layer_0.q_proj.w_lora_A``), the metadata as the configuration."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.pt"))
+        if len(files) != 1:
+            raise CheckpointError(f"{path}: {'no' if not files else len(files)} .pt files; give the lora_weights.pt "
+                                  f"to import")
+        path = files[0]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or folder")
+    obj = load_checkpoint(path)
+    if not (isinstance(obj, dict) and isinstance(obj.get("weights"), dict) and isinstance(obj.get("metadata"), dict)):
+        raise CheckpointError(f"{path}: not a CLIP-LoRA file (a dict of 'weights' and 'metadata', as save_lora writes)")
+    state = {}
+    for layer, projections in obj["weights"].items():
+        for proj, factors in (projections.items() if isinstance(projections, dict) else [(None, None)]):
+            if not isinstance(factors, dict):
+                raise CheckpointError(f"{path}: weights[{layer!r}] is not a dict of projections of factors")
+            for part, t in factors.items():
+                if not isinstance(t, torch.Tensor):
+                    raise CheckpointError(f"{path}: weights[{layer!r}][{proj!r}][{part!r}] is not a tensor")
+                state[f"{layer}.{proj}.{part}"] = t
+    info = {"format": "clip-lora", "path": str(path.resolve()), "sha256": _sha256(path), "epoch": None,
+            "config_file": None, "metadata": obj["metadata"],
+            "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}}
+    return OriginalRun(path, state, dict(obj["metadata"]), obj, info, None)
+
+
 def read_source(kind: str, path: str | Path, *, epoch: Optional[int] = None,
                 source_config: Optional[str | Path] = None) -> ImportedRun:
     """The original run at ``path`` as method ``kind`` imports it (its :meth:`Method.import_original`)."""
@@ -189,6 +247,11 @@ def read_source(kind: str, path: str | Path, *, epoch: Optional[int] = None,
         if epoch is not None:
             raise ConfigError(f"--epoch picks a Dassl checkpoint; give {kind}'s .ckpt file itself")
         run = read_lightning_run(Path(path), Path(source_config) if source_config else None)
+    elif cls.original_format == "clip-lora":
+        if epoch is not None or source_config is not None:
+            raise ConfigError(f"--{'epoch' if epoch is not None else 'source-config'} does not apply to {kind}: its "
+                              f"run is one lora_weights.pt holding its own options")
+        run = read_clip_lora_run(Path(path))
     elif cls.original_format == "dassl":
         if source_config is not None:
             raise ConfigError(f"--source-config is a Lightning run's config.yaml; {kind}'s Dassl runs are read from "
@@ -304,6 +367,8 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     method = build_method(cfg.method, cls.config_for_loading(dict(cfg.method_options)), backbone, splits.classnames,
                           template=splits.template)
     cfg = with_built_options(cfg, method)
+    if src.state_for is not None:  # a layout only the built method tells
+        src.state = src.state_for(method)
     learned = map_state(src, method)  # first: a shape mismatch names the learned tensor
     for check in src.checks:
         check(method)
@@ -342,5 +407,5 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
         return finish_run(run_dir, cfg, identity, results)
 
 
-__all__ = ["importable_methods", "Source", "read_source", "read_dassl_run", "read_lightning_run", "read_dassl_config",
-           "dassl_checkpoint_file", "map_state", "import_request", "import_run"]
+__all__ = ["importable_methods", "Source", "read_source", "read_dassl_run", "read_lightning_run", "read_clip_lora_run",
+           "read_dassl_config", "dassl_checkpoint_file", "map_state", "import_request", "import_run"]

@@ -338,3 +338,45 @@ class ContextClassifier(ContextPromptMethod):
         with torch.no_grad():
             text = F.normalize(self.prompt.encode()[0].float(), dim=-1)
         return {"text_features": text}, {"kind": "linear", "logit_scale": self.logit_scale}
+
+
+# -- the word-init rule of muzairkhattak/multimodal-prompt-learning (MaPLe, IVLP) and PromptSRC --------------------
+#: the longest context a word init applies to there (``if ctx_init and n_ctx <= 4``)
+LEADING_INIT_MAX_CTX = 4
+
+
+def leading_tokens_context(text_encoder, classnames: Sequence[str], *, n_ctx: int, init: Optional[str],
+                           text_mode: str = "auto", chunk_size: Optional[int] = 256) -> PromptContext:
+    """A :class:`PromptContext` (class name at the end, shared by all classes) by the word-init rule of the
+    multimodal-prompt-learning repositories (``trainers/maple.py`` l.84-97, ``trainers/independentVL.py``
+    l.82-95, PromptSRC ``trainers/promptsrc.py`` l.88-101): with a word init, the context is the FIRST ``n_ctx``
+    token embeddings of the init and the rest of the init stays a fixed part of every prompt -- the recipes' n_ctx
+    2 with "a photo of a" learn "a photo" and keep "of a" before each class name; without one, ``n_ctx`` vectors
+    drawn from N(0, 0.02) (the global RNG, as the original).
+
+    Refused here, where the original goes on: an init with ``n_ctx`` > 4 (the original silently ignores it and
+    draws a random context) and an init of fewer tokens than ``n_ctx`` (the original would learn its end token and
+    padding embeddings and cut the class name's first tokens out of the prompt, ``maple.py`` l.88-92, 121-131).
+
+    The returned context counts its init in words (``init_length = "words"``): its prompts are the sentence
+    ``"<init> {name}."`` tokenized whole, its tail everything after the ``n_ctx`` learned tokens."""
+    init = clean_init_words(init)
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+        raise ConfigError(f"n_ctx (--n-ctx) must be an integer >= 1, got {n_ctx!r}")
+    if init is None:
+        return PromptContext(text_encoder, classnames, n_ctx=n_ctx, text_mode=text_mode, chunk_size=chunk_size)
+    if n_ctx > LEADING_INIT_MAX_CTX:
+        raise ConfigError(f"init (--init) {init!r} with n_ctx (--n-ctx) {n_ctx}: the original uses a word init only "
+                          f"for n_ctx <= {LEADING_INIT_MAX_CTX} (beyond, it ignores the init and draws a random "
+                          f"context); pass --init none for that")
+    prompt = PromptContext(text_encoder, classnames, init_words=init, text_mode=text_mode, chunk_size=chunk_size)
+    n_tokens = prompt.n_ctx  # one vector per token of the init
+    if n_ctx > n_tokens:
+        raise ConfigError(f"n_ctx (--n-ctx) {n_ctx} exceeds the {n_tokens} tokens of init (--init) {init!r}: the "
+                          f"original would learn the end-of-text and padding embeddings and cut the class names")
+    # keep the first n_ctx vectors; the init's further tokens join the fixed part of every prompt
+    prompt.ctx = nn.Parameter(prompt.ctx.detach()[:, :, :n_ctx].clone())
+    prompt.n_ctx = n_ctx
+    prompt.init_length = "words"
+    prompt.set_classnames(classnames)
+    return prompt

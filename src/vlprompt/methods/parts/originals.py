@@ -43,7 +43,10 @@ class ImportedRun:
     ``request`` is the part of a run request the original's configuration gives; ``checks`` run against the built
     method (saved fixed buffers vs the rebuilt ones); ``optional``: learned-state keys the method derives from its
     config (kept as built); ``required``: method options the files do not tell and the flags must; ``num_classes``:
-    the classes a class-specific state was learned for; ``counts_words``: the original counts a word init in words."""
+    the classes a class-specific state was learned for; ``counts_words``: the original counts a word init in words;
+    ``state_for``: where the mapping of the tensors onto the learned state depends on the built method (CLIP-LoRA's
+    ``layer_<i>`` numbers the adapted attentions of the towers the backbone has), a function of the method giving
+    ``state``."""
 
     method: str
     path: Path
@@ -55,6 +58,7 @@ class ImportedRun:
     required: tuple[str, ...] = ()
     num_classes: Optional[int] = None
     counts_words: bool = False
+    state_for: Optional[Callable[[Any], dict]] = None
 
 
 def config_get(cfg: Optional[dict], dotted: str, default=None):
@@ -187,5 +191,30 @@ def dassl_context_import(cls, run: OriginalRun, *, ctx: torch.Tensor, mapped: to
     return imported
 
 
+def check_frozen_towers(backbone, state: dict, path: Path, towers: dict, skip: Callable[[str], bool] = lambda k: False
+                        ) -> None:
+    """The frozen CLIP weights a run saved beside its learned tensors (the multimodal-prompt-learning trainers save
+    the whole CustomCLIP, and their loaders load those weights back) against this backbone's: ``towers`` maps a
+    saved prefix to the open_clip prefix it stands for (``{"text_encoder.": "", "image_encoder.": "visual."}``);
+    ``skip(name)``: saved names that are learned, not frozen. A missing counterpart, another shape or other values
+    (beyond the fp16 rounding the originals save in) is a CheckpointError naming the tensor: the run used other
+    weights, and an import computing with this backbone's would give other numbers."""
+    own = backbone.model.state_dict()
+    for name, saved in state.items():
+        prefix = next((p for p in towers if name.startswith(p)), None)
+        if (prefix is None and name != "logit_scale") or skip(name):
+            continue
+        key = "logit_scale" if prefix is None else towers[prefix] + name[len(prefix):]
+        mine = own.get(key)
+        if mine is None or shape(mine) != shape(saved):
+            raise CheckpointError(f"{path}: the saved frozen weight {name} {shape(saved)} has no counterpart of that "
+                                  f"shape in the backbone {backbone.name} ({key}): the run used another architecture "
+                                  f"(--backbone)")
+        if not close(saved, mine):
+            raise CheckpointError(f"{path}: the saved frozen weight {name} differs from this backbone's ({key}): the "
+                                  f"run used other CLIP weights (--backbone / --pretrained)")
+
+
 __all__ = ["OriginalRun", "ImportedRun", "config_get", "shape", "check_known_tensors", "check_trainer",
-           "dassl_request", "close", "check_prefix", "check_suffix", "dassl_context_import", "CHECK_RTOL"]
+           "dassl_request", "close", "check_prefix", "check_suffix", "dassl_context_import", "check_frozen_towers",
+           "CHECK_RTOL"]
