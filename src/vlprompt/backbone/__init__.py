@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .loading import (OPENAI_EXTRA_KEYS, RANDOM_WEIGHTS, check_pixels, load_backbone, openai_format,
                       quick_gelu_hint, resolve_device, tag_pixel_statistics)
-from .model import PIXEL_KEYS, Backbone, BackboneSpec
+from .model import PIXEL_KEYS, PRECISIONS, Backbone, BackboneSpec, compute_dtype, cpu_has_fast_bf16
 
 __all__ = ["load_backbone", "Backbone", "BackboneSpec", "resolve_device", "RANDOM_WEIGHTS", "PIXEL_KEYS",
-           "check_pixels", "tag_pixel_statistics", "openai_format", "quick_gelu_hint", "OPENAI_EXTRA_KEYS"]
+           "check_pixels", "tag_pixel_statistics", "PRECISIONS", "compute_dtype", "cpu_has_fast_bf16", "openai_format", "quick_gelu_hint", "OPENAI_EXTRA_KEYS"]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
-from .model import PIXEL_KEYS, Backbone, BackboneSpec, _model_preprocess_cfg
+from .model import PIXEL_KEYS, Backbone, BackboneSpec, _model_preprocess_cfg, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ def load_backbone(name: str, pretrained: Optional[str] = None, device: str | tor
             ``local-dir:`` names, ``None`` means the source's own weights, a file replaces them, and a tag is
             refused.
         device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``; default: CUDA when available.
-        precision: ``amp`` (autocast on GPU; fp32 on CPU) or ``fp32``.
+        precision: ``amp`` (autocast on GPU; fp32 on CPU), ``fp32``, ``bf16`` or ``auto`` (:data:`PRECISIONS`).
         quick_gelu: force QuickGELU on or off; default: on for OpenAI weights (tags whose open_clip metadata
             says so), as loading them into the plain GELU config silently changes every number. A checkpoint file
             in OpenAI's format (:func:`openai_format`) with a GELU config is refused, naming the ``-quickgelu``
@@ -429,8 +429,7 @@ def load_backbone(name: str, pretrained: Optional[str] = None, device: str | tor
 
     dev = resolve_device(device)
     given_pixels = check_pixels(pixels)
-    if precision not in ("amp", "fp32"):
-        raise BackboneError(f"precision must be 'amp' or 'fp32', got {precision!r}")
+    compute_dtype(precision, dev)  # refused now, before anything is built
     model_name = str(name)
     try:
         schema, identifier = parse_model_name(model_name)

@@ -19,6 +19,52 @@ from .text_encoder import TextEncoder
 #: the pixel statistics a backbone's preprocess config carries (open_clip's names)
 PIXEL_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
+#: ``--precision``: ``fp32`` (no autocast), ``amp`` (autocast on GPU: bf16 where supported, else fp16 with a
+#: gradient scaler; fp32 on CPU), ``bf16`` (autocast to bfloat16 on a GPU that supports it or a CPU with bf16
+#: matrix units, AMX or avx512_bf16; refused elsewhere), ``auto`` (bf16 where the device has fast bf16, fp16
+#: autocast on older GPUs, fp32 on other CPUs)
+PRECISIONS = ("amp", "fp32", "bf16", "auto")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (x86 AMX-BF16 or AVX512-BF16): there bf16 GEMMs run about 3x faster
+    than fp32 (without them, 6-20x slower: measured, docs/benchmarks/precision.md)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = set()
+            for line in f:
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:  # not Linux: no way to tell here, take the safe answer
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def compute_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype the towers compute in under ``precision`` on ``device`` (None: float32, no autocast); a precision
+    the device cannot run is a BackboneError naming ``--precision``."""
+    if precision not in PRECISIONS:
+        raise BackboneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    cuda = device.type == "cuda"
+    if precision == "fp32" or (precision == "amp" and not cuda):
+        return None
+    if cuda:
+        bf16 = torch.cuda.is_bf16_supported()
+        if precision == "bf16" and not bf16:
+            raise BackboneError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                                f"use --precision amp (fp16 autocast) or auto")
+        return torch.bfloat16 if bf16 else torch.float16
+    if device.type == "cpu":
+        fast = cpu_has_fast_bf16()
+        if precision == "bf16" and not fast:
+            raise BackboneError("--precision bf16: this CPU has no bf16 matrix units (AMX or AVX512-BF16), where bf16 "
+                                "is many times slower than fp32; use --precision fp32 (or auto, which picks fp32 here)")
+        return torch.bfloat16 if fast else None
+    if precision == "bf16":
+        raise BackboneError(f"--precision bf16 is supported on CUDA and CPUs with bf16 units, not on {device.type}")
+    return None
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -52,6 +98,7 @@ class Backbone(nn.Module):
         self.model_cfg = model_cfg
         self.device = device
         self.precision = precision
+        self.compute_dtype = compute_dtype(precision, device)
         self.preprocess_cfg = _json_preprocess_cfg(preprocess_cfg if preprocess_cfg is not None else
                                                    _model_preprocess_cfg(model))
         self.pixel_source = pixel_source
@@ -96,7 +143,8 @@ class Backbone(nn.Module):
                 if t.numel():
                     h.update(t.reshape(-1).view(torch.uint8).numpy())
             self._fingerprint = h.hexdigest()[:32]
-        return self._fingerprint
+        # features computed in half precision are other numbers: their own cache (fp32 keeps the plain hash)
+        return self._fingerprint + ("" if self.compute_dtype is None else f"-{self.precision_used}")
 
     def _prompt_hooks(self) -> bool:
         visual = self.model.visual
@@ -116,11 +164,16 @@ class Backbone(nn.Module):
 
     # -- numerics -------------------------------------------------------------------------------
     def autocast(self):
-        """fp32 on CPU (bf16 is many times slower there); autocast to fp16/bf16 on GPU."""
-        if self.device.type == "cuda" and self.precision == "amp":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        """Autocast to the compute dtype of ``precision`` on this device (:func:`compute_dtype`); none in fp32.
+        Learned tensors stay float32 whatever the precision (autocast casts their copies for the matmuls)."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    @property
+    def precision_used(self) -> str:
+        """``fp32``, ``bf16`` or ``fp16``: what the towers compute in (results.json records it)."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.compute_dtype]
 
     @property
     def logit_scale(self) -> float:

@@ -22,8 +22,11 @@ def add_backbone_options(p: argparse.ArgumentParser, device_only: bool = False,
                        "model-config JSON (default RN50)")
         g.add_argument("--pretrained", default=S,
                        help="open_clip pretrained tag, a checkpoint file, or 'none' for random weights (default openai)")
-        g.add_argument("--precision", default=S, choices=["amp", "fp32"],
-                       help="amp: autocast on GPU (fp32 on CPU); fp32: no autocast (default amp)")
+        g.add_argument("--precision", default=S, choices=["amp", "fp32", "bf16", "auto"],
+                       help="amp: autocast on GPU, bf16 where supported else fp16 (fp32 on CPU); fp32: no autocast; "
+                            "bf16: autocast to bfloat16 (GPUs with bf16, CPUs with AMX / AVX512-BF16); auto: bf16 where "
+                            "the device has fast bf16, fp16 on older GPUs, fp32 on other CPUs (default amp). Learned "
+                            "tensors and optimiser state stay float32")
         g.add_argument("--preprocess", default=S, choices=["coop", "model"],
                        help="coop: CoOp's crop/flip policy with the weights' own pixel statistics (default); model: "
                             "open_clip's own pipeline for these weights, train and test")

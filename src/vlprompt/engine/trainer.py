@@ -17,9 +17,9 @@ slice; the loss is weighted by the slice's share of the batch, the learned tenso
 the ranks before the optimiser step (so all ranks take the same step), class prompts are encoded sharded over
 the ranks, and only rank 0 writes checkpoints and calls ``on_epoch``.
 
-Mixed precision (``precision="amp"`` on CUDA): the forward runs under autocast (bf16 where the GPU supports it,
-else fp16 with a gradient scaler: steps with inf/NaN gradients are skipped by the scaler and counted); the
-learned tensors and the optimiser state stay float32; batches are copied from pinned memory.
+Mixed precision (``--precision amp`` on CUDA, ``bf16``, ``auto``): the forward runs under autocast (bf16 where the
+device supports it, else fp16 with a gradient scaler: steps with inf/NaN gradients are skipped by the scaler and
+counted); the learned tensors and the optimiser state stay float32; batches are copied from pinned memory.
 """
 from __future__ import annotations
 
@@ -188,8 +188,8 @@ class Trainer:
             if p.dtype != torch.float32:
                 raise VLPromptError(f"{type(method).__name__}: a learned tensor of shape {tuple(p.shape)} is "
                                     f"{p.dtype}; learned tensors must be float32 (autocast handles half precision)")
-        amp = self.device.type == "cuda" and method.backbone.precision == "amp"
-        self.fp16 = amp and not torch.cuda.is_bf16_supported()
+        # fp16 autocast needs a gradient scaler (bf16 has fp32's range: none)
+        self.fp16 = getattr(method.backbone, "compute_dtype", None) == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.fp16)
 
     # -- checkpoints --

@@ -356,8 +356,10 @@ def resolve_model(request: dict) -> dict:
     if backbone.endswith(".json") or os.path.isfile(os.path.expanduser(backbone)):
         backbone = _abs(backbone)
     precision = request.get("precision", "amp")
-    if precision not in ("amp", "fp32"):
-        raise ConfigError(f"--precision must be amp or fp32, got {precision!r}")
+    from ..backbone.model import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     preprocess = request.get("preprocess", "coop")
     if preprocess not in ("coop", "model"):
         raise ConfigError(f"--preprocess must be coop or model, got {preprocess!r}")

@@ -278,7 +278,8 @@ def _execute(cfg: RunConfig, run_dir: Path, method: Method, backbone: Backbone, 
     out = {"method": cfg.method, "dataset": cfg.data.dataset, "classes": cfg.data.classes,
            "num_classes": splits.num_classes, "backbone": cfg.backbone, "pretrained": cfg.pretrained,
            "shots": cfg.data.shots, "seed": cfg.seed, "metrics": metrics, **results, "method_info": described,
-           "pixel_statistics": backbone.pixel_statistics, "timings": timings, "world_size": distributed.world_size()}
+           "pixel_statistics": backbone.pixel_statistics, "precision_used": backbone.precision_used,
+           "timings": timings, "world_size": distributed.world_size()}
     if distributed.is_main():  # it writes files
         out.update(method.on_test_end(run_dir, test_logits, splits.test) or {})
     return out

@@ -1,0 +1,111 @@
+"""--precision bf16 / auto: the towers compute under bf16 autocast where the device has fast bf16 (CUDA with bf16,
+CPUs with AMX or AVX512-BF16), within a documented tolerance of fp32; learned tensors and optimiser state stay
+float32; bf16 features are cached apart from fp32 ones (never served to an fp32 run); a device without fast bf16
+refuses --precision bf16 in one line naming the flag, and auto falls back to fp32 there."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import color_folder
+from vlprompt.backbone import load_backbone
+from vlprompt.backbone import model as backbone_model
+from vlprompt.backbone.cache import FeatureCache
+from vlprompt.cli import main
+from vlprompt.data import transform_id
+from vlprompt.errors import BackboneError
+from vlprompt.methods import build_method
+from vlprompt.methods.base import Features
+from vlprompt.testing import make_tiny_checkpoint
+
+CLASSES = ["red square", "blue circle", "green triangle", "yellow star", "a long class name of five words"]
+#: bf16 keeps 8 bits of mantissa: features within 2% of their largest entry, logits within 3% of the logit scale
+FEATURE_RTOL, LOGIT_TOL = 2e-2, 3e-2
+
+
+@pytest.fixture()
+def fast_bf16(monkeypatch):
+    """This CPU counted as having bf16 units (the numbers are the same without them, only slower)."""
+    monkeypatch.setattr(backbone_model, "cpu_has_fast_bf16", lambda: True)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("prec"), "tiny-vit", seed=6, sharpen=True)
+
+
+def _load(files, precision):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_backbone(str(files[0]), str(files[1]), "cpu", precision=precision)
+
+
+def test_bf16_features_and_logits_are_within_tolerance_of_fp32(files, fast_bf16):
+    fp32, bf16 = _load(files, "fp32"), _load(files, "bf16")
+    assert (fp32.precision_used, bf16.precision_used) == ("fp32", "bf16")
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a, b = fp32.encode_image(images), bf16.encode_image(images)
+    assert b.dtype == torch.float32 and 0 < float((a - b).abs().max()) <= FEATURE_RTOL * float(a.abs().max())
+    coop = {p: build_method("coop", {"n_ctx": 4}, bb, CLASSES) for p, bb in (("fp32", fp32), ("bf16", bf16))}
+    coop["bf16"].load_learned_state(coop["fp32"].learned_state())
+    with torch.no_grad():
+        la = coop["fp32"].eval()(Features(global_=a))
+        lb = coop["bf16"].eval()(Features(global_=a))
+    assert float(la.std()) > 0.5  # the logits differ between classes: the comparison is not trivially met
+    assert float((la - lb).abs().max()) <= LOGIT_TOL * fp32.logit_scale
+    agree = float((la.argmax(1) == lb.argmax(1)).float().mean())
+    assert agree >= 0.8
+
+
+def test_learned_tensors_and_optimizer_state_stay_float32_under_bf16(files, fast_bf16, tmp_path):
+    from vlprompt.engine.sources import CachedViews
+    from vlprompt.engine.trainer import TrainConfig, Trainer
+
+    bb = _load(files, "bf16")
+    method = build_method("coop", {"n_ctx": 4}, bb, CLASSES)
+    feats = torch.randn(1, 10, bb.embed_dim, generator=torch.Generator().manual_seed(1))
+    trainer = Trainer(method, TrainConfig(epochs=2, batch_size=5, warmup_epochs=0), tmp_path, seed=0, progress=False)
+    before = method.prompt.ctx.detach().clone()
+    trainer.fit(CachedViews(feats), torch.arange(10) % 5)
+    assert method.prompt.ctx.dtype == torch.float32 and not torch.equal(before, method.prompt.ctx)
+    for state in trainer.optimizer.state.values():
+        assert all(t.dtype == torch.float32 for t in state.values() if torch.is_tensor(t) and t.is_floating_point())
+    assert not trainer.fp16  # bf16 has fp32's range: no gradient scaler
+
+
+def test_bf16_features_are_cached_apart_and_never_served_to_fp32(files, fast_bf16, tmp_path):
+    data = color_folder(tmp_path / "data" / "shapes", per_class=3)
+    paths = sorted(str(p) for p in data.rglob("*.jpg"))
+    fp32, bf16 = _load(files, "fp32"), _load(files, "bf16")
+    assert fp32.fingerprint != bf16.fingerprint and bf16.fingerprint.endswith("-bf16")
+    from vlprompt.runs import transforms_for
+
+    _, tf = transforms_for("coop", fp32)
+    cache = FeatureCache(tmp_path / "cache", progress=False)
+    first = cache.get(bf16, paths, tf, transform_id=transform_id(tf))
+    again = cache.get(fp32, paths, tf, transform_id=transform_id(tf))
+    assert first.misses == len(paths) and again.misses == len(paths) and again.hits == 0
+    assert not torch.equal(first.global_, again.global_)
+    assert cache.get(bf16, paths, tf, transform_id=transform_id(tf)).hits == len(paths)
+
+
+def test_bf16_without_bf16_units_is_one_line_and_auto_falls_back(files, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(backbone_model, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(BackboneError, match="--precision bf16: this CPU has no bf16 matrix units"):
+        _load(files, "bf16")
+    assert _load(files, "auto").precision_used == "fp32"
+    data = color_folder(tmp_path / "data" / "shapes", per_class=4)
+    common = ["--backbone", str(files[0]), "--pretrained", str(files[1]), "--dataset", "folder", "--root", str(data),
+              "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(["zeroshot", *common, "--precision", "bf16", "--output", str(tmp_path / "zs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision bf16" in err[0] and not (tmp_path / "zs").exists()
+    assert main(["zeroshot", *common, "--precision", "auto", "--output", str(tmp_path / "auto")]) == 0
+    assert json.loads(capsys.readouterr().out)["precision_used"] == "fp32"
+    monkeypatch.setattr(backbone_model, "cpu_has_fast_bf16", lambda: True)
+    assert main(["zeroshot", *common, "--precision", "auto", "--output", str(tmp_path / "auto-bf16")]) == 0
+    assert json.loads(capsys.readouterr().out)["precision_used"] == "bf16"
