@@ -59,6 +59,10 @@ register_method("rank-coop", "vlprompt.methods.ordinal.baselines:RankCoOp")
 register_method("finetune-image", "vlprompt.methods.baselines.finetune_image:FinetuneImage")
 register_method("text-transform", "vlprompt.methods.baselines.text_transform:TextTransform")
 register_method("text-bias", "vlprompt.methods.baselines.text_bias:TextBias")
+register_method("ivlp", "vlprompt.methods.towers.ivlp:IVLP")
+register_method("deep-language", "vlprompt.methods.towers.deep_language:DeepLanguage")
+register_method("vpt", "vlprompt.methods.towers.vpt:VPT")
+register_method("promptsrc", "vlprompt.methods.towers.promptsrc:PromptSRC")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}

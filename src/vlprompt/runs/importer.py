@@ -2,7 +2,8 @@
 
 The files are read here, by format, always through the restricted unpickler (:mod:`vlprompt.safe_pickle`: no code
 from them runs): ``dassl`` -- a Dassl output folder (``<output>/<module>/model.pth.tar-<epoch>``,
-``model-best.pth.tar``) or one of those files, with the configuration Dassl prints into ``<output>/log.txt`` (or a
+``model-best.pth.tar``; the module folder is ``prompt_learner`` or the one that holds checkpoints, e.g.
+``VLPromptLearner``) or one of those files, with the configuration Dassl prints into ``<output>/log.txt`` (or a
 ``config.yaml`` there); ``lightning`` -- a Lightning ``.ckpt`` and its ``config.yaml`` (beside it or in a parent
 folder, or ``--source-config``). What the tensors mean is the method's business: its ``import_original`` hook
 (:meth:`vlprompt.methods.base.Method.import_original`) maps them by their original names onto its learned state,
@@ -56,6 +57,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _has_checkpoints(folder: Path) -> bool:
+    return (folder / "model-best.pth.tar").is_file() or any(folder.glob("model.pth.tar-*"))
+
+
+def _module_folder(path: Path) -> Path:
+    """The folder of a Dassl output folder's saved module: ``prompt_learner/`` (CoOp and its kin), else the one
+    subfolder holding checkpoints (Dassl names it after the registered model: ``VLPromptLearner/``...), else the
+    folder itself."""
+    if (path / "prompt_learner").is_dir():
+        return path / "prompt_learner"
+    if _has_checkpoints(path):
+        return path
+    found = sorted(d for d in path.iterdir() if d.is_dir() and _has_checkpoints(d))
+    if len(found) > 1:
+        raise CheckpointError(f"{path}: checkpoints of several modules ({', '.join(d.name for d in found)}); give "
+                              f"the folder or the file to import")
+    return found[0] if found else path
+
+
 def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
     """The prompt-learner checkpoint of a Dassl output folder (or the file given): ``--epoch N`` picks
     ``model.pth.tar-N``; else ``model-best.pth.tar`` when present (what the original's ``load_model`` loads),
@@ -67,7 +87,7 @@ def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
         return path
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
-    folder = path / "prompt_learner" if (path / "prompt_learner").is_dir() else path
+    folder = _module_folder(path)
     if epoch is not None:
         f = folder / f"model.pth.tar-{epoch}"
         if not f.is_file():
@@ -84,7 +104,15 @@ def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
 
 
 def _run_folder(ckpt: Path) -> Path:
-    return ckpt.parent.parent if ckpt.parent.name == "prompt_learner" else ckpt.parent
+    """The output folder of a checkpoint: its module folder's parent (where Dassl writes log.txt)."""
+    parent = ckpt.parent
+
+    def has_config(d: Path) -> bool:
+        return (d / "log.txt").is_file() or (d / "config.yaml").is_file()
+
+    if parent.name == "prompt_learner" or (not has_config(parent) and has_config(parent.parent)):
+        return parent.parent
+    return parent
 
 
 def read_dassl_config(folder: Path) -> tuple[Optional[dict], Optional[Path]]:

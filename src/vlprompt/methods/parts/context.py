@@ -18,7 +18,13 @@ A word init learns one vector per BPE token by default (``init_length="tokens"``
 instead (``n_ctx = len(ctx_init.split(" "))``): it learns the first ``n_ctx`` token vectors of the init and
 tokenizes ``"<init> {name}."`` whole, so an init with more tokens than words ("itap of a": 3 words, 4 tokens)
 keeps its further tokens fixed, before the class name. ``init_length="words"`` does exactly that (the imported
-original checkpoints need it); where every word is one token the two are the same prompt.
+original checkpoints need it); where every word is one token the two are the same prompt. The same rule with the
+count given, ``init_length="n_ctx"``, is the one of IVLP, MaPLe and PromptSRC
+(muzairkhattak/multimodal-prompt-learning ``trainers/maple.py`` l.84-97, ``independentVL.py`` l.82-95): the first
+``n_ctx`` token vectors of the init are learned and the sentence ``"<init> {name}."`` is tokenized whole, so with
+2 vectors and "a photo of a", "a photo" is learned and "of a" stays a fixed part of every prompt. (The originals
+learn the end-of-text and padding embeddings when ``n_ctx`` exceeds the init's tokens, and silently drop the init
+when ``n_ctx > 4``: the first is refused here, the second honoured.)
 """
 from __future__ import annotations
 
@@ -128,6 +134,15 @@ class PromptContext(nn.Module):
                 if n_words > n_tokens:  # e.g. a double space: the reference would learn <eot> and padding
                     raise ConfigError(f"init (--init) {self.init_words!r} has {n_words} space-separated words but "
                                       f"{n_tokens} tokens; remove the repeated spaces")
+            elif init_length == "n_ctx":  # the count given: its first tokens learned, the others stay fixed
+                if n_ctx is None:
+                    raise ConfigError("init_length (--init-length) = n_ctx learns the first --n-ctx tokens of "
+                                      "--init: give --n-ctx")
+                if n_ctx > n_tokens:  # the originals would learn the <eot> and padding embeddings
+                    raise ConfigError(f"n_ctx (--n-ctx) = {n_ctx} but init (--init) {self.init_words!r} has "
+                                      f"{n_tokens} tokens: with init_length=n_ctx the first n_ctx tokens of the "
+                                      f"init are learned; give at most {n_tokens} or a longer init")
+                n_words, unit = n_ctx, "tokens"
             else:  # their BPE tokens, one vector each
                 n_words, unit = n_tokens, "tokens"
             if n_ctx is not None and n_ctx != n_words:
@@ -173,7 +188,7 @@ class PromptContext(nn.Module):
         te = self.text
         m = self.n_ctx
         length = te.context_length
-        if self.init_length == "words":
+        if self.init_length in ("words", "n_ctx") and self.init_words is not None:
             # the reference's sentence: the init's tokens beyond the m learned ones stay in the fixed tail
             placeholder = self.init_words
         else:
@@ -249,11 +264,13 @@ class PromptContext(nn.Module):
         seq = table.gather(2, idx)  # (G, K, L-1, D)
         return prefix, seq[:, :, p:], self.eot
 
-    def encode(self, shift: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
-        """Text features (G, K, E), not normalised."""
+    def encode(self, shift: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+               layer_prompts=None) -> torch.Tensor:
+        """Text features (G, K, E), not normalised. ``layer_prompts``: deep prompts replacing positions after the
+        start token in deeper blocks (:class:`~vlprompt.backbone.patches.TextLayerPrompts`)."""
         prefix, suffix, eot = self.prompt_embeddings(shift)
         return self.text.encode_prompts(prefix, suffix, eot, mode=self.text_mode,
-                                        chunk_size=chunk_size or self.chunk_size)
+                                        chunk_size=chunk_size or self.chunk_size, layer_prompts=layer_prompts)
 
     def interpretable_vectors(self) -> list[tuple[dict, torch.Tensor]]:
         """Each learned context block: ({"prompt": n, "class": class name or None}, its (M, D) vectors)."""
