@@ -82,6 +82,8 @@ def reference(models, dtd, cache_dir, tmp_path_factory):
 def test_every_preset_expands_to_its_protocols_cells():
     expected = {"coop-fewshot": 165, "plot-fewshot": 165, "coop-dg": 3, "cocoop-base2new": 33,
                 "cocoop-cross-dataset": 3, "ordinal-folds": 21, "ordinal-fewshot": 7, "ordinal-shift": 8}
+    expected.update({"maple-baselines-base2new": 99, "promptsrc-base2new": 66, "promptsrc-cross-dataset": 3,
+                     "promptsrc-dg": 3, "promptsrc-fewshot": 165})
     assert set(preset_names()) == set(expected)
     for name, n in expected.items():
         spec = load_preset(name)

@@ -232,3 +232,61 @@ def test_prompt_aggregation_resumes_bit_for_bit_after_sigkill(towers, folder, tm
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     log = (tmp_path / "killed" / "log.txt").read_text()
     assert "resumed from" in log
+
+
+def test_published_numbers_are_the_readmes_and_join_only_runs_of_the_recipe():
+    """The MaPLe and PromptSRC READMEs' 11-dataset base-to-new averages, each bound to its method's config."""
+    from vlprompt.papers import load_papers, matches
+
+    b2n = {(n.paper, n.method, n.metric): n for n in load_papers() if n.protocol == "base2new"
+           and n.dataset == "average11" and n.method in ("ivlp", "deep-language", "vpt", "promptsrc")}
+    table = {("MaPLe baselines", "vpt"): (80.24, 73.43, 76.68), ("MaPLe baselines", "deep-language"): (81.72, 73.81, 77.56),
+             ("MaPLe baselines", "ivlp"): (82.15, 74.07, 77.90), ("PromptSRC", "ivlp"): (84.21, 71.79, 77.51),
+             ("PromptSRC", "promptsrc"): (84.26, 76.10, 79.97)}
+    for (paper, method), values in table.items():
+        got = tuple(b2n[paper, method, m].value for m in ("base", "new", "harmonic_mean"))
+        assert got == values
+        assert 2 * got[0] * got[1] / (got[0] + got[1]) == pytest.approx(got[2], abs=0.006)
+    n = b2n["PromptSRC", "promptsrc", "base"]
+    identity = {"method_options.n_ctx": 4, "method_options.n_ctx_vision": 4, "method_options.text_depth": 9,
+                "method_options.vision_depth": 9, "method_options.init": "a photo of a",
+                "method_options.text_loss_weight": 25.0, "method_options.image_loss_weight": 10.0,
+                "method_options.gpa_mean": 15.0, "method_options.gpa_std": 1.0, "train.epochs": 20,
+                "train.lr": 0.0025, "train.batch_size": 4}
+    kw = dict(method="promptsrc", dataset="average11", protocol="base2new", backbone="ViT-B-16-quickgelu",
+              pretrained="openai", shots=16, metric="base")
+    assert matches(n, **kw, flat_identity=identity)
+    assert not matches(n, **kw, flat_identity={**identity, "method_options.gpa_std": 2.0})
+    assert not matches(n, **kw, flat_identity={**identity, "train.epochs": 5})
+    # the two IVLP recipes are two numbers, each joining its own runs
+    mpl, src = b2n["MaPLe baselines", "ivlp", "base"], b2n["PromptSRC", "ivlp", "base"]
+    ivlp_src = {k: v for k, v in identity.items() if "loss" not in k and "gpa" not in k}
+    kw["method"] = "ivlp"
+    assert matches(src, **kw, flat_identity=ivlp_src) and not matches(mpl, **kw, flat_identity=ivlp_src)
+
+
+def test_grid_protocols_give_each_cell_its_papers_config():
+    from vlprompt.grid.presets import read_preset
+    from vlprompt.grid.spec import expand, load_preset, resolve_cells
+
+    def cells(name):
+        spec = load_preset(name)
+        spec.set_value("data.root", "/data", "--root")
+        return {c.name: c.config for c in resolve_cells(expand(spec))}
+
+    few = cells("promptsrc-fewshot")
+    assert len(few) == 165
+    imagenet16, imagenet4 = few["promptsrc/imagenet/shots16/seed1"], few["promptsrc/imagenet/shots4/seed1"]
+    for cfg in (imagenet16, imagenet4):  # the few-shot config, also where the preset gives the cross-dataset one
+        assert (cfg.method_options["text_depth"], cfg.method_options["gpa_mean"], cfg.train.epochs) == (9, 30.0, 50)
+    assert few["promptsrc/dtd/shots1/seed2"].method_options["gpa_std"] == 5.0
+    b2n = cells("promptsrc-base2new")
+    ivlp = b2n["ivlp/dtd/seed1"]  # PromptSRC's IVLP baseline, not the MaPLe paper's
+    assert (ivlp.method_options["n_ctx"], ivlp.method_options["vision_depth"], ivlp.train.epochs, ivlp.train.lr) == (
+        4, 9, 20, 0.0025)
+    assert b2n["promptsrc/dtd/seed1"].method_options["gpa_mean"] == 15.0
+    xd = cells("promptsrc-cross-dataset")["promptsrc/imagenet/seed1"]
+    assert (xd.method_options["text_depth"], xd.method_options["gpa_std"], xd.data.classes) == (3, 10.0, "all")
+    mpl = cells("maple-baselines-base2new")
+    assert mpl["vpt/eurosat/seed3"].method_options["n_ctx_vision"] == 8 and mpl["ivlp/dtd/seed1"].train.epochs == 5
+    assert "README" in read_preset("promptsrc-base2new")["description"]
