@@ -240,7 +240,8 @@ def test_published_numbers_are_the_readmes_and_join_only_runs_of_the_recipe():
 
     b2n = {(n.paper, n.method, n.metric): n for n in load_papers() if n.protocol == "base2new"
            and n.dataset == "average11" and n.method in ("ivlp", "deep-language", "vpt", "promptsrc")}
-    table = {("MaPLe baselines", "vpt"): (80.24, 73.43, 76.68), ("MaPLe baselines", "deep-language"): (81.72, 73.81, 77.56),
+    table = {("MaPLe baselines", "vpt"): (80.24, 73.43, 76.68),
+             ("MaPLe baselines", "deep-language"): (81.72, 73.81, 77.56),
              ("MaPLe baselines", "ivlp"): (82.15, 74.07, 77.90), ("PromptSRC", "ivlp"): (84.21, 71.79, 77.51),
              ("PromptSRC", "promptsrc"): (84.26, 76.10, 79.97)}
     for (paper, method), values in table.items():

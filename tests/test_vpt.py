@@ -104,7 +104,8 @@ def test_cli_trains_shallow_evaluates_new_classes_exports_predicts_and_imports(t
     image = sorted(Path(folder).rglob("*.jpg"))[0]
     assert len(json.loads(cli(["predict", tmp_path / "head", image, "--json"], capsys)[0])[0]["top"]) == 2
     # an original VPT run: <output>/prompt_learner/model.pth.tar-5, the whole CustomCLIP in fp32
-    learned = {k: torch.randn(v.shape) * 0.3 for k, v in vpt.init_vpt(bb.model, n_ctx_vision=3, depth_vision=12).items()}
+    init = vpt.init_vpt(bb.model, n_ctx_vision=3, depth_vision=12)
+    learned = {k: torch.randn(v.shape) * 0.3 for k, v in init.items()}
     source = tmp_path / "source"
     vpt.write_original_checkpoint(source, learned, bb.model, epoch=5)
     write_dassl_log(source, vpt.dassl_config("deep", dataset="Things", shots=2, subsample="base"))

@@ -52,6 +52,8 @@ class DeepTextOptions(ContextOptions):
     init_length: str = opt("n_ctx", "how --init's length is counted: n_ctx (the originals: the first --n-ctx tokens "
                            "learned), tokens (every token learned) or words (one per space-separated word)",
                            choices=INIT_LENGTHS)
+    init_std: float = opt(PROMPT_STD, "standard deviation of the random init of the context (without --init) "
+                          "and of every prompt inside the towers", gt=0)
     text_depth: int = opt(9, "text layers carrying prompts, counting the input: the context, then new prompts "
                           "replacing it before blocks 1..depth-1 (at most the text tower's layers)", min=1)
 

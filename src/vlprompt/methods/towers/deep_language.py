@@ -27,6 +27,7 @@ class DeepLanguageConfig(DeepTextOptions):
 class DeepLanguage(DeepPromptMethod):
     name = "deep-language"
     config_class = DeepLanguageConfig
+    inputs = frozenset({"global"})  # no vision prompts: the frozen tower's features, from the cache
     summary = ("deep language prompting: a learned text context with deep text prompts, the image tower CLIP's "
                "(MaPLe paper's baseline)")
 
