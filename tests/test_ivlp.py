@@ -149,6 +149,17 @@ def test_bad_options_are_refused_when_the_config_is_built(bb, options, message):
         build_method("ivlp", {"text_depth": 2, "vision_depth": 2, **options}, bb, NAMES)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"text_depth": LAYERS + 1}, "exceeds the 4 layers of the text tower"),
+    ({"class_position": "front"}, "must be the context"),
+    ({"vision_depth": 2}, "unknown option"),  # no vision prompts: not an option of deep language prompting
+    ({"init": "a photo", "n_ctx": 3}, "has 2 tokens"),
+])
+def test_deep_language_refuses_bad_options(bb, options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_method("deep-language", {"text_depth": 2, **options}, bb, NAMES)
+
+
 # -- presets --------------------------------------------------------------------------------------------------
 def test_presets_are_the_published_configs(tmp_path):
     data = {"dataset": "folder", "root": str(tmp_path), "shots": 16, "classes": "base"}
@@ -299,3 +310,28 @@ def test_import_refuses_another_backbone_and_another_class_list(towers, folder, 
     _, err = cli(["import", source, "--from", "ivlp", *_common(files, folder, tmp_path / "cache"), "--output",
                   tmp_path / "b"], capsys, code=2)
     assert "other CLIP weights" in err or "another backbone or other weights" in err
+
+
+@pytest.mark.parametrize("name", ["ivlp", "promptsrc"])
+def test_under_half_precision_autocast_the_learned_tensors_stay_float32(bb, monkeypatch, name):
+    """The backbone's autocast (fp16 / bf16 on a GPU; bf16 on the CPU here, the same code path): the towers run
+    in half precision with the prompts cast where they enter, the learned tensors and their gradients stay
+    float32, and the logits are the fp32 ones to half-precision rounding."""
+    from vlprompt.methods.base import Batch
+
+    method = build_method(name, {"text_depth": 3, "vision_depth": 3}, bb, NAMES)
+    randomise(method)
+    x, y = images(), torch.tensor([0, 1, 2, 0])
+    feats = Features(images=x, global_=bb.encode_image(x))
+    reference = method.training_step(Batch(feats, y)).logits.detach()
+    half = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    monkeypatch.setattr(bb, "autocast", half)
+    monkeypatch.setattr(bb.text, "autocast", half)
+    with half():  # the trainer runs training_step under the backbone's autocast
+        out = method.training_step(Batch(feats, y))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for p in method.trainable_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+    diff = float((out.logits.detach().float() - reference).abs().max())
+    assert 0 < diff < 0.05 * bb.logit_scale  # bf16 (8 bits): the towers did run in half precision
