@@ -1,4 +1,4 @@
-"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip --dataset D --root R --output RUN``.
+"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip|ivlp|... --dataset D --root R --output RUN``.
 
 Turns a run of the original repositories (a Dassl output folder or checkpoint, an OrdinalCLIP Lightning
 ``.ckpt``) into an ordinary run directory (:mod:`vlprompt.runs.importer`). The run options are ``vlprompt
@@ -27,12 +27,13 @@ def register(sub) -> None:
 
     sources = importable_methods()
 
-    p = sub.add_parser("import", help="import a run of the original CoOp / CoCoOp / PLOT / OrdinalCLIP code",
+    p = sub.add_parser("import", help="import a run of a method's original code (--from lists them)",
                        description="Import a run of the original repositories (Dassl output folder or checkpoint, "
                                    "OrdinalCLIP Lightning .ckpt) into a vlprompt run directory, evaluated on the "
                                    "test split. Nothing from the files is executed.")
-    p.add_argument("path", help="Dassl output folder (with prompt_learner/), a model.pth.tar-N / model-best.pth.tar "
-                                "file, or an OrdinalCLIP .ckpt")
+    p.add_argument("path", help="Dassl output folder (with prompt_learner/, or the module folder holding the "
+                                "checkpoints: VLPromptLearner/...), a model.pth.tar-N / model-best.pth.tar file, or an "
+                                "OrdinalCLIP .ckpt")
     p.add_argument("--from", dest="source", required=True, choices=sources, help="the repository that wrote it")
     p.add_argument("--output", required=True, help="the run directory to write")
     p.add_argument("--epoch", type=int, default=None, help="Dassl: import model.pth.tar-EPOCH (default: "
