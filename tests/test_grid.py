@@ -84,6 +84,8 @@ def test_every_preset_expands_to_its_protocols_cells():
                 "cocoop-cross-dataset": 3, "ordinal-folds": 21, "ordinal-fewshot": 7, "ordinal-shift": 8,
                 "kgcoop-fewshot": 33, "prograd-base2new": 33, "prograd-dg": 3,
                 "maple-base2new": 33, "maple-cross-dataset": 3, "clip-lora-fewshot": 165}
+    expected.update({"maple-baselines-base2new": 99, "promptsrc-base2new": 66, "promptsrc-cross-dataset": 3,
+                     "promptsrc-dg": 3, "promptsrc-fewshot": 165})
     assert set(preset_names()) == set(expected)
     for name, n in expected.items():
         spec = load_preset(name)

@@ -126,9 +126,9 @@ def test_the_word_init_learns_the_first_tokens_and_keeps_the_rest_of_the_init_fi
     torch.testing.assert_close(method.learned_tensor("prompt.ctx")[0, 0], emb[0, 1:3], rtol=0, atol=0)
     torch.testing.assert_close(method.prompt.tail, emb[:, 3:], rtol=0, atol=0)  # "of a <name> ." fixed
     assert method.shared_fixed == 2  # "of a" joins the shared prefix
-    with pytest.raises(ConfigError, match="only for n_ctx <= 4"):
+    with pytest.raises(ConfigError, match="'a photo of a' has 4 tokens"):
         _build(deep, n_ctx=5, depth=2)
-    with pytest.raises(ConfigError, match="exceeds the 2 tokens"):
+    with pytest.raises(ConfigError, match="'a photo' has 2 tokens"):
         _build(deep, n_ctx=3, depth=2, init="a photo")
     assert _build(deep, n_ctx=5, depth=2, init="none").config.init is None  # random N(0, 0.02)
 

@@ -1,4 +1,4 @@
-"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip|maple|clip-lora --dataset D --root R --output RUN``.
+"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip|maple|ivlp|... --dataset D --root R --output RUN``.
 
 Turns a run of the original repositories (a Dassl output folder or checkpoint, an OrdinalCLIP Lightning
 ``.ckpt``, a CLIP-LoRA ``lora_weights.pt``) into an ordinary run directory (:mod:`vlprompt.runs.importer`). The
@@ -27,13 +27,13 @@ def register(sub) -> None:
 
     sources = importable_methods()
 
-    p = sub.add_parser("import", help=f"import a run of a method's original code ({', '.join(sources)})",
+    p = sub.add_parser("import", help="import a run of a method's original code (--from lists them)",
                        description="Import a run of the original repositories (Dassl output folder or checkpoint, "
                                    "OrdinalCLIP Lightning .ckpt, CLIP-LoRA lora_weights.pt) into a vlprompt run "
                                    "directory, evaluated on the test split. Nothing from the files is executed.")
     p.add_argument("path", help="Dassl output folder (with its module folder: prompt_learner/, "
-                                "MultiModalPromptLearner/...), a model.pth.tar-N / model-best.pth.tar file, an "
-                                "OrdinalCLIP .ckpt, or a CLIP-LoRA lora_weights.pt")
+                                "MultiModalPromptLearner/, VLPromptLearner/...), a model.pth.tar-N / "
+                                "model-best.pth.tar file, an OrdinalCLIP .ckpt, or a CLIP-LoRA lora_weights.pt")
     p.add_argument("--from", dest="source", required=True, choices=sources, help="the repository that wrote it")
     p.add_argument("--output", required=True, help="the run directory to write")
     p.add_argument("--epoch", type=int, default=None, help="Dassl: import model.pth.tar-EPOCH (default: "

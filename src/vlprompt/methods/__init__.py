@@ -63,6 +63,10 @@ register_method("text-transform", "vlprompt.methods.baselines.text_transform:Tex
 register_method("text-bias", "vlprompt.methods.baselines.text_bias:TextBias")
 register_method("maple", "vlprompt.methods.towers.maple:MaPLe")
 register_method("clip-lora", "vlprompt.methods.towers.clip_lora:CLIPLoRA")
+register_method("ivlp", "vlprompt.methods.towers.ivlp:IVLP")
+register_method("deep-language", "vlprompt.methods.towers.deep_language:DeepLanguage")
+register_method("vpt", "vlprompt.methods.towers.vpt:VPT")
+register_method("promptsrc", "vlprompt.methods.towers.promptsrc:PromptSRC")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}

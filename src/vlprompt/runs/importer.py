@@ -2,7 +2,8 @@
 
 The files are read here, by format, always through the restricted unpickler (:mod:`vlprompt.safe_pickle`: no code
 from them runs): ``dassl`` -- a Dassl output folder (``<output>/<module>/model.pth.tar-<epoch>``,
-``model-best.pth.tar``) or one of those files, with the configuration Dassl prints into ``<output>/log.txt`` (or a
+``model-best.pth.tar``; the module folder is ``prompt_learner`` or the one that holds checkpoints, e.g.
+``VLPromptLearner``) or one of those files, with the configuration Dassl prints into ``<output>/log.txt`` (or a
 ``config.yaml`` there); ``lightning`` -- a Lightning ``.ckpt`` and its ``config.yaml`` (beside it or in a parent
 folder, or ``--source-config``); ``clip-lora`` -- MaxZanella/CLIP-LoRA's ``lora_weights.pt`` (its LoRA factors and the
 options they were trained with). What the tensors mean is the method's business: its ``import_original`` hook
@@ -57,6 +58,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _has_checkpoints(folder: Path) -> bool:
+    return (folder / "model-best.pth.tar").is_file() or any(folder.glob("model.pth.tar-*"))
+
+
+def _module_folder(path: Path) -> Path:
+    """The folder of a Dassl output folder's saved module: ``prompt_learner/`` (CoOp, CoCoOp, PLOT), else the one
+    subfolder holding checkpoints (Dassl names it after the registered model: ``MultiModalPromptLearner/`` for MaPLe,
+    ``VLPromptLearner/``...), else the folder itself."""
+    if (path / "prompt_learner").is_dir():
+        return path / "prompt_learner"
+    if _has_checkpoints(path):
+        return path
+    found = sorted(d for d in path.iterdir() if d.is_dir() and _has_checkpoints(d))
+    if len(found) > 1:
+        raise CheckpointError(f"{path}: checkpoints of several modules ({', '.join(d.name for d in found)}); give "
+                              f"the folder or the file to import")
+    return found[0] if found else path
+
+
 def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
     """The prompt-learner checkpoint of a Dassl output folder (or the file given): ``--epoch N`` picks
     ``model.pth.tar-N``; else ``model-best.pth.tar`` when present (what the original's ``load_model`` loads),
@@ -82,23 +102,6 @@ def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
         raise CheckpointError(f"{path}: no Dassl checkpoint (<module>/model.pth.tar-<epoch> or model-best.pth.tar, "
                               f"<module> e.g. prompt_learner)")
     return numbered[-1][1]
-
-
-def _holds_checkpoints(folder: Path) -> bool:
-    return (folder / "model-best.pth.tar").is_file() or any(folder.glob("model.pth.tar-*"))
-
-
-def _module_folder(path: Path) -> Path:
-    """The folder of a Dassl output that holds its checkpoints: the registered model's sub-folder (Dassl writes one
-    per registered name: ``prompt_learner`` for CoOp, CoCoOp and PLOT, ``MultiModalPromptLearner`` for MaPLe...) or
-    the folder itself."""
-    if (path / "prompt_learner").is_dir():
-        return path / "prompt_learner"
-    subs = sorted(d for d in path.iterdir() if d.is_dir() and _holds_checkpoints(d))
-    if len(subs) > 1:
-        raise CheckpointError(f"{path}: checkpoints in several module folders ({', '.join(d.name for d in subs)}); "
-                              f"give the one to import")
-    return subs[0] if subs else path
 
 
 def _has_config(folder: Path) -> bool:

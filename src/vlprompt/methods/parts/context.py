@@ -19,7 +19,13 @@ A word init learns one vector per BPE token by default (``init_length="tokens"``
 instead (``n_ctx = len(ctx_init.split(" "))``): it learns the first ``n_ctx`` token vectors of the init and
 tokenizes ``"<init> {name}."`` whole, so an init with more tokens than words ("itap of a": 3 words, 4 tokens)
 keeps its further tokens fixed, before the class name. ``init_length="words"`` does exactly that (the imported
-original checkpoints need it); where every word is one token the two are the same prompt.
+original checkpoints need it); where every word is one token the two are the same prompt. The same rule with the
+count given, ``init_length="n_ctx"``, is the one of IVLP, MaPLe and PromptSRC
+(muzairkhattak/multimodal-prompt-learning ``trainers/maple.py`` l.84-97, ``independentVL.py`` l.82-95): the first
+``n_ctx`` token vectors of the init are learned and the sentence ``"<init> {name}."`` is tokenized whole, so with
+2 vectors and "a photo of a", "a photo" is learned and "of a" stays a fixed part of every prompt. (The originals
+learn the end-of-text and padding embeddings when ``n_ctx`` exceeds the init's tokens, and silently drop the init
+when ``n_ctx > 4``: the first is refused here, the second honoured.)
 
 Where the words go (``init_placement``): ``start`` -- the context is exactly the init's vectors (CoOp; ``n_ctx``, if
 given, must be their number); ``end`` -- a context of ``n_ctx`` vectors whose last ones are the init's and whose
@@ -141,6 +147,15 @@ class PromptContext(nn.Module):
                 if n_words > n_tokens:  # e.g. a double space: the reference would learn <eot> and padding
                     raise ConfigError(f"init (--init) {self.init_words!r} has {n_words} space-separated words but "
                                       f"{n_tokens} tokens; remove the repeated spaces")
+            elif init_length == "n_ctx":  # the count given: its first tokens learned, the others stay fixed
+                if n_ctx is None:
+                    raise ConfigError("init_length (--init-length) = n_ctx learns the first --n-ctx tokens of "
+                                      "--init: give --n-ctx")
+                if n_ctx > n_tokens:  # the originals would learn the <eot> and padding embeddings
+                    raise ConfigError(f"n_ctx (--n-ctx) = {n_ctx} but init (--init) {self.init_words!r} has "
+                                      f"{n_tokens} tokens: with init_length=n_ctx the first n_ctx tokens of the "
+                                      f"init are learned; give at most {n_tokens} or a longer init")
+                n_words, unit = n_ctx, "tokens"
             else:  # their BPE tokens, one vector each
                 n_words, unit = n_tokens, "tokens"
             if init_placement == "end":  # zeros, then the words (ProGrad)
@@ -196,7 +211,7 @@ class PromptContext(nn.Module):
         te = self.text
         m = self.n_ctx
         length = te.context_length
-        if self.init_length == "words":
+        if self.init_length in ("words", "n_ctx") and self.init_words is not None:
             # the reference's sentence: the init's tokens beyond the m learned ones stay in the fixed tail (placement
             # end: "X" for each zero vector before the words, as ProGrad writes it)
             placeholder = " ".join(["X"] * (m - self.n_init) + [self.init_words])
@@ -273,11 +288,13 @@ class PromptContext(nn.Module):
         seq = table.gather(2, idx)  # (G, K, L-1, D)
         return prefix, seq[:, :, p:], self.eot
 
-    def encode(self, shift: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
-        """Text features (G, K, E), not normalised."""
+    def encode(self, shift: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+               layer_prompts=None) -> torch.Tensor:
+        """Text features (G, K, E), not normalised. ``layer_prompts``: deep prompts replacing positions after the
+        start token in deeper blocks (:class:`~vlprompt.backbone.patches.TextLayerPrompts`)."""
         prefix, suffix, eot = self.prompt_embeddings(shift)
         return self.text.encode_prompts(prefix, suffix, eot, mode=self.text_mode,
-                                        chunk_size=chunk_size or self.chunk_size)
+                                        chunk_size=chunk_size or self.chunk_size, layer_prompts=layer_prompts)
 
     def interpretable_vectors(self) -> list[tuple[dict, torch.Tensor]]:
         """Each learned context block: ({"prompt": n, "class": class name or None}, its (M, D) vectors)."""
@@ -338,45 +355,3 @@ class ContextClassifier(ContextPromptMethod):
         with torch.no_grad():
             text = F.normalize(self.prompt.encode()[0].float(), dim=-1)
         return {"text_features": text}, {"kind": "linear", "logit_scale": self.logit_scale}
-
-
-# -- the word-init rule of muzairkhattak/multimodal-prompt-learning (MaPLe, IVLP) and PromptSRC --------------------
-#: the longest context a word init applies to there (``if ctx_init and n_ctx <= 4``)
-LEADING_INIT_MAX_CTX = 4
-
-
-def leading_tokens_context(text_encoder, classnames: Sequence[str], *, n_ctx: int, init: Optional[str],
-                           text_mode: str = "auto", chunk_size: Optional[int] = 256) -> PromptContext:
-    """A :class:`PromptContext` (class name at the end, shared by all classes) by the word-init rule of the
-    multimodal-prompt-learning repositories (``trainers/maple.py`` l.84-97, ``trainers/independentVL.py``
-    l.82-95, PromptSRC ``trainers/promptsrc.py`` l.88-101): with a word init, the context is the FIRST ``n_ctx``
-    token embeddings of the init and the rest of the init stays a fixed part of every prompt -- the recipes' n_ctx
-    2 with "a photo of a" learn "a photo" and keep "of a" before each class name; without one, ``n_ctx`` vectors
-    drawn from N(0, 0.02) (the global RNG, as the original).
-
-    Refused here, where the original goes on: an init with ``n_ctx`` > 4 (the original silently ignores it and
-    draws a random context) and an init of fewer tokens than ``n_ctx`` (the original would learn its end token and
-    padding embeddings and cut the class name's first tokens out of the prompt, ``maple.py`` l.88-92, 121-131).
-
-    The returned context counts its init in words (``init_length = "words"``): its prompts are the sentence
-    ``"<init> {name}."`` tokenized whole, its tail everything after the ``n_ctx`` learned tokens."""
-    init = clean_init_words(init)
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-        raise ConfigError(f"n_ctx (--n-ctx) must be an integer >= 1, got {n_ctx!r}")
-    if init is None:
-        return PromptContext(text_encoder, classnames, n_ctx=n_ctx, text_mode=text_mode, chunk_size=chunk_size)
-    if n_ctx > LEADING_INIT_MAX_CTX:
-        raise ConfigError(f"init (--init) {init!r} with n_ctx (--n-ctx) {n_ctx}: the original uses a word init only "
-                          f"for n_ctx <= {LEADING_INIT_MAX_CTX} (beyond, it ignores the init and draws a random "
-                          f"context); pass --init none for that")
-    prompt = PromptContext(text_encoder, classnames, init_words=init, text_mode=text_mode, chunk_size=chunk_size)
-    n_tokens = prompt.n_ctx  # one vector per token of the init
-    if n_ctx > n_tokens:
-        raise ConfigError(f"n_ctx (--n-ctx) {n_ctx} exceeds the {n_tokens} tokens of init (--init) {init!r}: the "
-                          f"original would learn the end-of-text and padding embeddings and cut the class names")
-    # keep the first n_ctx vectors; the init's further tokens join the fixed part of every prompt
-    prompt.ctx = nn.Parameter(prompt.ctx.detach()[:, :, :n_ctx].clone())
-    prompt.n_ctx = n_ctx
-    prompt.init_length = "words"
-    prompt.set_classnames(classnames)
-    return prompt

@@ -18,7 +18,7 @@ POSITIONS = ("end", "middle", "front")
 #: how the text tower encodes learned prompts (all exact; see vlprompt.backbone.text_encoder)
 TEXT_MODES = ("auto", "plain", "cut", "prefix")
 #: how a word init's length is counted (see :mod:`.context`)
-INIT_LENGTHS = ("tokens", "words")
+INIT_LENGTHS = ("tokens", "words", "n_ctx")
 #: where a word init's vectors go in the context (see :mod:`.context`)
 INIT_PLACEMENTS = ("start", "end")
 
@@ -41,9 +41,11 @@ class ContextOptions(MethodConfig):
                                "--init; another number with --init is an error)", min=1)
     init: Optional[str] = opt(None, "initialise the context from words, e.g. 'a photo of a' (one vector per token, "
                               "or per word: --init-length); default: random N(0, init_std)")
-    init_length: str = opt("tokens", "how --init's length is counted: tokens (one learned vector per BPE token) or "
+    init_length: str = opt("tokens", "how --init's length is counted: tokens (one learned vector per BPE token), "
                            "words (the original CoOp: one per space-separated word; the init's further tokens "
-                           "stay fixed before the class name)", choices=INIT_LENGTHS)
+                           "stay fixed before the class name) or n_ctx (IVLP, MaPLe, PromptSRC: the first --n-ctx "
+                           "tokens are learned, the init's further tokens stay fixed before the class name)",
+                           choices=INIT_LENGTHS)
     init_placement: str = opt("start", "where --init's vectors go: start (the context is exactly the init's vectors) "
                               "or end (the last of --n-ctx vectors, zeros before them, as ProGrad)",
                               choices=INIT_PLACEMENTS, since="0.2")

@@ -16,8 +16,8 @@ l.69-176, ``CustomCLIP`` l.179-204) on the MaPLe blocks of its ``clip/model.py``
 What the original does that produced its numbers, reproduced:
 
 * the word init (``maple.py`` l.84-97, 121-131): with "a photo of a" and n 2, "a photo" is learned and "of a" stays
-  a fixed part of every prompt (:func:`..parts.context.leading_tokens_context`, which refuses the init the original
-  silently ignores, n > 4, and one of fewer tokens than n);
+  a fixed part of every prompt (``init_length="n_ctx"`` of :class:`..parts.context.PromptContext`, which refuses an
+  init of fewer tokens than n, and keeps an init the user gives with n > 4, where the original silently drops it);
 * the J-1 coupling layers start as deep copies of ONE initialised ``nn.Linear(D, W)`` (l.116-117, ``_get_clones``
   l.207-208): all identical at the start; the deep text prompts are N(0, 0.02) (l.111-114), never word-initialised;
 * the draw order from the global RNG (ctx when random, proj, the J-1 deep text prompts, the one cloned Linear):
@@ -48,7 +48,7 @@ from torch import nn
 from ...backbone.patches import TextLayerPrompts, VisionLayerPrompts, tower_blocks
 from ...errors import CheckpointError, ConfigError, VLPromptError
 from ..base import Features, Method, MethodConfig, cosine_logits, opt
-from ..parts.context import leading_tokens_context
+from ..parts.context import PromptContext, clean_init_words
 from ..parts.options import TEXT_MODES
 from ..parts.originals import check_frozen_towers, check_trainer, config_get, dassl_context_import, shape
 from ..parts.recipes import DASSL_SGD
@@ -109,8 +109,10 @@ class MaPLe(Method):
             raise ConfigError(f"depth (--depth) {config.depth} exceeds the blocks of the backbone {backbone.name} "
                               f"({blocks['text']} text, {blocks['image']} image): at most {min(blocks.values())}")
         # the original's draws, in its order: ctx (when random), proj, the deep text prompts, the one cloned Linear
-        self.prompt = leading_tokens_context(backbone.text, classnames, n_ctx=config.n_ctx, init=config.init,
-                                             text_mode=config.text_mode, chunk_size=config.chunk_size)
+        init = clean_init_words(config.init)
+        self.prompt = PromptContext(backbone.text, classnames, n_ctx=config.n_ctx, init_words=init,
+                                    init_length="n_ctx" if init else "tokens", text_mode=config.text_mode,
+                                    chunk_size=config.chunk_size)
         n, d = config.n_ctx, backbone.text.width
         w = int(visual.positional_embedding.shape[-1])
         self.proj = nn.Linear(d, w)
