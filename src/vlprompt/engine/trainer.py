@@ -53,7 +53,9 @@ class TrainConfig:
 
     epochs: Optional[int] = opt(None, "training epochs (default: the method's paper recipe, e.g. CoOp's "
                                 "50/100/100/200/200 by shots, ImageNet 50); 0 trains nothing", min=0)
-    batch_size: int = opt(32, "images per optimisation step", min=1)
+    batch_size: int = opt(32, "images per optimisation step (0: all the training images, full-batch steps)", min=0)
+    last_batch: str = opt("drop", "a last batch smaller than --batch-size: dropped when there is a full one (Dassl's "
+                          "rule) or kept (torch's DataLoader default, Tip-Adapter-F's)", choices=("drop", "keep"))
     optimizer: str = opt("sgd", "optimiser", choices=("sgd", "adamw", "adam", "radam"))
     lr: float = opt(0.002, "base learning rate", gt=0)
     momentum: float = opt(0.9, "SGD momentum", min=0, max=1)
@@ -95,6 +97,8 @@ class TrainConfig:
 
     #: fields that do not change the numbers (not part of a run's identity)
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("checkpoint_every", "batch_workers", "feature_batch_size")
+    #: fields left out of the identity at these values, so that runs made before the fields existed keep theirs
+    IDENTITY_UNLESS_SET: ClassVar[dict] = {"last_batch": "drop"}
 
 
 @dataclass
@@ -193,8 +197,9 @@ class Trainer:
     # -- training --
     def _batches(self, n: int, gen: torch.Generator) -> list[torch.Tensor]:
         order = torch.randperm(n, generator=gen)
-        bs = self.cfg.batch_size
-        drop_last = n >= bs  # as Dassl: drop the last partial batch when there is at least one full batch
+        bs = self.cfg.batch_size or n  # 0: full-batch steps
+        # as Dassl: drop the last partial batch when there is at least one full batch (unless it is kept)
+        drop_last = n >= bs and self.cfg.last_batch == "drop"
         stop = (n // bs) * bs if drop_last else n
         return [order[i:i + bs] for i in range(0, stop, bs)]
 

@@ -338,6 +338,12 @@ class Method(nn.Module):
         return int(train.views or 0) if train is not None else 0
 
     @classmethod
+    def check_recipe(cls, config: MethodConfig, train) -> None:
+        """Rules between the method's options and the training recipe (``train``: the resolved
+        :class:`vlprompt.engine.trainer.TrainConfig`, None when it learns nothing by gradient): a ConfigError naming
+        the flags. Runs when a request is resolved, before anything is read or written."""
+
+    @classmethod
     def needs_training_data(cls, config: MethodConfig) -> bool:
         """Whether a run reads the train / val splits: it trains, or its setup / after-training hooks read them."""
         return cls.trains(config) or bool(cls.setup_reads)

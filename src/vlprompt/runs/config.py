@@ -26,10 +26,10 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from ..data.protocol import SAMPLER_HELP, SAMPLERS
-from ..engine.sources import uses_cached_features
+from ..engine.sources import uses_cached_features, uses_train_augmentation
 from ..engine.trainer import TrainConfig
 from ..errors import ConfigError
 from ..methods import build_config, method_class
@@ -59,6 +59,13 @@ class DataConfig:
     sampler: str = opt("dassl", SAMPLER_HELP, choices=SAMPLERS)
     fewshot_file: Optional[str] = opt(None, "a Dassl few-shot cache (CoOp's split_fewshot/shot_K-seed_S.pkl): train "
                                       "and val are exactly its images, found under --root")
+    val_shots: Optional[int] = opt(None, "val images per class (default min(shots, 4), CoOp's protocol; 0: the whole "
+                                   "val split, as Tip-Adapter's code)", min=0)
+    crop_scale: Optional[list[float]] = opt(None, "area range [min, max] of the train augmentation's random resized "
+                                            "crop (default CoOp's 0.08-1; Tip-Adapter's and LP++'s recipes 0.5-1)")
+
+    #: fields left out of the identity while unset, so that runs made before they existed keep their identity
+    IDENTITY_UNLESS_SET: ClassVar[tuple[str, ...]] = ("val_shots", "crop_scale")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,9 +117,15 @@ class RunConfig:
         for k in PIXEL_FIELDS.values():  # unset: the weights' own (the identity of runs made before these fields)
             if d[k] is None:
                 d.pop(k)
+        for k in DataConfig.IDENTITY_UNLESS_SET:
+            if d["data"][k] is None:
+                d["data"].pop(k)
         if d["train"] is not None:
             for k in TrainConfig.NOT_IDENTITY:
                 d["train"].pop(k)
+            for k, default in TrainConfig.IDENTITY_UNLESS_SET.items():
+                if d["train"][k] == default:
+                    d["train"].pop(k)
         return d
 
     def identity_hash(self) -> str:
@@ -238,6 +251,7 @@ def resolve(request: dict | RunConfig) -> RunConfig:
     elif train_req:
         raise ConfigError(f"{name} learns nothing by gradient: training option(s) "
                           f"{', '.join('--' + k.replace('_', '-') for k in sorted(train_req))} do not apply")
+    cls.check_recipe(mcfg, train)
 
     # the seed drives few-shot sampling and training; where neither happens it does not apply
     seed_applies = cls.trains(mcfg) or data.shots > 0
@@ -264,6 +278,13 @@ def resolve(request: dict | RunConfig) -> RunConfig:
                                   f"as they are")
 
     model = resolve_model(request)
+    if data.crop_scale is not None:
+        if not uses_train_augmentation(cls, mcfg, train):
+            raise ConfigError(f"--crop-scale does not apply: {name} reads no augmented training image here "
+                              f"({'--no-augment' if train is not None and not train.augment else 'no training views'})")
+        if model["preprocess"] != "coop":
+            raise ConfigError("--crop-scale sets the crop of CoOp's train augmentation (--preprocess coop); "
+                              "--preprocess model uses open_clip's own pipeline")
     tensorboard = request.get("tensorboard", False)
     if not isinstance(tensorboard, bool):
         raise ConfigError(f"tensorboard must be true or false, got {tensorboard!r}")
@@ -289,6 +310,14 @@ def resolve_data(data_req: dict) -> DataConfig:
     from ..data import get_dataset_info
 
     get_dataset_info(data.dataset)  # an unknown dataset fails here, naming the known ones
+    if data.crop_scale is not None and not (len(data.crop_scale) == 2
+                                            and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1):
+        raise ConfigError(f"data.crop_scale (--crop-scale) must be two numbers 0 < min <= max <= 1, got "
+                          f"{data.crop_scale!r}")
+    if data.val_shots is not None and (data.shots == 0 or data.fewshot_file):
+        why = "the val split is used whole with --shots 0" if data.shots == 0 else \
+            "--fewshot-file gives the val images"
+        raise ConfigError(f"--val-shots {data.val_shots} applies to few-shot sampling: {why}")
     data.root = _abs(data.root)
     if data.fewshot_file:
         data.fewshot_file = _abs(data.fewshot_file)

@@ -85,7 +85,8 @@ def prepare_data(data: DataConfig, seed: Optional[int], needs: Sequence[str] = (
     if data.shots > 0 and data.fewshot_file:
         splits = read_dassl_few_shot(data.fewshot_file, splits, data.shots)
     elif data.shots > 0:
-        splits = few_shot_split(splits, data.shots, seed, allow_fewer=data.allow_fewer, sampler=data.sampler)
+        splits = few_shot_split(splits, data.shots, seed, allow_fewer=data.allow_fewer, sampler=data.sampler,
+                                val_shots=data.val_shots)
     if data.classes != "all":
         splits = subsample_classes(splits, data.classes)
     splits = splits.with_splits(**{name: [] for name in ("train", "val", "test") if name not in needs})
@@ -111,10 +112,11 @@ def data_warnings(splits: DatasetSplits) -> list[str]:
     return warnings
 
 
-def transforms_for(preprocess: str, backbone: Backbone):
+def transforms_for(preprocess: str, backbone: Backbone, crop_scale: Optional[Sequence[float]] = None):
     """(train, test) image transforms: the backbone's pixel statistics (``backbone.pixel_statistics``) with CoOp's
-    crop/flip policy (``coop``) or open_clip's own pipeline for these weights (``model``)."""
-    return build_transforms(backbone.preprocess_cfg, preprocess)
+    crop/flip policy (``coop``; ``crop_scale``: the train crop's area range, ``data.crop_scale``) or open_clip's own
+    pipeline for these weights (``model``)."""
+    return build_transforms(backbone.preprocess_cfg, preprocess, crop_scale)
 
 
 def recorded_pixels(meta: dict) -> Optional[dict]:
@@ -283,7 +285,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
         raise DataError(f"{cfg.data.dataset}: no test images to evaluate on")
     backbone = load_backbone(cfg.backbone, cfg.pretrained, device or cfg.device, precision=cfg.precision,
                              pixels=cfg.pixels())
-    train_tf, test_tf = transforms_for(cfg.preprocess, backbone)
+    train_tf, test_tf = transforms_for(cfg.preprocess, backbone, cfg.data.crop_scale)
     seed_everything(cfg.seed or 0)  # the method's initial values (random contexts) follow the seed
     method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template)
     # record what is actually used (e.g. the number of context vectors a word init gives)
