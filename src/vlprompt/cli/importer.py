@@ -1,7 +1,7 @@
-"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip --dataset D --root R --output RUN``.
+"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip|tip-adapter|... --dataset D --root R --output RUN``.
 
 Turns a run of the original repositories (a Dassl output folder or checkpoint, an OrdinalCLIP Lightning
-``.ckpt``) into an ordinary run directory (:mod:`vlprompt.runs.importer`). The run options are ``vlprompt
+``.ckpt``, Tip-Adapter's ``caches/<dataset>/`` tensors) into an ordinary run directory (:mod:`vlprompt.runs.importer`). The run options are ``vlprompt
 train``'s: the source's own configuration fills what the flags leave out.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ _TAKEN = {"--from", "--output", "--epoch", "--source-config", "--force", "--conf
           "--debug", "--quiet", "--backbone", "--pretrained", "--precision", "--preprocess", "--device",
           "--cache-dir", "--dataset", "--root", "--shots", "--seed", "--allow-fewer", "--classes",
           "--dataset-option", "--skip-bad-images", "--image-mean", "--image-std",
-          "--image-interpolation", "--image-resize-mode"}
+          "--image-interpolation", "--image-resize-mode", "--val-shots", "--crop-scale", "--sampler",
+          "--fewshot-file"}
 
 
 def register(sub) -> None:
@@ -27,12 +28,14 @@ def register(sub) -> None:
 
     sources = importable_methods()
 
-    p = sub.add_parser("import", help="import a run of the original CoOp / CoCoOp / PLOT / OrdinalCLIP code",
+    p = sub.add_parser("import", help="import a run of the original code of a method (--from)",
                        description="Import a run of the original repositories (Dassl output folder or checkpoint, "
-                                   "OrdinalCLIP Lightning .ckpt) into a vlprompt run directory, evaluated on the "
-                                   "test split. Nothing from the files is executed.")
+                                   "OrdinalCLIP Lightning .ckpt, Tip-Adapter's caches/<dataset> folder) into a "
+                                   "vlprompt run directory, evaluated on the test split. Nothing from the files is "
+                                   "executed.")
     p.add_argument("path", help="Dassl output folder (with prompt_learner/), a model.pth.tar-N / model-best.pth.tar "
-                                "file, or an OrdinalCLIP .ckpt")
+                                "file, an OrdinalCLIP .ckpt, or Tip-Adapter's caches/<dataset> folder (or one of "
+                                "its files, to pick the shots)")
     p.add_argument("--from", dest="source", required=True, choices=sources, help="the repository that wrote it")
     p.add_argument("--output", required=True, help="the run directory to write")
     p.add_argument("--epoch", type=int, default=None, help="Dassl: import model.pth.tar-EPOCH (default: "
