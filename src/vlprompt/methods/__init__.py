@@ -59,6 +59,9 @@ register_method("rank-coop", "vlprompt.methods.ordinal.baselines:RankCoOp")
 register_method("finetune-image", "vlprompt.methods.baselines.finetune_image:FinetuneImage")
 register_method("text-transform", "vlprompt.methods.baselines.text_transform:TextTransform")
 register_method("text-bias", "vlprompt.methods.baselines.text_bias:TextBias")
+register_method("tip-adapter", "vlprompt.methods.adapters.tip_adapter:TipAdapter")
+register_method("tip-adapter-f", "vlprompt.methods.adapters.tip_adapter:TipAdapterF")
+register_method("lpp", "vlprompt.methods.adapters.lpp:LPP")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}
