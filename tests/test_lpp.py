@@ -224,8 +224,21 @@ def test_cli_trains_evaluates_exports_and_predicts_on_dtd(model_files, dtd, tmp_
     image = dtd["image_dir"] / dtd["test"][0][0]
     pred = json.loads(_main(["predict", tmp_path / "head", image, "--topk", "2", "--json"], capsys))
     assert len(pred[0]["top"]) == 2
-    err = _main(["eval", out, "--dataset", "dtd", "--root", dtd["root"], "--dataset-option",
-                 f"split_file={dtd['split_file']}", "--classes", "new", "--cache-dir", tmp_path / "cache", "--quiet"],
-                capsys, rc=2)
-    assert "lpp's head (one row and one blending weight per class) is class-specific" in err
-    assert len(err.strip().splitlines()) == 1
+    sub = json.loads(_main(["eval", out, "--dataset", "dtd", "--root", dtd["root"], "--dataset-option",
+                            f"split_file={dtd['split_file']}", "--classes", "new", "--cache-dir", tmp_path / "cache",
+                            "--quiet"], capsys))
+    assert sub["metrics"]["num_samples"] == 15  # a subset of its classes: their rows (ImageNet-A / -R)
+
+
+def test_a_subset_of_the_classes_keeps_their_logits_and_other_lists_are_refused(sharp_rn):
+    raw, labels = support(sharp_rn)
+    method = lpp_method(sharp_rn)
+    method.setup(Split(labels, views=raw[None]), None)
+    query = Features(global_=seeded(5, sharp_rn.embed_dim, seed=3))
+    with pytest.raises(VLPromptError, match="lpp's head .* is class-specific.*or a subset of them"):
+        method.set_classnames([NAMES[0], "dotted"])
+    with torch.no_grad():
+        full = method(query)
+        method.set_classnames([NAMES[2], NAMES[0]])
+        torch.testing.assert_close(method(query), full[:, [2, 0]], rtol=0, atol=1e-6)
+    assert method.learned_tensor("linear.weight").shape == (2, sharp_rn.embed_dim)

@@ -187,7 +187,18 @@ class LPP(Method):
             return self.linear(f) + self.alpha * (f @ self.zeroshot.t())
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
-        self.require_trained_classes(classnames, "lpp's head (one row and one blending weight per class)")
+        """Its own classes, or a subset of them (ImageNet-A / -R): the head's rows, blending weights and zero-shot
+        rows of those classes (CoOp's protocol there; the original's code predicts over all 1000 classes)."""
+        rows = self.trained_class_rows(classnames, "lpp's head (one row and one blending weight per class)",
+                                       hint="it evaluates on its classes or a subset of them")
+        if rows is not None:
+            with torch.no_grad():
+                self.linear.weight = nn.Parameter(self.linear.weight.detach()[rows].clone())
+                self.linear.bias = nn.Parameter(self.linear.bias.detach()[rows].clone())
+                self.linear.out_features = len(rows)
+                self.alpha = nn.Parameter(self.alpha.detach()[:, rows].clone())
+                self.alpha_grad_sum = self.alpha_grad_sum[:, rows].clone()
+                self.zeroshot = self.zeroshot[rows].clone()
         super().set_classnames(classnames)
 
     def describe(self) -> dict:

@@ -274,7 +274,20 @@ class TipAdapter(Method):
 
     # -- classes, files ----------------------------------------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:
-        self.require_trained_classes(classnames, f"{self.name}'s cache (one-hot values of its training images)")
+        """Its own classes, or a subset of them (ImageNet-A / -R): the cached images of those classes, relabelled,
+        and their zero-shot rows -- the same logits for them as the whole cache gives."""
+        rows = self.trained_class_rows(classnames, f"{self.name}'s cache (one-hot values of its training images)",
+                                       hint="it evaluates on its classes or a subset of them")
+        if rows is not None:
+            with torch.no_grad():
+                index = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.cache_labels.device)
+                index[rows] = torch.arange(len(rows), device=index.device)
+                keep = index[self.cache_labels] >= 0
+                keys, labels = self.cache_keys.detach()[keep].clone(), index[self.cache_labels[keep]]
+                self.resize_cache(int(keep.sum()))
+                self.cache_keys.copy_(keys)
+                self.cache_labels.copy_(labels)
+                self.zeroshot = self.zeroshot[rows].clone()
         super().set_classnames(classnames)
 
     def describe(self) -> dict:
