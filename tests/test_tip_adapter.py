@@ -446,3 +446,36 @@ def test_a_subset_of_the_classes_keeps_their_logits_and_other_lists_are_refused(
         method.set_classnames([NAMES[3], NAMES[1]])
         torch.testing.assert_close(method(query), full[:, [3, 1]], rtol=0, atol=1e-5)
     assert method.cache_keys.shape[0] == 6 and isinstance(method, TipAdapter)
+
+
+# -- published numbers ---------------------------------------------------------------------------------------
+def test_published_numbers_are_exp_logs_and_join_runs_of_the_recipe_only():
+    """gaopengcuhk/Tip-Adapter exp.log: every Tip / Tip-F row of the 10 datasets with a val split, zero-shot CLIP of
+    all 11; they join a run of the recipe whose search used the whole val split, as it is written after the run
+    (templates resolved), and not a run of CoOp's val protocol nor of another alpha."""
+    from vlprompt.papers import load_papers, matches
+    from vlprompt.report import flatten
+
+    rows = [n for n in load_papers() if n.paper == "Tip-Adapter"]
+    by = {(n.method, n.dataset, n.shots): n.value for n in rows}
+    assert [by["tip-adapter", "dtd", k] for k in (16, 8, 4, 2, 1)] == [60.93, 58.63, 53.96, 49.47, 46.22]
+    assert [by["tip-adapter-f", "eurosat", k] for k in (16, 8, 4, 2, 1)] == [84.54, 77.93, 74.12, 66.15, 59.53]
+    assert by["tip-adapter-f", "fgvc_aircraft", 16] == 35.55 and by["zeroshot", "imagenet", 0] == 60.32
+    assert not any(n.dataset == "imagenet" and n.method != "zeroshot" for n in rows)  # test-searched: left out
+    assert len(rows) == 11 + 2 * 10 * 5 and all("exp.log" in n.source for n in rows)
+    for method in ("tip-adapter", "tip-adapter-f"):
+        cfg = resolve({"method": method, "backbone": "RN50", "pretrained": "openai",
+                       "data": {"dataset": "dtd", "root": "/x", "shots": 16, "val_shots": 0}})
+        dtd16 = next(n for n in rows if (n.method, n.dataset, n.shots) == (method, "dtd", 16))
+        as_run = flatten({**cfg.identity(), "method_options": {**cfg.method_options, "templates": [TEMPLATE]}})
+
+        def joins(flat):
+            return matches(dtd16, method=method, dataset="dtd", protocol="fewshot", backbone="RN50",
+                           pretrained="openai", shots=16, metric="accuracy", flat_identity=flat)
+
+        assert joins(flatten(cfg.identity())) and joins(as_run)
+        coop_val = resolve({"method": method, "data": {"dataset": "dtd", "root": "/x", "shots": 16}})
+        assert not joins(flatten(coop_val.identity()))  # min(shots, 4) val images: another protocol
+        other = resolve({"method": method, "data": {"dataset": "dtd", "root": "/x", "shots": 16, "val_shots": 0},
+                         "method_options": {"alpha": 3.0}})
+        assert not joins(flatten(other.identity()))
