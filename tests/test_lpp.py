@@ -242,3 +242,23 @@ def test_a_subset_of_the_classes_keeps_their_logits_and_other_lists_are_refused(
         method.set_classnames([NAMES[2], NAMES[0]])
         torch.testing.assert_close(method(query), full[:, [2, 0]], rtol=0, atol=1e-6)
     assert method.learned_tensor("linear.weight").shape == (2, sharp_rn.embed_dim)
+
+
+def test_protocol_presets_run_lpp_with_its_k_shot_val_and_its_ten_tasks():
+    from vlprompt.grid import expand, load_preset, resolve_cells
+
+    spec = load_preset("lpp-fewshot")
+    spec.set_value("data.root", "/data", "--root")
+    cells = resolve_cells(expand(spec))
+    assert len(cells) == 11 * 5 * 10 and {c.config.seed for c in cells} == set(range(1, 11))  # main.py:89-94
+    assert all(c.config.data.val_shots == c.config.data.shots for c in cells)  # main.py:94: K-shot val
+    assert "lpp/dtd/shots4/seed3" in {c.name for c in cells}
+    dg = load_preset("lpp-dg")
+    dg.set_value("data.root", "/data", "--root")
+    cells = expand(dg)
+    assert len(cells) == 10 and [e["dataset"] for e in cells[0].evaluations] == [
+        "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+    spec = load_preset("coop-fewshot")
+    spec.set_value("data.root", "/data", "--root")
+    spec.set_axis("method", ["lpp"], "--methods")
+    assert len(resolve_cells(expand(spec))) == 165

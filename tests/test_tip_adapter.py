@@ -479,3 +479,21 @@ def test_published_numbers_are_exp_logs_and_join_runs_of_the_recipe_only():
         other = resolve({"method": method, "data": {"dataset": "dtd", "root": "/x", "shots": 16, "val_shots": 0},
                          "method_options": {"alpha": 3.0}})
         assert not joins(flatten(other.identity()))
+
+
+def test_protocol_presets_run_tip_adapter_on_its_and_coops_protocols():
+    from vlprompt.grid import expand, load_preset, resolve_cells
+
+    spec = load_preset("tip-adapter-fewshot")
+    spec.set_value("data.root", "/data", "--root")
+    cells = resolve_cells(expand(spec))
+    assert len(cells) == 2 * 11 * 5 and {c.config.seed for c in cells} == {1}  # main.py:164: one seed
+    assert all(c.config.data.val_shots == 0 and c.config.data.crop_scale == [0.5, 1.0] for c in cells)
+    eurosat = next(c for c in cells if c.name == "tip-adapter-f/eurosat/shots16/seed1")
+    assert eurosat.config.train.epochs == 100
+    for preset, n in (("coop-fewshot", 165), ("coop-dg", 3)):  # CoOp's protocols (val min(K, 4), seeds 1-3)
+        spec = load_preset(preset)
+        spec.set_value("data.root", "/data", "--root")
+        spec.set_axis("method", ["tip-adapter", "tip-adapter-f"], "--methods")
+        cells = resolve_cells(expand(spec))
+        assert len(cells) == 2 * n and all(c.config.data.val_shots is None for c in cells)
