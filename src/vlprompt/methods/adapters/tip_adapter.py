@@ -218,15 +218,16 @@ class TipAdapter(Method):
         return {"cache_images": int(views.shape[1]), "cache_views": int(views.shape[0])}
 
     # -- logits ------------------------------------------------------------------------------------------------
-    def cache_logits(self, f: torch.Tensor, beta) -> torch.Tensor:
-        """(B, E) normalised features -> (B, K): main.py:39-41, ``exp((-1) * (beta - beta * f K^T)) L``."""
-        affinity = f @ self.cache_keys.t()
+    def cache_logits(self, affinity: torch.Tensor, beta) -> torch.Tensor:
+        """(B, N) affinities ``f K^T`` of normalised features to the keys -> (B, K): main.py:39-41,
+        ``exp((-1) * (beta - beta * A)) L``."""
         return class_sums(((-1) * (beta - beta * affinity)).exp(), self.cache_labels, self.num_classes)
 
     def forward(self, feats: Features) -> torch.Tensor:
         with torch.autocast(feats.global_.device.type, enabled=False):  # fp32: exp(beta ...) magnifies rounding
             f = F.normalize(feats.global_.float(), dim=-1)
-            return ZERO_SHOT_SCALE * f @ self.zeroshot.t() + self.cache_logits(f, self.beta) * self.alpha
+            cache = self.cache_logits(f @ self.cache_keys.t(), self.beta)
+            return ZERO_SHOT_SCALE * f @ self.zeroshot.t() + cache * self.alpha
 
     # -- the search --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -241,10 +242,11 @@ class TipAdapter(Method):
         f = F.normalize(features.float(), dim=-1)
         labels = labels.to(f.device)
         zero_shot = ZERO_SHOT_SCALE * f @ self.zeroshot.t()
+        affinity = f @ self.cache_keys.t()  # once: only beta changes below
         chunk = max(1, int(2 ** 24 // max(zero_shot.numel(), 1)))  # alphas per (A, M, K) block (64 MB)
         best, best_beta, best_alpha = 0, 0.0, 0.0
         for beta in betas:
-            cache = self.cache_logits(f, beta)
+            cache = self.cache_logits(affinity, beta)
             correct = torch.cat([((zero_shot + cache * a[:, None, None]).argmax(-1) == labels).sum(-1)
                                  for a in alpha_t.split(chunk)]).tolist()
             for alpha, c in zip(alphas, correct):
