@@ -264,6 +264,10 @@ def test_options_that_would_not_apply_are_refused():
         resolve({"method": "tip-adapter", "data": {"dataset": "dtd", "root": "/x"}, "preprocess": "model"})
     with pytest.raises(ConfigError, match="--val-shots 0 applies to few-shot sampling"):
         resolve({"method": "tip-adapter", "data": {"dataset": "dtd", "root": "/x", "shots": 0, "val_shots": 0}})
+    with pytest.raises(ConfigError, match="--val-shots does not apply: coop reads no val image"):
+        resolve({"method": "coop", "data": {"dataset": "dtd", "root": "/x", "val_shots": 0}})
+    assert resolve({"method": "coop", "data": {"dataset": "dtd", "root": "/x", "val_shots": 0},
+                    "train": {"eval_every": 5}}).data.val_shots == 0
     with pytest.raises(ConfigError, match="learns nothing by gradient"):
         resolve({"method": "tip-adapter", "data": {"dataset": "dtd", "root": "/x"}, "train": {"epochs": 3}})
 

@@ -1,8 +1,9 @@
 """``vlprompt import PATH --from coop|cocoop|plot|ordinalclip|tip-adapter|... --dataset D --root R --output RUN``.
 
 Turns a run of the original repositories (a Dassl output folder or checkpoint, an OrdinalCLIP Lightning
-``.ckpt``, Tip-Adapter's ``caches/<dataset>/`` tensors) into an ordinary run directory (:mod:`vlprompt.runs.importer`). The run options are ``vlprompt
-train``'s: the source's own configuration fills what the flags leave out.
+``.ckpt``, Tip-Adapter's ``caches/<dataset>/`` tensors) into an ordinary run directory
+(:mod:`vlprompt.runs.importer`). The run options are ``vlprompt train``'s: the source's own configuration fills
+what the flags leave out.
 """
 from __future__ import annotations
 

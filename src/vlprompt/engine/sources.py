@@ -162,6 +162,14 @@ def uses_train_augmentation(method_cls, config, train_cfg) -> bool:
     return "train_views" in method_cls.setup_reads and method_cls.needs_training_data(config) and augment
 
 
+def reads_val(method_cls, config, train_cfg) -> bool:
+    """Whether a run reads its val split: its setup / after-training hooks do, or it evaluates val while training."""
+    if not method_cls.needs_training_data(config):
+        return False
+    return "val" in method_cls.setup_reads or bool(method_cls.trains(config) and train_cfg is not None
+                                                   and train_cfg.eval_every)
+
+
 def training_views(train_cfg) -> int:
     """Cached views a training run draws from: ``train.views`` (1 without augmentation)."""
     return 1 if not train_cfg.augment else int(train_cfg.views or 1)

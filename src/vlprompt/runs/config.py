@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from ..data.protocol import SAMPLER_HELP, SAMPLERS
-from ..engine.sources import uses_cached_features, uses_train_augmentation
+from ..engine.sources import reads_val, uses_cached_features, uses_train_augmentation
 from ..engine.trainer import TrainConfig
 from ..errors import ConfigError
 from ..methods import build_config, method_class
@@ -278,6 +278,9 @@ def resolve(request: dict | RunConfig) -> RunConfig:
                                   f"as they are")
 
     model = resolve_model(request)
+    if data.val_shots is not None and not reads_val(cls, mcfg, train):
+        raise ConfigError(f"--val-shots does not apply: {name} reads no val image here"
+                          + (" (--eval-every N evaluates val while training)" if train is not None else ""))
     if data.crop_scale is not None:
         if not uses_train_augmentation(cls, mcfg, train):
             raise ConfigError(f"--crop-scale does not apply: {name} reads no augmented training image here "

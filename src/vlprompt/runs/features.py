@@ -21,7 +21,8 @@ def cache_features(backbone: Backbone, splits: DatasetSplits, cache: FeatureCach
     """Compute and cache the features later runs read: every split in ``which`` under the test transform
     (view 0; what evaluation, zero-shot and the linear probe use) and, with ``views`` > 0, views 0..views-1 of
     the train split under CoOp's train augmentation (what ``vlprompt train --views N`` uses; ``crop_scale``: its
-    crop's area range, ``--crop-scale``). ``local`` caches local features too (PLOT). Returns one summary per request: split, transform, view, images, hits, misses."""
+    crop's area range, ``--crop-scale``). ``local`` caches local features too (PLOT). Returns one summary per
+    request: split, transform, view, images, hits, misses."""
     if isinstance(views, bool) or not isinstance(views, int) or views < 0:
         raise VLPromptError(f"views must be an integer >= 0, got {views!r}")
     unknown = [w for w in which if w not in ("train", "val", "test")]

@@ -4,8 +4,9 @@ The files are read here, by format, always through the restricted unpickler (:mo
 from them runs): ``dassl`` -- a Dassl output folder (``<output>/<module>/model.pth.tar-<epoch>``,
 ``model-best.pth.tar``) or one of those files, with the configuration Dassl prints into ``<output>/log.txt`` (or a
 ``config.yaml`` there); ``lightning`` -- a Lightning ``.ckpt`` and its ``config.yaml`` (beside it or in a parent
-folder, or ``--source-config``); ``tensor-files`` -- a folder of ``torch.save``d tensors, one per file, named by the
-file (Tip-Adapter's ``caches/<dataset>/``: ``keys_16shots.pt``...), read when the method asks for them. What the tensors mean is the method's business: its ``import_original`` hook
+folder, or ``--source-config``); ``tensor-files`` -- a folder of ``torch.save``d tensors, one per file, named by
+the file (Tip-Adapter's ``caches/<dataset>/``: ``keys_16shots.pt``...), read when the method asks for them. What
+the tensors mean is the method's business: its ``import_original`` hook
 (:meth:`vlprompt.methods.base.Method.import_original`) maps them by their original names onto its learned state,
 reads the run's options from the configuration and adds checks against the rebuilt method (the saved fixed
 buffers of a prompt learner against the rebuilt ones: another backbone, class list, class order or init shows
