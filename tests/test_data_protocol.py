@@ -209,3 +209,20 @@ def test_every_public_name_resolves():
     assert missing == [] and len(data.__all__) == len(set(data.__all__))
     with pytest.raises(AttributeError):
         data.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("sampler", ["dassl", "lpclip", "sorted"])
+def test_val_shots_change_only_the_val_images(sampler):
+    """``val_shots``: N val images per class instead of CoOp's min(K, 4), or (0) the whole val split as
+    Tip-Adapter's code searches it; the training images stay those of the default protocol (drawn first)."""
+    ds = synthetic()
+    default = few_shot_split(ds, 8, seed=2, sampler=sampler)
+    whole = few_shot_split(ds, 8, seed=2, sampler=sampler, val_shots=0)
+    assert whole.train == default.train and whole.val == ds.val
+    assert whole.extra["few_shot"]["val"] == "whole split"
+    more = few_shot_split(ds, 8, seed=2, sampler=sampler, val_shots=6)
+    assert more.train == default.train and samples_per_class(more.val, 5) == [6] * 5
+    with pytest.raises(DataError, match="fewer than 7 val images"):
+        few_shot_split(ds, 8, seed=2, sampler=sampler, val_shots=7)
+    with pytest.raises(DataError, match="val_shots"):
+        few_shot_split(ds, 8, seed=2, sampler=sampler, val_shots=-1)

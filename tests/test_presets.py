@@ -164,6 +164,7 @@ def test_every_registered_method_is_pinned_here():
     # the recipes of the methods with prompts inside the towers are pinned beside their equality tests
     # (tests/test_ivlp.py, tests/test_vpt.py, tests/test_promptsrc.py)
     pinned |= {"ivlp", "deep-language", "vpt", "promptsrc"}
+    pinned |= {"tip-adapter", "tip-adapter-f", "lpp"}  # pinned in tests/test_tip_adapter.py, tests/test_lpp.py
     assert set(method_names()) <= pinned | {n for n in method_names() if n.startswith("test-")}
 
 

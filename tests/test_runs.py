@@ -64,7 +64,7 @@ def _main(argv, capsys):
 # -- resolution --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, names", [
     (["--epochs", "-1"], "--epochs"), (["--shots", "-1"], "--shots"), (["--lr", "-1"], "--lr"),
-    (["--batch-size", "0"], "--batch-size"), (["--device", "gpu0"], "--device"), (["--n-ctx", "0"], "--n-ctx"),
+    (["--batch-size", "-1"], "--batch-size"), (["--device", "gpu0"], "--device"), (["--n-ctx", "0"], "--n-ctx"),
     (["--views", "3", "--online"], "--views"), (["--cache-dtype", "float16", "--online"], "--cache-dtype"),
     (["--seed", "-3"], "--seed"),
     (["--optimizer", "lbfgs"], "--optimizer"), (["--warmup-epochs", "5", "--epochs", "2"], "warmup_epochs"),

@@ -61,6 +61,8 @@ def cmd_features(args) -> int:
         raise ConfigError(f"--views must be >= 0, got {args.views}")
     if args.views and "train" not in which:
         raise ConfigError("--views caches augmented views of the train split: include train in --splits")
+    if "crop_scale" in data and not args.views:
+        raise ConfigError("--crop-scale sets the crop of the augmented views: give --views N")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     from ..backbone import load_backbone
@@ -81,7 +83,7 @@ def cmd_features(args) -> int:
                              pixels=pixel_overrides(model))
     rows = cache_features(backbone, splits, FeatureCache(root, progress=not args.quiet), which=which,
                           views=args.views, local=args.local, preprocess=model["preprocess"],
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, crop_scale=d.crop_scale)
     summary = {"cache_dir": root, "dataset": splits.name, "backbone": model["backbone"],
                "fingerprint": backbone.fingerprint, "requests": rows}
     if args.json:

@@ -64,6 +64,12 @@ def add_data_options(p: argparse.ArgumentParser, fewshot: bool = True, required:
         g.add_argument("--fewshot-file", default=S, metavar="PKL",
                        help="the few-shot images of the original code: a Dassl split_fewshot/shot_K-seed_S.pkl "
                             "(read without running code; its images found under --root)")
+        g.add_argument("--val-shots", type=int, default=S, metavar="N",
+                       help="val images per class (default min(shots, 4), CoOp's protocol; 0: the whole val split, "
+                            "as Tip-Adapter's code searches on)")
+        g.add_argument("--crop-scale", type=float, nargs=2, default=S, metavar=("MIN", "MAX"),
+                       help="area range of the train augmentation's random resized crop (default 0.08 1, CoOp's; "
+                            "Tip-Adapter's and LP++'s recipes set 0.5 1); cached views are keyed by it")
     g.add_argument("--classes", default=S, choices=["all", "base", "new"],
                    help="base-to-new protocol: the first ceil(n/2) sorted labels are base (default all)")
     g.add_argument("--dataset-option", action="append", default=S, metavar="KEY=VALUE",
@@ -88,8 +94,8 @@ def parse_kv(items, flag: str = "--dataset-option") -> dict:
 def data_request(args) -> dict:
     """The ``data`` section of a request from the options given."""
     a = vars(args)
-    out = {k: a[k] for k in ("dataset", "root", "shots", "classes", "allow_fewer", "sampler", "fewshot_file")
-           if k in a}
+    out = {k: a[k] for k in ("dataset", "root", "shots", "classes", "allow_fewer", "sampler", "fewshot_file",
+                             "val_shots", "crop_scale") if k in a}
     if "dataset_option" in a:
         out["options"] = parse_kv(a["dataset_option"])
     if a.get("skip_bad_images"):

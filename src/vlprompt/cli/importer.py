@@ -1,8 +1,9 @@
-"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip|maple|ivlp|... --dataset D --root R --output RUN``.
+"""``vlprompt import PATH --from coop|cocoop|plot|ordinalclip|maple|ivlp|tip-adapter|... --dataset D --root R --output RUN``.
 
 Turns a run of the original repositories (a Dassl output folder or checkpoint, an OrdinalCLIP Lightning
-``.ckpt``, a CLIP-LoRA ``lora_weights.pt``) into an ordinary run directory (:mod:`vlprompt.runs.importer`). The
-run options are ``vlprompt train``'s: the source's own configuration fills what the flags leave out.
+``.ckpt``, a CLIP-LoRA ``lora_weights.pt``, Tip-Adapter's ``caches/<dataset>/`` tensors) into an ordinary run
+directory (:mod:`vlprompt.runs.importer`). The run options are ``vlprompt train``'s: the source's own configuration
+fills what the flags leave out.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ _TAKEN = {"--from", "--output", "--epoch", "--source-config", "--force", "--conf
           "--debug", "--quiet", "--backbone", "--pretrained", "--precision", "--preprocess", "--device",
           "--cache-dir", "--dataset", "--root", "--shots", "--seed", "--allow-fewer", "--classes",
           "--dataset-option", "--skip-bad-images", "--image-mean", "--image-std",
-          "--image-interpolation", "--image-resize-mode"}
+          "--image-interpolation", "--image-resize-mode", "--val-shots", "--crop-scale", "--sampler",
+          "--fewshot-file"}
 
 
 def register(sub) -> None:
@@ -29,11 +31,13 @@ def register(sub) -> None:
 
     p = sub.add_parser("import", help="import a run of a method's original code (--from lists them)",
                        description="Import a run of the original repositories (Dassl output folder or checkpoint, "
-                                   "OrdinalCLIP Lightning .ckpt, CLIP-LoRA lora_weights.pt) into a vlprompt run "
-                                   "directory, evaluated on the test split. Nothing from the files is executed.")
+                                   "OrdinalCLIP Lightning .ckpt, CLIP-LoRA lora_weights.pt, Tip-Adapter's "
+                                   "caches/<dataset> folder) into a vlprompt run directory, evaluated on the test "
+                                   "split. Nothing from the files is executed.")
     p.add_argument("path", help="Dassl output folder (with its module folder: prompt_learner/, "
                                 "MultiModalPromptLearner/, VLPromptLearner/...), a model.pth.tar-N / "
-                                "model-best.pth.tar file, an OrdinalCLIP .ckpt, or a CLIP-LoRA lora_weights.pt")
+                                "model-best.pth.tar file, an OrdinalCLIP .ckpt, a CLIP-LoRA lora_weights.pt, or "
+                                "Tip-Adapter's caches/<dataset> folder (or one of its files, to pick the shots)")
     p.add_argument("--from", dest="source", required=True, choices=sources, help="the repository that wrote it")
     p.add_argument("--output", required=True, help="the run directory to write")
     p.add_argument("--epoch", type=int, default=None, help="Dassl: import model.pth.tar-EPOCH (default: "

@@ -18,7 +18,8 @@ _COMMON_FLAGS = {"--method", "--config", "--output", "--resume", "--force", "--s
                  "--method-option", "--backbone", "--pretrained", "--precision", "--preprocess", "--device",
                  "--cache-dir", "--dataset", "--root", "--shots", "--seed", "--allow-fewer", "--classes",
                  "--dataset-option", "--skip-bad-images", "--help", "--debug", "--quiet",
-                 "--image-mean", "--image-std", "--image-interpolation", "--image-resize-mode"}
+                 "--image-mean", "--image-std", "--image-interpolation", "--image-resize-mode", "--val-shots",
+                 "--crop-scale"}
 
 
 def prescan_method(argv) -> Optional[str]:

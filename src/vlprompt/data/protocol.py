@@ -122,9 +122,12 @@ def _draw_sorted(samples: Sequence[Sample], num_classes: int, k: int, rng: rando
 
 
 def few_shot_split(splits: DatasetSplits, shots: int, seed: int, *, allow_fewer: bool = False,
-                   max_val_shots: int = 4, sampler: str = "dassl") -> DatasetSplits:
+                   max_val_shots: int = 4, sampler: str = "dassl", val_shots: int | None = None) -> DatasetSplits:
     """K-shot training set and a ``min(K, 4)``-per-class val set, as CoOp's
     ``generate_fewshot_dataset(train, K)`` and ``generate_fewshot_dataset(val, min(K, 4))``.
+
+    ``val_shots``: the val images per class instead (drawn after train, as CoOp draws its min(K, 4)); 0 keeps
+    the whole val split, unsampled (Tip-Adapter's protocol). The training images are the same whatever it is.
 
     ``sampler`` (:data:`SAMPLER_HELP`): ``"dassl"`` (default) draws exactly the images CoOp / CoCoOp's code draws
     for this seed from the same split file: one ``random.Random(seed)`` stream (Dassl's ``random.seed(seed)``),
@@ -148,11 +151,14 @@ def few_shot_split(splits: DatasetSplits, shots: int, seed: int, *, allow_fewer:
         raise DataError(f"unknown few-shot sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if sampler == "lpclip" and not 0 <= seed < 2 ** 32:
         raise DataError(f"the lpclip sampler seeds numpy (np.random.seed): seed must be in 0..2**32-1, got {seed}")
+    if val_shots is not None and (isinstance(val_shots, bool) or not isinstance(val_shots, int) or val_shots < 0):
+        raise DataError(f"val_shots must be an integer >= 0, got {val_shots!r}")
     train_all = require_split(splits, "train")
     n = splits.num_classes
-    val_k = min(shots, max_val_shots)
+    whole_val = val_shots == 0
+    val_k = min(shots, max_val_shots) if val_shots is None else val_shots
     short_train = _shortfalls(train_all, n, shots, splits.classnames)
-    short_val = _shortfalls(splits.val, n, val_k, splits.classnames) if splits.val else {}
+    short_val = _shortfalls(splits.val, n, val_k, splits.classnames) if splits.val and not whole_val else {}
     for short, k, split in ((short_train, shots, "train"), (short_val, val_k, "val")):
         if short and not allow_fewer:
             _refuse_short(short, k, split)
@@ -163,19 +169,23 @@ def few_shot_split(splits: DatasetSplits, shots: int, seed: int, *, allow_fewer:
         rng = np.random.RandomState(seed)  # the legacy global stream np.random.seed(seed) sets
         labels = np.unique([s.label for s in train_all])  # the script walks the train labels for val too
         train = _draw_lpclip(train_all, shots, rng, labels)
-        if splits.val:
+        if splits.val and not whole_val:
             val = _draw_lpclip(splits.val, val_k, rng, labels)
     else:
         rng = random.Random(seed)  # the stream random.seed(seed) gives the module-level functions Dassl calls
         if sampler == "dassl":
             train = _draw_dassl(train_all, shots, rng)
-            if splits.val:
+            if splits.val and not whole_val:
                 val = _draw_dassl(splits.val, val_k, rng)
         else:
             train = _draw_sorted(train_all, n, shots, rng)
-            if splits.val:
+            if splits.val and not whole_val:
                 val = _draw_sorted(splits.val, n, val_k, rng)
+    if whole_val:
+        val = list(splits.val)
     info = {"shots": shots, "seed": seed, "val_shots": val_k if splits.val else 0, "sampler": sampler}
+    if whole_val:
+        info["val"] = "whole split"
     if short_train or short_val:
         info["short"] = {"train": short_train, "val": short_val}
         parts = [f"{split}: " + ", ".join(f"{c!r} {have}/{want}" for c, (have, want) in list(d.items())[:MAX_NAMED])

@@ -220,7 +220,8 @@ def check_preprocess_cfg(preprocess_cfg: Mapping[str, Any]) -> dict:
     return {k: cfg[k] for k in PREPROCESS_KEYS}
 
 
-def build_transforms(preprocess_cfg: Mapping[str, Any], policy: str = "coop") -> tuple[Callable, Callable]:
+def build_transforms(preprocess_cfg: Mapping[str, Any], policy: str = "coop",
+                     crop_scale: Optional[Sequence[float]] = None) -> tuple[Callable, Callable]:
     """The (train, test) transforms for weights whose open_clip preprocess config is ``preprocess_cfg``
     (``backbone.preprocess_cfg``). PIL RGB image -> ``(3, H, W)`` float tensor.
 
@@ -228,9 +229,18 @@ def build_transforms(preprocess_cfg: Mapping[str, Any], policy: str = "coop") ->
     :class:`SeededCompose`: pass ``generator=`` for reproducible views), resize of the short side + center crop
     for test, with the weights' mean, std and interpolation (``random`` interpolation is bicubic, as open_clip
     does at inference). CoOp's geometry is the policy, so ``resize_mode`` and ``fill_color`` do not apply; the
-    size must be square. ``policy="model"``: open_clip's ``image_transform_v2`` with ``is_train`` True / False.
+    size must be square. ``crop_scale`` (min, max): the area range of the train crop instead of CoOp's (0.08, 1)
+    (Tip-Adapter's recipe: (0.5, 1)); the transform's id (:func:`transform_id`), hence its cached views, follows it.
+    ``policy="model"``: open_clip's ``image_transform_v2`` with ``is_train`` True / False.
     """
     cfg = check_preprocess_cfg(preprocess_cfg)
+    if crop_scale is not None:
+        crop_scale = tuple(float(x) for x in crop_scale)
+        if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise DataError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {crop_scale!r}")
+        if policy == "model":
+            raise DataError("crop_scale sets the crop of CoOp's train augmentation (policy coop); policy model uses "
+                            "open_clip's own pipeline")
     if policy == "model":
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -246,7 +256,7 @@ def build_transforms(preprocess_cfg: Mapping[str, Any], policy: str = "coop") ->
         size = size[0]
     interpolation = "bilinear" if cfg["interpolation"] == "bilinear" else "bicubic"
     kw = dict(interpolation=interpolation, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
-    train = SeededCompose(build_train_transform(size, **kw).transforms)
+    train = SeededCompose(build_train_transform(size, scale=crop_scale or (0.08, 1.0), **kw).transforms)
     return train, build_test_transform(size, **kw)
 
 

@@ -170,7 +170,9 @@ def check_supported(method, train_cfg, n_train: int) -> None:
         raise VLPromptError(f"{name}'s loss couples the images of a batch (not a mean of per-image terms): "
                             f"data-parallel slices would change it; run it in one process")
     if train_cfg is not None:
-        smallest = min(train_cfg.batch_size, n_train)
+        smallest = min(train_cfg.batch_size or n_train, n_train)
+        if train_cfg.last_batch == "keep" and train_cfg.batch_size and n_train % train_cfg.batch_size:
+            smallest = min(smallest, n_train % train_cfg.batch_size)
         if smallest < world:
             raise ConfigError(f"train.batch_size (--batch-size) {train_cfg.batch_size} with {n_train} training "
                               f"images gives batches of {smallest}, fewer than the {world} ranks: every rank needs "

@@ -201,6 +201,23 @@ def uses_cached_features(method_cls, config) -> bool:
     return bool(input_kinds(method_cls, config) & {"global", "local"})
 
 
+def uses_train_augmentation(method_cls, config, train_cfg) -> bool:
+    """Whether a run reads training images through the train augmentation: it trains with ``augment`` (cached
+    views, online, or its own image tower), or its setup reads the augmented views (``train_views``)."""
+    augment = train_cfg is None or train_cfg.augment
+    if method_cls.trains(config) and train_cfg is not None and train_cfg.augment:
+        return True
+    return "train_views" in method_cls.setup_reads and method_cls.needs_training_data(config) and augment
+
+
+def reads_val(method_cls, config, train_cfg) -> bool:
+    """Whether a run reads its val split: its setup / after-training hooks do, or it evaluates val while training."""
+    if not method_cls.needs_training_data(config):
+        return False
+    return "val" in method_cls.setup_reads or bool(method_cls.trains(config) and train_cfg is not None
+                                                   and train_cfg.eval_every)
+
+
 def training_views(train_cfg) -> int:
     """Cached views a training run draws from: ``train.views`` (1 without augmentation)."""
     return 1 if not train_cfg.augment else int(train_cfg.views or 1)

@@ -53,13 +53,14 @@ class TrainConfig:
 
     epochs: Optional[int] = opt(None, "training epochs (default: the method's paper recipe, e.g. CoOp's "
                                 "50/100/100/200/200 by shots, ImageNet 50); 0 trains nothing", min=0)
-    batch_size: int = opt(32, "images per optimisation step", min=1)
+    batch_size: int = opt(32, "images per optimisation step (0: all the training images, full-batch steps)", min=0)
     last_batch: str = opt("drop", "a last batch smaller than --batch-size: dropped when there is a full one (Dassl's "
-                          "rule) or kept (torch's DataLoader default, Tip-Adapter-F's)", choices=("drop", "keep"))
+                          "rule) or kept (torch's DataLoader default, Tip-Adapter-F's)", choices=("drop", "keep"),
+                          since="0.2")
     iterations: int = opt(0, "train for exactly this many optimisation steps instead of --epochs: passes over the "
                           "shuffled training images repeat until the count is reached, the last one cut "
                           "(CLIP-LoRA's 500 x shots); the cosine_step schedule spans these steps; 0: --epochs "
-                          "decides", min=0)
+                          "decides", min=0, since="0.2")
     optimizer: str = opt("sgd", "optimiser", choices=("sgd", "adamw", "adam", "radam"))
     lr: float = opt(0.002, "base learning rate", gt=0)
     momentum: float = opt(0.9, "SGD momentum", min=0, max=1)
@@ -71,7 +72,8 @@ class TrainConfig:
                          choices=SCHEDULERS)
     warmup_epochs: int = opt(1, "epochs at the constant warm-up rate, counted inside --epochs", min=0)
     warmup_lr: float = opt(1e-5, "learning rate of the warm-up epochs", gt=0)
-    min_lr: float = opt(0.0, "the rate the cosine schedules decay to (torch's eta_min; CLIP-LoRA's 1e-6)", min=0)
+    min_lr: float = opt(0.0, "the rate the cosine schedules decay to (torch's eta_min; CLIP-LoRA's 1e-6)", min=0,
+                         since="0.2")
     views: Optional[int] = opt(10, "cached augmented views per training image (cached-views mode; null where it "
                                "does not apply)", min=1)
     online: bool = opt(False, "augment and encode images at every step, exactly as the papers (no cached views)")
@@ -112,13 +114,11 @@ class TrainConfig:
 
     #: fields that do not change the numbers (not part of a run's identity)
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("checkpoint_every", "batch_workers", "feature_batch_size")
-    #: fields left out of the identity at these values, so that runs made before the fields existed keep theirs
-    IDENTITY_UNLESS_SET: ClassVar[dict] = {"last_batch": "drop", "iterations": 0, "min_lr": 0.0}
 
     def steps_per_epoch(self, n: int) -> int:
         """Optimisation steps of one pass over ``n`` training images (the last partial batch dropped when there
-        is a full one, unless ``last_batch`` keeps it)."""
-        bs = self.batch_size
+        is a full one, unless ``last_batch`` keeps it; batch size 0: one full-batch step)."""
+        bs = self.batch_size or max(n, 1)
         return n // bs if (n >= bs and self.last_batch == "drop") else -(-n // bs)
 
     def epochs_for(self, n: int) -> int:
@@ -226,7 +226,7 @@ class Trainer:
     # -- training --
     def _batches(self, n: int, gen: torch.Generator) -> list[torch.Tensor]:
         order = torch.randperm(n, generator=gen)
-        bs = self.cfg.batch_size
+        bs = self.cfg.batch_size or n  # 0: full-batch steps
         # as Dassl: drop the last partial batch when there is at least one full batch (unless it is kept)
         drop_last = n >= bs and self.cfg.last_batch == "drop"
         stop = (n // bs) * bs if drop_last else n

@@ -83,16 +83,18 @@ class FeaturePlan:
             splits, _ = prepare_data(cfg.data, cfg.seed, needs=("train", "val"))
             paths["train"], paths["val"] = [s.path for s in splits.train], [s.path for s in splits.val]
         train_batch = cfg.train.feature_batch_size if cfg.train is not None else EVAL_BATCH
+        crop = tuple(cfg.data.crop_scale) if cfg.data.crop_scale else None  # the train crop (test: none)
         for r in requests:
             batch = EVAL_BATCH if r.transform == "test" else train_batch
             for v in range(r.views):
-                wanted.append((common + (r.transform, v, batch), paths[r.split]))
+                wanted.append((common + (r.transform, v, batch, crop if r.transform == "train" else None),
+                               paths[r.split]))
         for e in evaluations:
             if e.get("base_to_new"):
                 continue  # the halves of the cell's own test split, already in
             data = resolve_data({k: v for k, v in e.items() if k in ("dataset", "root", "options", "classes")})
             data = dataclasses.replace(data, shots=0, classes="all")
-            wanted.append((common + ("test", 0, EVAL_BATCH), self._split_paths(data, e.get("split", "test"))))
+            wanted.append((common + ("test", 0, EVAL_BATCH, None), self._split_paths(data, e.get("split", "test"))))
         for slot, paths in wanted:
             target = self.slots.setdefault(slot, {})
             for p in paths:
@@ -114,8 +116,8 @@ class FeaturePlan:
             for slot, paths in self.slots.items():
                 if slot[0] != model or not paths:
                     continue
-                _, preprocess, cache_dir, local, kind, view, batch = slot
-                train_tf, test_tf = transforms_for(preprocess, backbone)
+                _, preprocess, cache_dir, local, kind, view, batch, crop = slot
+                train_tf, test_tf = transforms_for(preprocess, backbone, crop)
                 tf = train_tf if kind == "train" else test_tf
                 feats = FeatureCache(cache_dir, progress=progress).get(
                     backbone, list(paths), tf, transform_id=transform_id(tf), view=view, seed=0, local=local,

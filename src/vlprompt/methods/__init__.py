@@ -67,6 +67,9 @@ register_method("ivlp", "vlprompt.methods.towers.ivlp:IVLP")
 register_method("deep-language", "vlprompt.methods.towers.deep_language:DeepLanguage")
 register_method("vpt", "vlprompt.methods.towers.vpt:VPT")
 register_method("promptsrc", "vlprompt.methods.towers.promptsrc:PromptSRC")
+register_method("tip-adapter", "vlprompt.methods.adapters.tip_adapter:TipAdapter")
+register_method("tip-adapter-f", "vlprompt.methods.adapters.tip_adapter:TipAdapterF")
+register_method("lpp", "vlprompt.methods.adapters.lpp:LPP")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}

@@ -350,6 +350,12 @@ class Method(nn.Module):
         return int(train.views or 0) if train is not None else 0
 
     @classmethod
+    def check_recipe(cls, config: MethodConfig, train) -> None:
+        """Rules between the method's options and the training recipe (``train``: the resolved
+        :class:`vlprompt.engine.trainer.TrainConfig`, None when it learns nothing by gradient): a ConfigError naming
+        the flags. Runs when a request is resolved, before anything is read or written."""
+
+    @classmethod
     def needs_training_data(cls, config: MethodConfig) -> bool:
         """Whether a run reads the train / val splits: it trains, or its setup / after-training hooks read them."""
         return cls.trains(config) or bool(cls.setup_reads)
@@ -445,6 +451,23 @@ class Method(nn.Module):
             raise VLPromptError(f"{what} is class-specific: it belongs to the {len(trained)} classes it was trained "
                                 f"on and cannot be used for another class list ({first_difference(trained, given)})"
                                 + (f"; {hint}" if hint else ""))
+
+    def trained_class_rows(self, classnames: Sequence[str], what: str, hint: str = "") -> Optional[list[int]]:
+        """For a class-specific state that can be restricted to some of its classes: None for the trained class
+        list itself; for a subset of it (ImageNet-A / -R: 200 of ImageNet's 1000 classes), the position of each of
+        its classes in the trained list -- the state's rows for them classify among those classes exactly as the
+        whole state does; any other list is refused as :meth:`require_trained_classes` refuses it (a name the
+        trained list holds twice is ambiguous, hence refused too)."""
+        trained, given = [str(c) for c in self.classnames], [str(c) for c in classnames]
+        if given == trained:
+            return None
+        where = {}
+        for i, c in enumerate(trained):
+            where.setdefault(c, []).append(i)
+        if given and len(set(given)) == len(given) and all(len(where.get(c, ())) == 1 for c in given):
+            return [where[c][0] for c in given]
+        self.require_trained_classes(classnames, what, hint)  # raises: the lists differ
+        return None
 
     def forward(self, feats: Features) -> torch.Tensor:  # (B, K)
         raise NotImplementedError  # abstract

@@ -49,7 +49,8 @@ def prepare_data(data: DataConfig, seed: Optional[int], needs: Sequence[str] = (
     if data.shots > 0 and data.fewshot_file:
         splits = read_dassl_few_shot(data.fewshot_file, splits, data.shots)
     elif data.shots > 0:
-        splits = few_shot_split(splits, data.shots, seed, allow_fewer=data.allow_fewer, sampler=data.sampler)
+        splits = few_shot_split(splits, data.shots, seed, allow_fewer=data.allow_fewer, sampler=data.sampler,
+                                val_shots=data.val_shots)
     if data.classes != "all":
         splits = subsample_classes(splits, data.classes)
     splits = splits.with_splits(**{name: [] for name in ("train", "val", "test") if name not in needs})
@@ -75,10 +76,11 @@ def data_warnings(splits: DatasetSplits) -> list[str]:
     return warnings
 
 
-def transforms_for(preprocess: str, backbone: Backbone):
+def transforms_for(preprocess: str, backbone: Backbone, crop_scale: Optional[Sequence[float]] = None):
     """(train, test) image transforms: the backbone's pixel statistics (``backbone.pixel_statistics``) with CoOp's
-    crop/flip policy (``coop``) or open_clip's own pipeline for these weights (``model``)."""
-    return build_transforms(backbone.preprocess_cfg, preprocess)
+    crop/flip policy (``coop``; ``crop_scale``: the train crop's area range, ``data.crop_scale``) or open_clip's own
+    pipeline for these weights (``model``)."""
+    return build_transforms(backbone.preprocess_cfg, preprocess, crop_scale)
 
 
 def recorded_pixels(meta: dict) -> Optional[dict]:

@@ -31,14 +31,14 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from ..data.protocol import SAMPLER_HELP, SAMPLERS
-from ..engine.sources import uses_cached_features
+from ..engine.sources import reads_val, uses_cached_features, uses_train_augmentation
 from ..engine.trainer import TrainConfig
 from ..errors import ConfigError
 from ..methods import build_config, method_class
-from ..methods.base import check_fields, opt
+from ..methods.base import added_fields_at_default, check_fields, opt
 
 CONFIG_VERSION = 3
 RANDOM_WEIGHTS = ("none", "None", "random", "")
@@ -64,6 +64,12 @@ class DataConfig:
     sampler: str = opt("dassl", SAMPLER_HELP, choices=SAMPLERS)
     fewshot_file: Optional[str] = opt(None, "a Dassl few-shot cache (CoOp's split_fewshot/shot_K-seed_S.pkl): train "
                                       "and val are exactly its images, found under --root")
+    val_shots: Optional[int] = opt(None, "val images per class (default min(shots, 4), CoOp's protocol; 0: the whole "
+                                   "val split, as Tip-Adapter's code)", min=0, since="0.2")
+    crop_scale: Optional[list[float]] = opt(None, "area range [min, max] of the train augmentation's random resized "
+                                            "crop (default CoOp's 0.08-1; Tip-Adapter's and LP++'s recipes 0.5-1)",
+                                            since="0.2")
+
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,12 +128,14 @@ class RunConfig:
         for k in PIXEL_FIELDS.values():  # unset: the weights' own (the identity of runs made before these fields)
             if d[k] is None:
                 d.pop(k)
+        # fields added after runs were made (opt(since=...)) are left out at their default: earlier runs keep theirs
+        for k in added_fields_at_default(self.data):
+            d["data"].pop(k)
         if d["train"] is not None:
             for k in TrainConfig.NOT_IDENTITY:
                 d["train"].pop(k)
-            for k, default in TrainConfig.IDENTITY_UNLESS_SET.items():
-                if d["train"][k] == default:
-                    d["train"].pop(k)
+            for k in added_fields_at_default(self.train):
+                d["train"].pop(k)
         for k in _added_at_default(self.method, d["method_options"]):
             d["method_options"].pop(k)
         return d
@@ -142,8 +150,6 @@ class RunConfig:
 
 def _added_at_default(method: str, options: dict) -> list[str]:
     """Method options added after runs were made (``opt(since=...)``) and at their default in ``options``."""
-    from ..methods.base import added_fields_at_default
-
     try:
         config = method_class(method).config_class(**options)
     except (ConfigError, TypeError):  # options of another version: compared as they are
@@ -277,6 +283,7 @@ def resolve(request: dict | RunConfig) -> RunConfig:
     elif train_req:
         raise ConfigError(f"{name} learns nothing by gradient: training option(s) "
                           f"{', '.join('--' + k.replace('_', '-') for k in sorted(train_req))} do not apply")
+    cls.check_recipe(mcfg, train)
 
     # the seed drives few-shot sampling and training; where neither happens it does not apply
     seed_applies = cls.trains(mcfg) or data.shots > 0
@@ -303,6 +310,16 @@ def resolve(request: dict | RunConfig) -> RunConfig:
                                   f"as they are")
 
     model = resolve_model(request)
+    if data.val_shots is not None and not reads_val(cls, mcfg, train):
+        raise ConfigError(f"--val-shots does not apply: {name} reads no val image here"
+                          + (" (--eval-every N evaluates val while training)" if train is not None else ""))
+    if data.crop_scale is not None:
+        if not uses_train_augmentation(cls, mcfg, train):
+            raise ConfigError(f"--crop-scale does not apply: {name} reads no augmented training image here "
+                              f"({'--no-augment' if train is not None and not train.augment else 'no training views'})")
+        if model["preprocess"] != "coop":
+            raise ConfigError("--crop-scale sets the crop of CoOp's train augmentation (--preprocess coop); "
+                              "--preprocess model uses open_clip's own pipeline")
     tensorboard = request.get("tensorboard", False)
     if not isinstance(tensorboard, bool):
         raise ConfigError(f"tensorboard must be true or false, got {tensorboard!r}")
@@ -331,6 +348,14 @@ def resolve_data(data_req: dict) -> DataConfig:
     from ..data import get_dataset_info
 
     get_dataset_info(data.dataset)  # an unknown dataset fails here, naming the known ones
+    if data.crop_scale is not None and not (len(data.crop_scale) == 2
+                                            and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1):
+        raise ConfigError(f"data.crop_scale (--crop-scale) must be two numbers 0 < min <= max <= 1, got "
+                          f"{data.crop_scale!r}")
+    if data.val_shots is not None and (data.shots == 0 or data.fewshot_file):
+        why = "the val split is used whole with --shots 0" if data.shots == 0 else \
+            "--fewshot-file gives the val images"
+        raise ConfigError(f"--val-shots {data.val_shots} applies to few-shot sampling: {why}")
     data.root = _abs(data.root)
     if data.fewshot_file:
         data.fewshot_file = _abs(data.fewshot_file)

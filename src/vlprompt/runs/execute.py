@@ -100,7 +100,7 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
         raise DataError(f"{cfg.data.dataset}: no test images to evaluate on")
     backbone = load_backbone(cfg.backbone, cfg.pretrained, device or cfg.device, precision=cfg.precision,
                              pixels=cfg.pixels())
-    train_tf, test_tf = transforms_for(cfg.preprocess, backbone)
+    train_tf, test_tf = transforms_for(cfg.preprocess, backbone, cfg.data.crop_scale)
     seed_everything(cfg.seed or 0)  # the method's initial values (random contexts) follow the seed
     method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template)
     # record what is actually used (e.g. the number of context vectors a word init gives)

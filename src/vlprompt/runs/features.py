@@ -3,7 +3,7 @@ the very transforms and cache keys the runs use, so that later runs only read th
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..backbone import Backbone
 from ..backbone.cache import FeatureCache
@@ -16,17 +16,19 @@ log = logging.getLogger("vlprompt")
 
 def cache_features(backbone: Backbone, splits: DatasetSplits, cache: FeatureCache, *,
                    which: Sequence[str] = ("train", "val", "test"), views: int = 0, local: bool = False,
-                   preprocess: str = "coop", batch_size: int = 64) -> list[dict]:
+                   preprocess: str = "coop", batch_size: int = 64,
+                   crop_scale: Optional[Sequence[float]] = None) -> list[dict]:
     """Compute and cache the features later runs read: every split in ``which`` under the test transform
     (view 0; what evaluation, zero-shot and the linear probe use) and, with ``views`` > 0, views 0..views-1 of
-    the train split under CoOp's train augmentation (what ``vlprompt train --views N`` uses). ``local`` caches
-    local features too (PLOT). Returns one summary per request: split, transform, view, images, hits, misses."""
+    the train split under CoOp's train augmentation (what ``vlprompt train --views N`` uses; ``crop_scale``: its
+    crop's area range, ``--crop-scale``). ``local`` caches local features too (PLOT). Returns one summary per
+    request: split, transform, view, images, hits, misses."""
     if isinstance(views, bool) or not isinstance(views, int) or views < 0:
         raise VLPromptError(f"views must be an integer >= 0, got {views!r}")
     unknown = [w for w in which if w not in ("train", "val", "test")]
     if unknown:
         raise VLPromptError(f"unknown split(s) {unknown}: use train, val, test")
-    train_tf, test_tf = transforms_for(preprocess, backbone)
+    train_tf, test_tf = transforms_for(preprocess, backbone, crop_scale)
     out = []
     for name in which:
         samples = getattr(splits, name)

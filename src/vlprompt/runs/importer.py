@@ -6,7 +6,9 @@ from them runs): ``dassl`` -- a Dassl output folder (``<output>/<module>/model.p
 ``VLPromptLearner``) or one of those files, with the configuration Dassl prints into ``<output>/log.txt`` (or a
 ``config.yaml`` there); ``lightning`` -- a Lightning ``.ckpt`` and its ``config.yaml`` (beside it or in a parent
 folder, or ``--source-config``); ``clip-lora`` -- MaxZanella/CLIP-LoRA's ``lora_weights.pt`` (its LoRA factors and the
-options they were trained with). What the tensors mean is the method's business: its ``import_original`` hook
+options they were trained with); ``tensor-files`` -- a folder of ``torch.save``d tensors, one per file, named by
+the file (Tip-Adapter's ``caches/<dataset>/``: ``keys_16shots.pt``...), read when the method asks for them. What
+the tensors mean is the method's business: its ``import_original`` hook
 (:meth:`vlprompt.methods.base.Method.import_original`) maps them by their original names onto its learned state,
 reads the run's options from the configuration and adds checks against the rebuilt method (the saved fixed
 buffers of a prompt learner against the rebuilt ones: another backbone, class list, class order or init shows
@@ -26,6 +28,7 @@ import logging
 import re
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -237,6 +240,51 @@ def read_clip_lora_run(path: Path) -> OriginalRun:
     return OriginalRun(path, state, dict(obj["metadata"]), obj, info, None)
 
 
+class TensorFiles(Mapping):
+    """The ``*.pt`` files of a folder as ``{file stem: tensor}``, each read (through the restricted unpickler) when
+    first asked for, so that files the method does not use (a run's cached test features) are never opened."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.files = {p.stem: p for p in sorted(self.folder.glob("*.pt")) if p.is_file()}
+        self._loaded: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._loaded:
+            path = self.files[name]  # KeyError for a file that is not there, as a dict
+            obj = load_checkpoint(path)
+            if not isinstance(obj, torch.Tensor):
+                raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a tensor")
+            self._loaded[name] = obj.detach()
+        return self._loaded[name]
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def provenance(self) -> dict:
+        """The files read, each with its sha256, and one sha256 of them all (what ``import`` records)."""
+        files = {self.files[n].name: _sha256(self.files[n]) for n in sorted(self._loaded)}
+        whole = hashlib.sha256("".join(f"{name}:{sha}\n" for name, sha in files.items()).encode()).hexdigest()
+        return {"files": files, "sha256": whole}
+
+
+def read_tensor_files(path: Path) -> OriginalRun:
+    """A folder of ``torch.save``d tensors (or one of its files: ``run.path`` then names it, e.g. to pick the
+    shots of a run among several in one folder)."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if not folder.is_dir():
+        raise CheckpointError(f"{path}: no such file or folder")
+    state = TensorFiles(folder)
+    if not state.files:
+        raise CheckpointError(f"{folder}: no .pt files (the original's saved tensors)")
+    info = {"format": "tensor-files", "path": str(path.resolve()), "epoch": None, "config_file": None}
+    return OriginalRun(path, state, None, {}, info)
+
+
 def read_source(kind: str, path: str | Path, *, epoch: Optional[int] = None,
                 source_config: Optional[str | Path] = None) -> ImportedRun:
     """The original run at ``path`` as method ``kind`` imports it (its :meth:`Method.import_original`)."""
@@ -260,10 +308,18 @@ def read_source(kind: str, path: str | Path, *, epoch: Optional[int] = None,
             raise ConfigError(f"--source-config is a Lightning run's config.yaml; {kind}'s Dassl runs are read from "
                               f"their log.txt")
         run = read_dassl_run(Path(path), epoch)
+    elif cls.original_format == "tensor-files":
+        if epoch is not None or source_config is not None:
+            raise ConfigError(f"--{'epoch' if epoch is not None else 'source-config'} does not apply: {kind}'s "
+                              f"original saves tensor files, without epochs or a configuration file")
+        run = read_tensor_files(Path(path))
     else:
         raise ConfigError(f"{kind}: unknown original format {cls.original_format!r}")
     run.info["from"] = kind
-    return cls.import_original(run)
+    imported = cls.import_original(run)
+    if isinstance(run.state, TensorFiles):  # the files the method read, now that it has read them
+        run.info.update(run.state.provenance())
+    return imported
 
 
 # -- the state onto the method ------------------------------------------------------------------------------
@@ -314,8 +370,9 @@ def import_request(src: Source, request: dict) -> dict:
     if shots is None and given is None:
         missing.append("shots")
     if missing:
-        what = ("no Dassl configuration beside it (log.txt, config.yaml)" if src.info.get("format") == "dassl" else
-                "no configuration of it")
+        what = {"dassl": "no Dassl configuration beside it (log.txt, config.yaml)",
+                "tensor-files": "the original saves no configuration with its tensors (it only prints it): nothing"
+                }.get(src.info.get("format"), "no configuration of it")
         flags = " and ".join("--" + name.replace("_", "-") for name in missing)
         raise ConfigError(f"{src.path}: {what} says the run's {', '.join(missing)}: give {flags}"
                           + (" (the training images per class it was trained on; 0: all)" if "shots" in missing
@@ -370,6 +427,8 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     method = build_method(cfg.method, cls.config_for_loading(dict(cfg.method_options)), backbone, splits.classnames,
                           template=splits.template)
     cfg = with_built_options(cfg, method)
+    if src.prepare is not None:  # e.g. a cache sized to the run's training images
+        src.prepare(method)
     if src.state_for is not None:  # a layout only the built method tells
         src.state = src.state_for(method)
     learned = map_state(src, method)  # first: a shape mismatch names the learned tensor
@@ -411,4 +470,5 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
 
 
 __all__ = ["importable_methods", "Source", "read_source", "read_dassl_run", "read_lightning_run", "read_clip_lora_run",
-           "read_dassl_config", "dassl_checkpoint_file", "map_state", "import_request", "import_run"]
+           "read_tensor_files", "TensorFiles", "read_dassl_config", "dassl_checkpoint_file", "map_state",
+           "import_request", "import_run"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,10 +26,10 @@ class OriginalRun:
     """An original run as read from its files: ``state`` the saved tensors by their original names (the state
     dict of the saved module), ``config`` the run's configuration (Dassl's yacs config, OrdinalCLIP's YAML) or
     None, ``checkpoint`` the whole saved object (``epoch``...), ``info`` what the import records (format, path,
-    sha256, epoch, config file)."""
+    sha256, epoch, config file). ``state`` is a mapping (the ``tensor-files`` format reads a file when asked)."""
 
     path: Path
-    state: dict[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor]
     config: Optional[dict]
     checkpoint: dict
     info: dict
@@ -46,7 +47,8 @@ class ImportedRun:
     the classes a class-specific state was learned for; ``counts_words``: the original counts a word init in words;
     ``state_for``: where the mapping of the tensors onto the learned state depends on the built method (CLIP-LoRA's
     ``layer_<i>`` numbers the adapted attentions of the towers the backbone has), a function of the method giving
-    ``state``."""
+    ``state``; ``prepare``: called on the built method before the tensors are mapped (a state whose size the run
+    decides, as Tip-Adapter's cache of its training images, is sized to the run's)."""
 
     method: str
     path: Path
@@ -59,6 +61,7 @@ class ImportedRun:
     num_classes: Optional[int] = None
     counts_words: bool = False
     state_for: Optional[Callable[[Any], dict]] = None
+    prepare: Optional[Callable[[Any], None]] = None
 
 
 def config_get(cfg: Optional[dict], dotted: str, default=None):

@@ -29,4 +29,13 @@ def coop_recipe(data) -> dict:
     return {"batch_size": 32, "epochs": coop_epochs(data.shots, data.dataset), **DASSL_SGD}
 
 
-__all__ = ["EPOCHS_BY_SHOTS", "DASSL_SGD", "coop_epochs", "coop_recipe"]
+def tip_adapter_templates(dataset: str) -> list[str]:
+    """Tip-Adapter's prompts (gaopengcuhk/Tip-Adapter@d0e2d6f ``datasets/<name>.py``): the dataset's own hand-crafted
+    prompt, CoOp's ``CUSTOM_TEMPLATES`` (e.g. ``datasets/dtd.py:8`` "{} texture.", ``datasets/eurosat.py:7`` "a
+    centered satellite photo of {}."); ImageNet: CoOp's 7-prompt ensemble (``datasets/imagenet.py:177-183``),
+    vlprompt's ``imagenet-select``. LP++ builds its zero-shot classifier from the same (FewShot-CLIP-Strong-Baseline
+    ``utils.py:35-52``, ``datasets/*.py``)."""
+    return ["imagenet-select"] if dataset.lower() == "imagenet" else ["dataset"]
+
+
+__all__ = ["EPOCHS_BY_SHOTS", "DASSL_SGD", "coop_epochs", "coop_recipe", "tip_adapter_templates"]
