@@ -59,6 +59,7 @@ register_method("rank-coop", "vlprompt.methods.ordinal.baselines:RankCoOp")
 register_method("finetune-image", "vlprompt.methods.baselines.finetune_image:FinetuneImage")
 register_method("text-transform", "vlprompt.methods.baselines.text_transform:TextTransform")
 register_method("text-bias", "vlprompt.methods.baselines.text_bias:TextBias")
+register_method("taskres", "vlprompt.methods.adapters.taskres:TaskRes")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}
@@ -148,11 +149,18 @@ def build_config(name: str, options: dict | MethodConfig | None) -> MethodConfig
     return cls.config_class.from_dict(dict(options or {}))
 
 
-def build_method(name: str, config: dict | MethodConfig, backbone, classnames, *, template=None) -> Method:
+def build_method(name: str, config: dict | MethodConfig, backbone, classnames, *, template=None,
+                 source_names=None) -> Method:
+    """The method ``name`` on a backbone and a class list; ``template``: the dataset's own prompt template (for
+    methods that use it), ``source_names``: the class names as the dataset's files spell them (for methods whose
+    original prompts with them, :attr:`Method.uses_source_names`)."""
     cls = method_class(name)
+    kwargs = {}
     if cls.uses_template:
-        return cls(build_config(name, config), backbone, classnames, template=template)
-    return cls(build_config(name, config), backbone, classnames)
+        kwargs["template"] = template
+    if cls.uses_source_names:
+        kwargs["source_names"] = source_names
+    return cls(build_config(name, config), backbone, classnames, **kwargs)
 
 
 __all__ = ["Method", "MethodConfig", "Features", "Batch", "StepOutput", "opt", "register_method",

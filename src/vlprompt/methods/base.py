@@ -263,9 +263,16 @@ class Method(nn.Module):
     #: user asked for (``template_request``, e.g. ``["dataset"]``) is kept in method.json, so that an evaluation on
     #: another dataset resolves it again with that dataset's own prompt (the papers' cross-dataset protocol)
     template_field: ClassVar[Optional[str]] = None
+    #: the constructor also takes ``source_names=``: the class names as the dataset's files spell them (underscores
+    #: kept: ``vlprompt.data.source_classnames``), for a method whose original prompts with them; None where they are
+    #: not known (a method rebuilt from its run directory, which keeps what it built from them)
+    uses_source_names: ClassVar[bool] = False
     #: the format of the original repository's saved runs that ``vlprompt import --from NAME`` reads (``dassl``:
     #: a Dassl output folder; ``lightning``: a Lightning checkpoint), or None: see :meth:`import_original`
     original_format: ClassVar[Optional[str]] = None
+    #: the name under which the original's Dassl trainer registers its model: its checkpoints are
+    #: ``<output>/<original_module>/model.pth.tar-<epoch>``
+    original_module: ClassVar[str] = "prompt_learner"
     #: what :meth:`setup` / :meth:`after_training` read: ``train`` / ``val`` (un-augmented features of the split),
     #: ``train_views`` (every cached augmented view of the training images, :meth:`setup_views` of them)
     setup_reads: ClassVar[frozenset] = frozenset()
@@ -430,9 +437,27 @@ class Method(nn.Module):
         says what is class-specific, ``hint`` what to do instead."""
         trained, given = [str(c) for c in self.classnames], [str(c) for c in classnames]
         if given != trained:
+            raise _class_specific(what, trained, given, hint)
+
+    @staticmethod
+    def trained_class_rows(trained: Sequence[str], classnames: Sequence[str], what: str,
+                           hint: str = "") -> list[int]:
+        """The rows of a class-specific state (one per ``trained`` class) that serve ``classnames``: the first trained
+        class of each name, so that a sub-list of the trained classes in any order (ImageNet-A / -R: 200 of
+        ImageNet's 1000 names) keeps its learned rows, as the original TaskRes and CLAP re-index theirs. A name the
+        state was not trained on is refused as :meth:`require_trained_classes` refuses another class list."""
+        trained, given = [str(c) for c in trained], [str(c) for c in classnames]
+        first: dict[str, int] = {}
+        for i, c in enumerate(trained):
+            first.setdefault(c, i)
+        missing = [c for c in given if c not in first]
+        if missing:
             raise VLPromptError(f"{what} is class-specific: it belongs to the {len(trained)} classes it was trained "
-                                f"on and cannot be used for another class list ({first_difference(trained, given)})"
-                                + (f"; {hint}" if hint else ""))
+                                f"on, and class {given.index(missing[0])} {missing[0]!r} is not one of them (a "
+                                f"sub-list of them is evaluated on their own rows)" + (f"; {hint}" if hint else ""))
+        if not given:
+            raise _class_specific(what, trained, given, hint)
+        return [first[c] for c in given]
 
     def forward(self, feats: Features) -> torch.Tensor:  # (B, K)
         raise NotImplementedError  # abstract
@@ -533,6 +558,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     return {"accuracy": 100.0 * correct.mean().item(),
             "mean_per_class_accuracy": 100.0 * sum(per_class) / max(len(per_class), 1),
             "num_samples": int(labels.numel())}
+
+
+def _class_specific(what: str, trained: list[str], given: list[str], hint: str) -> VLPromptError:
+    return VLPromptError(f"{what} is class-specific: it belongs to the {len(trained)} classes it was trained on and "
+                         f"cannot be used for another class list ({first_difference(trained, given)})"
+                         + (f"; {hint}" if hint else ""))
 
 
 def first_difference(trained: Sequence[str], given: Sequence[str]) -> str:

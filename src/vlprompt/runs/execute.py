@@ -32,7 +32,7 @@ from .._io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from ..backbone import Backbone, load_backbone
 from ..cache import FeatureCache
 from ..data import (DatasetSplits, check_samples, few_shot_split, load_dataset, load_split,
-                    save_split, subsample_classes, transform_id)
+                    save_split, source_classnames, subsample_classes, transform_id)
 from ..data.transforms import build_transforms
 from ..engine import distributed
 from ..engine.callbacks import BestEpoch, MetricsJsonl, TensorBoard, TrainingCurve
@@ -285,7 +285,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
                              pixels=cfg.pixels())
     train_tf, test_tf = transforms_for(cfg.preprocess, backbone)
     seed_everything(cfg.seed or 0)  # the method's initial values (random contexts) follow the seed
-    method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template)
+    method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template,
+                          source_names=source_classnames(splits))
     # record what is actually used (e.g. the number of context vectors a word init gives)
     cfg = dataclasses.replace(cfg, method_options=method.config.to_dict())
     if cls.trains(method.config) and cfg.train is not None:

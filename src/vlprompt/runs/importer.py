@@ -56,10 +56,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
-    """The prompt-learner checkpoint of a Dassl output folder (or the file given): ``--epoch N`` picks
-    ``model.pth.tar-N``; else ``model-best.pth.tar`` when present (what the original's ``load_model`` loads),
-    else the last epoch's file."""
+def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None, module: str = "prompt_learner") -> Path:
+    """The checkpoint of a Dassl output folder's registered ``module`` (``<output>/<module>/``; or the file given):
+    ``--epoch N`` picks ``model.pth.tar-N``; else ``model-best.pth.tar`` when present (what the original's
+    ``load_model`` loads), else the last epoch's file."""
     path = Path(path)
     if path.is_file():
         if epoch is not None:
@@ -67,7 +67,7 @@ def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
         return path
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
-    folder = path / "prompt_learner" if (path / "prompt_learner").is_dir() else path
+    folder = path / module if (path / module).is_dir() else path
     if epoch is not None:
         f = folder / f"model.pth.tar-{epoch}"
         if not f.is_file():
@@ -78,13 +78,13 @@ def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
     numbered = sorted((int(m.group(1)), p) for p in folder.glob("model.pth.tar-*")
                       if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", p.name)))
     if not numbered:
-        raise CheckpointError(f"{path}: no Dassl checkpoint (prompt_learner/model.pth.tar-<epoch> or "
+        raise CheckpointError(f"{path}: no Dassl checkpoint ({module}/model.pth.tar-<epoch> or "
                               f"model-best.pth.tar)")
     return numbered[-1][1]
 
 
-def _run_folder(ckpt: Path) -> Path:
-    return ckpt.parent.parent if ckpt.parent.name == "prompt_learner" else ckpt.parent
+def _run_folder(ckpt: Path, module: str = "prompt_learner") -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == module else ckpt.parent
 
 
 def read_dassl_config(folder: Path) -> tuple[Optional[dict], Optional[Path]]:
@@ -133,13 +133,13 @@ def _state_dict(ckpt: Any, path: Path) -> dict:
 
 
 # -- the formats ------------------------------------------------------------------------------------------
-def read_dassl_run(path: Path, epoch: Optional[int] = None) -> OriginalRun:
-    """A Dassl output folder (or one of its checkpoint files): the saved module's ``state_dict``, Dassl's
+def read_dassl_run(path: Path, epoch: Optional[int] = None, module: str = "prompt_learner") -> OriginalRun:
+    """A Dassl output folder (or one of its checkpoint files): the saved ``module``'s ``state_dict``, Dassl's
     configuration from the folder's log.txt / config.yaml."""
-    ckpt_path = dassl_checkpoint_file(path, epoch)
+    ckpt_path = dassl_checkpoint_file(path, epoch, module)
     ckpt = load_checkpoint(ckpt_path)
     sd = _state_dict(ckpt, ckpt_path)
-    cfg, cfg_file = read_dassl_config(_run_folder(ckpt_path))
+    cfg, cfg_file = read_dassl_config(_run_folder(ckpt_path, module))
     info = {"format": "dassl", "path": str(ckpt_path.resolve()), "sha256": _sha256(ckpt_path),
             "epoch": ckpt.get("epoch"), "config_file": str(cfg_file.resolve()) if cfg_file else None,
             "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in sd.items()}}
@@ -193,7 +193,7 @@ def read_source(kind: str, path: str | Path, *, epoch: Optional[int] = None,
         if source_config is not None:
             raise ConfigError(f"--source-config is a Lightning run's config.yaml; {kind}'s Dassl runs are read from "
                               f"their log.txt")
-        run = read_dassl_run(Path(path), epoch)
+        run = read_dassl_run(Path(path), epoch, cls.original_module)
     else:
         raise ConfigError(f"{kind}: unknown original format {cls.original_format!r}")
     run.info["from"] = kind
@@ -273,6 +273,7 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     """Import an original run into ``output`` (see the module doc); returns its results (``results.json``)."""
     from ..backbone import load_backbone
     from ..cache import FeatureCache
+    from ..data import source_classnames
     from ..methods import build_config, build_method, method_class
     from .config import config_hash, resolve
     from .execute import (evaluate, finish_run, log_pixel_statistics, needed_splits, prepare_data, run_directory,
@@ -300,7 +301,7 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     backbone = load_backbone(cfg.backbone, cfg.pretrained, cfg.device, precision=cfg.precision, pixels=cfg.pixels())
     _, test_tf = transforms_for(cfg.preprocess, backbone)
     method = build_method(cfg.method, cls.config_for_loading(dict(cfg.method_options)), backbone, splits.classnames,
-                          template=splits.template)
+                          template=splits.template, source_names=source_classnames(splits))
     cfg = dataclasses.replace(cfg, method_options=method.config.to_dict())
     learned = map_state(src, method)  # first: a shape mismatch names the learned tensor
     for check in src.checks:
