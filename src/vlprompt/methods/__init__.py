@@ -60,6 +60,7 @@ register_method("finetune-image", "vlprompt.methods.baselines.finetune_image:Fin
 register_method("text-transform", "vlprompt.methods.baselines.text_transform:TextTransform")
 register_method("text-bias", "vlprompt.methods.baselines.text_bias:TextBias")
 register_method("taskres", "vlprompt.methods.adapters.taskres:TaskRes")
+register_method("clip-adapter", "vlprompt.methods.adapters.clip_adapter:CLIPAdapter")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}
