@@ -61,6 +61,7 @@ register_method("text-transform", "vlprompt.methods.baselines.text_transform:Tex
 register_method("text-bias", "vlprompt.methods.baselines.text_bias:TextBias")
 register_method("taskres", "vlprompt.methods.adapters.taskres:TaskRes")
 register_method("clip-adapter", "vlprompt.methods.adapters.clip_adapter:CLIPAdapter")
+register_method("clap", "vlprompt.methods.adapters.clap:CLAP")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}
