@@ -384,7 +384,7 @@ def test_lpclip_linear_probe_fits_the_rows_in_the_scripts_order(model_files, fol
     from vlprompt.backbone import load_backbone
     from vlprompt.cache import FeatureCache
     from vlprompt.data import transform_id
-    from vlprompt.methods import linear_probe
+    from vlprompt.methods.baselines import linear_probe
     from vlprompt.runs import transforms_for
 
     images = sorted(str(p) for p in folder.rglob("*.jpg"))
