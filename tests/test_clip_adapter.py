@@ -27,6 +27,9 @@ from vlprompt.runs.importer import import_run
 from vlprompt.testing import make_tiny_checkpoint
 
 NAMES = ["golden_retriever", "sword lily", "banded", "cup (drinking)"]  # CoOp's names: "_" becomes a space
+NAME = "clip-adapter"
+#: the protocols of its paper: few-shot (Tip-Adapter's exp.log), base-to-new (Tip-Adapter issue #6)
+PROTOCOLS = [("coop-fewshot", ["clip-adapter"], 165), ("cocoop-base2new", ["clip-adapter"], 33)]
 
 
 def feats(n, dim, seed=0):
@@ -206,3 +209,63 @@ def test_import_of_an_original_checkpoint_equals_the_original(model_files, folde
                                                          "DATASET": {"NUM_SHOTS": 4}})
     with pytest.raises(Exception, match="trainer is CoOp"):
         import_run("clip-adapter", run, request, tmp_path / "coop")
+
+
+# -- 4. the published numbers -------------------------------------------------------------------------------------
+def test_published_numbers_are_tip_adapters_exp_log_clip_a_rows():
+    from vlprompt.papers import load_papers
+
+    rows = [n for n in load_papers() if n.method == "clip-adapter"]
+    assert len(rows) == 55 and {n.shots for n in rows} == {1, 2, 4, 8, 16}
+    assert all((n.protocol, n.backbone, n.pretrained, n.metric) == ("fewshot", "RN50", "openai", "accuracy")
+               and "exp.log" in n.source and "issue #7" in n.source for n in rows)
+    by = {(n.dataset, n.shots): n.value for n in rows}
+    # exp.log lines 6 (imagenet), 46 (dtd), 70 (oxford_flowers), 86 (stanford_cars): 16 / 8 / 4 / 2 / 1 shots
+    assert [by["imagenet", k] for k in (16, 8, 4, 2, 1)] == [63.59, 62.68, 61.84, 61.52, 61.20]
+    assert [by["dtd", k] for k in (16, 8, 4, 2, 1)] == [65.96, 61.00, 56.86, 51.48, 45.80]
+    assert [by["oxford_flowers", k] for k in (16, 8, 4, 2, 1)] == [93.90, 91.72, 87.17, 81.61, 73.49]
+    assert [by["stanford_cars", k] for k in (16, 8, 4, 2, 1)] == [74.01, 67.89, 62.45, 58.74, 55.13]
+    # a transcription error in any cell moves the 11-dataset means (computed in RECIPES_regularised.md section 6)
+    means = [sum(v for (d, k), v in by.items() if k == shots) / 11 for shots in (16, 8, 4, 2, 1)]
+    assert means == pytest.approx([74.44, 71.40, 68.61, 65.55, 62.67], abs=0.006)
+
+
+@pytest.mark.parametrize("dataset, shots", [("dtd", 16), ("imagenet", 1), ("eurosat", 4)])
+def test_a_default_run_meets_the_numbers_conditions_and_another_ratio_does_not(dataset, shots):
+    """The conditions name what a run records: its identity after the method is built (the templates it used)."""
+    from vlprompt.data.templates import template_for
+    from vlprompt.methods.adapters.clip_adapter import CLIPAdapter
+    from vlprompt.papers import load_papers, matches
+    from vlprompt.report import flatten
+
+    def identity(**options):
+        cfg = resolve({"method": "clip-adapter", "backbone": "RN50", "data": {"dataset": dataset, "root": "/x",
+                                                                           "shots": shots},
+                       "method_options": options})
+        ident = cfg.identity()
+        ident["method_options"]["templates"] = CLIPAdapter.expand_templates(ident["method_options"]["templates"],
+                                                                            template_for(dataset))
+        return flatten(ident)
+
+    (number,) = [n for n in load_papers() if (n.method, n.dataset, n.shots) == ("clip-adapter", dataset, shots)]
+    kw = dict(method="clip-adapter", dataset=dataset, protocol="fewshot", backbone="RN50-quickgelu",
+              pretrained="openai", shots=shots, metric="accuracy")
+    assert matches(number, **kw, flat_identity=identity())
+    assert not matches(number, **kw, flat_identity=identity(ratio=0.5))
+    assert not matches(number, **kw, flat_identity=identity(templates=["imagenet80"]))
+
+
+# -- protocols ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, methods, cells", PROTOCOLS)
+def test_runs_in_its_papers_protocol_presets(preset, methods, cells):
+    from vlprompt.grid import expand, load_preset, resolve_cells
+
+    spec = load_preset(preset)
+    spec.set_value("data.root", "/data", "--root")
+    if methods:
+        spec.set_axis("method", methods, "--methods")
+    resolved = resolve_cells(expand(spec))
+    assert len(resolved) == cells and {c.config.method for c in resolved} == {NAME}
+    cfg = next(c.config for c in resolved if c.config.data.dataset == "imagenet")
+    assert cfg.train.to_dict() == resolve({"method": NAME, "backbone": cfg.backbone, "data": cfg.data.to_dict(),
+                                           "seed": cfg.seed}).train.to_dict()  # the method's own recipe
