@@ -27,6 +27,9 @@ from vlprompt.runs.importer import import_run
 from vlprompt.testing import make_tiny_checkpoint
 
 RAW = ["golden_retriever", "sword lily", "american_pit_bull_terrier"]
+NAME = "clap"
+#: the protocols of its scripts: few-shot (scripts/adapt.sh), domain generalisation (scripts/eval.sh)
+PROTOCOLS = [("coop-fewshot", ["clap"], 165), ("coop-dg", ["clap"], 3)]
 
 
 def build(backbone, dataset="oxford_pets", names=RAW, **options):
@@ -316,3 +319,19 @@ def test_sub_list_of_classes_takes_their_rows(tiny_vit):
     method.set_classnames(["american pit bull terrier", "golden retriever"])
     torch.testing.assert_close(method(Features(global_=image)), full[:, [2, 0]])
     assert math.isclose(method.export_head()[0]["text_features"].norm(dim=-1)[0].item(), 1.0, rel_tol=1e-6)
+
+
+# -- protocols ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, methods, cells", PROTOCOLS)
+def test_runs_in_its_papers_protocol_presets(preset, methods, cells):
+    from vlprompt.grid import expand, load_preset, resolve_cells
+
+    spec = load_preset(preset)
+    spec.set_value("data.root", "/data", "--root")
+    if methods:
+        spec.set_axis("method", methods, "--methods")
+    resolved = resolve_cells(expand(spec))
+    assert len(resolved) == cells and {c.config.method for c in resolved} == {NAME}
+    cfg = next(c.config for c in resolved if c.config.data.dataset == "imagenet")
+    assert cfg.train.to_dict() == resolve({"method": NAME, "backbone": cfg.backbone, "data": cfg.data.to_dict(),
+                                           "seed": cfg.seed}).train.to_dict()  # the method's own recipe

@@ -80,7 +80,7 @@ def reference(models, dtd, cache_dir, tmp_path_factory):
 
 # -- expansion -----------------------------------------------------------------------------------------
 def test_every_preset_expands_to_its_protocols_cells():
-    expected = {"coop-fewshot": 165, "plot-fewshot": 165, "coop-dg": 3, "cocoop-base2new": 33,
+    expected = {"coop-fewshot": 165, "plot-fewshot": 165, "taskres-fewshot": 55, "coop-dg": 3, "cocoop-base2new": 33,
                 "cocoop-cross-dataset": 3, "ordinal-folds": 21, "ordinal-fewshot": 7, "ordinal-shift": 8}
     assert set(preset_names()) == set(expected)
     for name, n in expected.items():

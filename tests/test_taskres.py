@@ -29,6 +29,9 @@ from vlprompt.testing import make_tiny_checkpoint
 # underscores (kept by the original), spaces, a merging name
 RAW = ["golden_retriever", "sword lily", "american_pit_bull_terrier", "cup (drinking)"]
 CLEAN = [n.replace("_", " ") for n in RAW]
+NAME = "taskres"
+#: the protocols of its scripts: few-shot (train_regular.sh, seed 1), domain generalisation (test_dg.sh)
+PROTOCOLS = [("taskres-fewshot", None, 55), ("coop-dg", ["taskres"], 3)]
 
 
 def feats(n, dim, seed=0):
@@ -268,3 +271,19 @@ def test_import_of_an_original_checkpoint_equals_the_original(model_files, folde
     (run / "log.txt").unlink()
     with pytest.raises(ConfigError, match="--alpha"):
         import_run("taskres", run, {**request, "data": {**request["data"], "shots": 2}}, tmp_path / "noalpha")
+
+
+# -- protocols ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, methods, cells", PROTOCOLS)
+def test_runs_in_its_papers_protocol_presets(preset, methods, cells):
+    from vlprompt.grid import expand, load_preset, resolve_cells
+
+    spec = load_preset(preset)
+    spec.set_value("data.root", "/data", "--root")
+    if methods:
+        spec.set_axis("method", methods, "--methods")
+    resolved = resolve_cells(expand(spec))
+    assert len(resolved) == cells and {c.config.method for c in resolved} == {NAME}
+    cfg = next(c.config for c in resolved if c.config.data.dataset == "imagenet")
+    assert cfg.train.to_dict() == resolve({"method": NAME, "backbone": cfg.backbone, "data": cfg.data.to_dict(),
+                                           "seed": cfg.seed}).train.to_dict()  # the method's own recipe
