@@ -70,7 +70,7 @@ class TrainConfig:
     views: Optional[int] = opt(10, "cached augmented views per training image (cached-views mode; null where it "
                                "does not apply)", min=1)
     sampling: str = opt("images", "how an epoch draws the cached views: images (every training image once, in "
-                        "shuffled batches, one random view each) or pool (CLAP's: as many batches as images gives, "
+                        "shuffled batches, one random view each) or pool (CLAP's: as many batches as the images make, "
                         "each a slice of one fresh shuffle of all views of all images, so an epoch sees about one "
                         "view's worth of them and a batch may hold several views of an image)", choices=SAMPLINGS)
     online: bool = opt(False, "augment and encode images at every step, exactly as the papers (no cached views)")

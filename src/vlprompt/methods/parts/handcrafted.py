@@ -118,7 +118,8 @@ class ClassFeatureHead(Method):
     residual, CLAP's prototypes): logits (B, K) = ``logit_scale * cos(image, classifier)``.
 
     ``base`` (K, E): the class features of :class:`.options.ClassFeatureOptions` (by default as the originals build
-    them: the names as the dataset's files spell them, ``source_names``, the unnormalised mean over templates). It
+    them: the names as the dataset's files spell them -- ``source_names``, which a run passes; without them the
+    class names as given -- and the unnormalised mean over templates). It
     is a persistent buffer, saved with the learned tensors as the originals save theirs, so an evaluation, an
     export or an import uses the very base the classifier was learned on. The classifier belongs to its classes:
     another class list is refused, except a sub-list of the trained names (ImageNet-A / -R), whose rows are
