@@ -33,10 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...errors import CheckpointError, ConfigError
-from ..base import Features, cosine_logits, opt
+from ..base import Features, opt
 from ..parts.handcrafted import TextFeatureAdapter
 from ..parts.options import HandCraftedOptions
 from ..parts.originals import ImportedRun, check_known_tensors, check_trainer, dassl_request, shape
@@ -86,7 +87,8 @@ class CLIPAdapter(TextFeatureAdapter):
         f = feats.global_.float()
         ratio = self.config.ratio
         mixed = ratio * self.adapter(f) + (1 - ratio) * f  # clip_adapter.py:101-105, on the unnormalised feature
-        return cosine_logits(mixed, self.class_text, self.logit_scale)
+        # class_text is normalised once (the original renormalises the same features at every step)
+        return self.logit_scale * F.normalize(mixed, dim=-1) @ self.class_text.t()
 
     def export_head(self):
         return None  # not fixed class features: the adapter runs on every image

@@ -43,10 +43,10 @@ import torch
 from torch import nn
 
 from ...errors import CheckpointError
+from ..base import opt
 from ..parts.handcrafted import ClassFeatureHead
 from ..parts.options import ClassFeatureOptions
 from ..parts.originals import check_trainer, class_features_import, config_get
-from ..base import opt
 
 #: ``TRAINER.TaskRes.RESIDUAL_SCALE`` in train_regular.sh: 0.5, OxfordFlowers 1.0 (all shots)
 ALPHA, ALPHA_FLOWERS = 0.5, 1.0
