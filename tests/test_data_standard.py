@@ -95,6 +95,25 @@ def test_split_file_datasets_read_coop_layout(tmp_path, name):
     assert load_dataset(name, tmp_path / folder).classnames == ds.classnames
 
 
+@pytest.mark.parametrize("name", ["oxford_pets", "ucf101", "food101", "dtd"])
+def test_split_files_keep_the_names_as_spelled_through_the_protocol(tmp_path, name):
+    """The names as the split file spells them (underscores: what Dassl, hence TaskRes and CLAP, prompt with) are
+    recorded beside the cleaned ones, follow the base / new relabelling and survive split.json."""
+    from vlprompt.data import few_shot_split, load_split, save_split, source_classnames, subsample_classes
+
+    build_split_dataset(tmp_path, name)
+    ds = load_dataset(name, tmp_path)
+    raw = [c for _, c in SPLIT_DATASETS[name][3]]
+    assert source_classnames(ds) == raw
+    assert ("source_classnames" in ds.extra) == (raw != ds.classnames)  # recorded only where they differ
+    few = few_shot_split(ds, 2, seed=1)
+    assert source_classnames(few) == raw
+    new = subsample_classes(few, "new")
+    assert new.classnames == ds.classnames[1:] and source_classnames(new) == raw[1:]
+    save_split(new, tmp_path / "split.json")
+    assert source_classnames(load_split(tmp_path / "split.json")) == raw[1:]
+
+
 def test_split_file_naming_absent_files(tmp_path):
     split = build_split_dataset(tmp_path, "dtd")
     split["test"] += [[f"banded/ghost_{i}.jpg", 0, "banded"] for i in range(7)]

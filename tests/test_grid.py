@@ -87,6 +87,7 @@ def test_every_preset_expands_to_its_protocols_cells():
     expected.update({"maple-baselines-base2new": 99, "promptsrc-base2new": 66, "promptsrc-cross-dataset": 3,
                      "promptsrc-dg": 3, "promptsrc-fewshot": 165})
     expected.update({"tip-adapter-fewshot": 110, "lpp-fewshot": 550, "lpp-dg": 10})
+    expected.update({"taskres-fewshot": 55})
     assert set(preset_names()) == set(expected)
     for name, n in expected.items():
         spec = load_preset(name)

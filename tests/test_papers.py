@@ -11,11 +11,12 @@ def test_bundled_paper_files_load_and_every_number_has_its_source():
     numbers = load_papers()
     assert {f.name for f in paper_files()} == {"coop.json", "cocoop.json", "plot.json", "ordinalclip.json",
                                                "kgcoop.json", "maple.json", "clip_lora.json",
-                                               "maple_baselines.json", "promptsrc.json", "tip_adapter.json"}
+                                               "maple_baselines.json", "promptsrc.json", "tip_adapter.json",
+                                               "clip_adapter.json"}
     assert numbers and all(n.source.strip() and n.protocol in PROTOCOLS for n in numbers)
     notes = paper_notes()
     assert set(notes) == {"CoOp", "CoCoOp", "PLOT", "OrdinalCLIP", "KgCoOp", "MaPLe", "CLIP-LoRA", "MaPLe baselines",
-                          "PromptSRC", "Tip-Adapter"}
+                          "PromptSRC", "Tip-Adapter", "CLIP-Adapter"}
     assert all(v["notes"] and v["citation"] for v in notes.values())  # what was bundled and why, per paper
 
 

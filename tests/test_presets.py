@@ -165,6 +165,7 @@ def test_every_registered_method_is_pinned_here():
     # (tests/test_ivlp.py, tests/test_vpt.py, tests/test_promptsrc.py)
     pinned |= {"ivlp", "deep-language", "vpt", "promptsrc"}
     pinned |= {"tip-adapter", "tip-adapter-f", "lpp"}  # pinned in tests/test_tip_adapter.py, tests/test_lpp.py
+    pinned |= {"taskres", "clip-adapter", "clap"}  # pinned in tests/test_taskres.py, test_clip_adapter.py, test_clap.py
     assert set(method_names()) <= pinned | {n for n in method_names() if n.startswith("test-")}
 
 

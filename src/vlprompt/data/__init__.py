@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .base import DatasetSplits, Sample
+from .base import SOURCE_NAMES, DatasetSplits, Sample, source_classnames
 
 #: public name -> submodule of vlprompt.data that defines it
 _EXPORTS: dict[str, str] = {
@@ -36,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     "template_for": "templates", "check_template": "templates",
 }
 
-__all__ = ["Sample", "DatasetSplits", *_EXPORTS]
+__all__ = ["Sample", "DatasetSplits", "SOURCE_NAMES", "source_classnames", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

@@ -32,16 +32,18 @@ def find_split_file(dataset_dir: Path, filename: str) -> Path | None:
 
 
 def read_coop_split(path: Path, image_dir: Path, dataset: str, check_files: bool = True
-                    ) -> tuple[list[str], list[Sample], list[Sample], list[Sample]]:
-    """Read a CoOp split file; class names are cleaned (``_`` -> space). Raises DataError on a bad
-    file, inconsistent labels, or (with ``check_files``) listed images that do not exist."""
+                    ) -> tuple[list[str], list[Sample], list[Sample], list[Sample], list[str]]:
+    """Read a CoOp split file; class names are cleaned (``_`` -> space), the last item is the names as the file
+    spells them. Raises DataError on a bad file, inconsistent labels, or (with ``check_files``) listed images that
+    do not exist."""
     raw = read_json(path, f"{dataset}: split file")
     return parse_coop_split(raw, image_dir, f"{dataset}: split file {path}", check_files)
 
 
 def parse_coop_split(raw: object, image_dir: Path, source: str, check_files: bool = True
-                     ) -> tuple[list[str], list[Sample], list[Sample], list[Sample]]:
-    """Parse the JSON object of a CoOp split file (``source`` names it in error messages)."""
+                     ) -> tuple[list[str], list[Sample], list[Sample], list[Sample], list[str]]:
+    """Parse the JSON object of a CoOp split file (``source`` names it in error messages): (cleaned class names,
+    train, val, test, class names as the file spells them)."""
     if not isinstance(raw, dict):
         raise DataError(f"{source} must hold an object with keys train/val/test")
     image_dir = Path(os.path.abspath(image_dir))
@@ -70,7 +72,7 @@ def parse_coop_split(raw: object, image_dir: Path, source: str, check_files: boo
     cleaned = {k: [Sample(s.path, s.label, classnames[s.label], s.target) for s in v] for k, v in splits.items()}
     if check_files:
         check_exist([s for k in SPLIT_NAMES for s in cleaned[k]], source)
-    return classnames, cleaned["train"], cleaned["val"], cleaned["test"]
+    return classnames, cleaned["train"], cleaned["val"], cleaned["test"], list(raw_names)
 
 
 def coop_split_json(train: Sequence[Sample], val: Sequence[Sample], test: Sequence[Sample],

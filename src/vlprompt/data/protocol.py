@@ -29,7 +29,7 @@ from typing import Literal, Sequence
 
 from ..errors import DataError
 from ._util import MAX_NAMED, check_exist, group_by, read_json
-from .base import DatasetSplits, Sample
+from .base import SOURCE_NAMES, DatasetSplits, Sample
 
 SPLIT_FORMAT = "vlprompt-split"
 SPLIT_VERSION = 1
@@ -299,6 +299,8 @@ def subsample_classes(splits: DatasetSplits, which: Literal["base", "new", "all"
 
     extra = dict(splits.extra)
     extra["subsample"] = {"which": which, "original_labels": list(selected), "num_classes_before": splits.num_classes}
+    if isinstance(extra.get(SOURCE_NAMES), list) and len(extra[SOURCE_NAMES]) == splits.num_classes:
+        extra[SOURCE_NAMES] = [extra[SOURCE_NAMES][old] for old in selected]
     return replace(splits, classnames=classnames, train=convert(splits.train), val=convert(splits.val),
                    test=convert(splits.test), extra=extra)
 

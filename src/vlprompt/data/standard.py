@@ -22,7 +22,7 @@ from ..errors import DataError
 from ._splitfile import find_split_file, parse_coop_split, read_coop_split, write_coop_split, coop_split_json
 from ._util import (MAX_NAMED, check_exist, clean_classname, list_images, list_subdirs, split_camel_case,
                     split_per_class, split_trainval)
-from .base import DatasetSplits, Sample
+from .base import DatasetSplits, Sample, with_source_names
 from .templates import template_for
 
 Generator = Callable[[Path, Path, int], tuple[list[Sample], list[Sample], list[Sample]]]
@@ -294,7 +294,7 @@ def read_split_file_dataset(spec: SplitFileSpec, root: str | os.PathLike, *, spl
     if path is not None:
         if not image_dir.is_dir():
             raise DataError(f"{spec.name}: image folder {image_dir} not found. Expected layout:\n{spec.layout}")
-        classnames, train, val, test = read_coop_split(path, image_dir, spec.name, check_files)
+        classnames, train, val, test, source = read_coop_split(path, image_dir, spec.name, check_files)
         extra["split_file"] = str(path)
     else:
         if not image_dir.is_dir():
@@ -302,12 +302,12 @@ def read_split_file_dataset(spec: SplitFileSpec, root: str | os.PathLike, *, spl
                             f"{image_dir} exists. Expected layout:\n{spec.layout}")
         tr, va, te = spec.generator(dataset_dir, image_dir, split_seed)
         written = write_coop_split(dataset_dir, spec.split_file, tr, va, te, image_dir, spec.name)
-        source = f"{spec.name}: generated split (saved to {written})"
-        classnames, train, val, test = parse_coop_split(coop_split_json(tr, va, te, image_dir), image_dir, source,
-                                                        check_files)
+        where = f"{spec.name}: generated split (saved to {written})"
+        classnames, train, val, test, source = parse_coop_split(coop_split_json(tr, va, te, image_dir), image_dir,
+                                                                where, check_files)
         extra.update(split_file=str(written), split_generated=True, split_seed=split_seed)
     return DatasetSplits(name=spec.name, classnames=classnames, train=train, val=val, test=test,
-                         template=spec.template, extra=extra)
+                         template=spec.template, extra=with_source_names(extra, source, classnames))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from ..errors import DataError
 from ._util import (MAX_NAMED, check_exist, clean_classname, list_images, list_subdirs, numeric_names_warning,
                     split_per_class, split_trainval)
-from .base import DatasetSplits, Sample
+from .base import DatasetSplits, Sample, with_source_names
 from .templates import DEFAULT_TEMPLATE, check_template
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -61,6 +61,7 @@ def read_folder(root: str | os.PathLike, *, split_seed: int = 1, template: str =
         if not classes:
             raise DataError(f"folder dataset: no class folders in {', '.join(str(d) for d in by_split.values())}")
         raw = {c: i for i, c in enumerate(classes)}
+        folders = classes
         names = _clean_unique([clean_classname(c) for c in classes], root)
         parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
         for split, d in by_split.items():
@@ -79,6 +80,7 @@ def read_folder(root: str | os.PathLike, *, split_seed: int = 1, template: str =
         train, val, test = parts["train"], parts["val"], parts["test"]
         extra["split_source"] = "folders"
     else:
+        folders = subdirs
         names = _clean_unique([clean_classname(c) for c in subdirs], root)
         samples = []
         for label, c in enumerate(subdirs):
@@ -94,6 +96,7 @@ def read_folder(root: str | os.PathLike, *, split_seed: int = 1, template: str =
                                      "(or use a CSV file with a classname column)")
     if warnings:
         extra["warnings"] = warnings
+    with_source_names(extra, folders, names)  # the class folders' own names (underscores kept)
     return DatasetSplits(name=name, classnames=names, train=train, val=val, test=test, template=template, extra=extra)
 
 

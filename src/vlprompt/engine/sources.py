@@ -69,8 +69,11 @@ class CachedViews:
             return None
         return torch.stack([rows.read_all()[1] for rows in self._rows])
 
-    def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Features:
-        views = torch.randint(0, self.num_views, (len(idx),), generator=gen)
+    def batch(self, idx: torch.Tensor, gen: torch.Generator, views: Optional[torch.Tensor] = None) -> Features:
+        """The features of images ``idx``: view ``views[j]`` of image ``idx[j]``, or one view per image drawn from
+        ``gen``."""
+        if views is None:
+            views = torch.randint(0, self.num_views, (len(idx),), generator=gen)
         if self._rows is None:
             local = None if self._local is None else self._local[views, idx].float()
             return Features(global_=self._global[views, idx].float(), local=local)

@@ -46,6 +46,10 @@ from .sources import CachedViews, OnlineImages  # noqa: F401  (the inputs of fit
 log = logging.getLogger("vlprompt")
 
 
+#: how an epoch draws cached views (:attr:`TrainConfig.sampling`)
+SAMPLINGS = ("images", "pool")
+
+
 @dataclass
 class TrainConfig:
     """The training recipe of a gradient-trained method (the method's :meth:`preset` fills it with the paper's
@@ -76,6 +80,11 @@ class TrainConfig:
                          since="0.2")
     views: Optional[int] = opt(10, "cached augmented views per training image (cached-views mode; null where it "
                                "does not apply)", min=1)
+    sampling: str = opt("images", "how an epoch draws the cached views: images (every training image once, in "
+                        "shuffled batches, one random view each) or pool (CLAP's: as many batches as the images make, "
+                        "each a slice of one fresh shuffle of all views of all images, so an epoch sees about one "
+                        "view's worth of them and a batch may hold several views of an image)", choices=SAMPLINGS,
+                        since="0.2")
     online: bool = opt(False, "augment and encode images at every step, exactly as the papers (no cached views)")
     augment: bool = opt(True, "CoOp's train augmentation; --no-augment trains on the test transform (one view)")
     checkpoint_every: int = opt(1, "epochs between checkpoints (0: none; a killed run then starts over)", min=0)
@@ -107,6 +116,8 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr (--min-lr {self.min_lr:g}) must be below train.lr ({self.lr:g})")
         if self.epochs and self.warmup_epochs > self.epochs:  # (0 epochs: nothing runs, no warm-up either)
             raise ConfigError(f"train: warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if self.sampling == "pool" and self.online:
+            raise ConfigError("train.sampling (--sampling) pool draws from the cached views; --online has none")
         if self.optimizer == "sgd" and self.adam_eps != 1e-8:
             raise ConfigError(f"train.adam_eps (--adam-eps) {self.adam_eps:g} applies to adam, adamw and radam, not "
                               f"to --optimizer sgd")
@@ -224,8 +235,11 @@ class Trainer:
                                self.config_hash)
 
     # -- training --
-    def _batches(self, n: int, gen: torch.Generator) -> list[torch.Tensor]:
-        order = torch.randperm(n, generator=gen)
+    def _batches(self, n: int, gen: torch.Generator, views: int = 1) -> list[torch.Tensor]:
+        """The batches of an epoch over ``n`` images: indices into a shuffle of the images (``views`` 1), or into
+        a shuffle of the ``views * n`` (view, image) pairs (index ``v * n + i``, ``sampling`` pool), as many batches
+        as ``n`` images make."""
+        order = torch.randperm(n * views, generator=gen)
         bs = self.cfg.batch_size or n  # 0: full-batch steps
         # as Dassl: drop the last partial batch when there is at least one full batch (unless it is kept)
         drop_last = n >= bs and self.cfg.last_batch == "drop"
@@ -260,6 +274,11 @@ class Trainer:
         epochs = cfg.epochs_for(n)
         # the step count that ends the run: --iterations (the recipe's length) or --max-steps (a smoke run)
         stop_at = min(s for s in (cfg.iterations, cfg.max_steps) if s) if (cfg.iterations or cfg.max_steps) else 0
+        pool = cfg.sampling == "pool"
+        views = int(getattr(source, "num_views", 0) or 0) if pool else 1
+        if pool and views < 1:
+            raise VLPromptError("--sampling pool draws from cached views; this run has none (--online, or a method "
+                                "that reads the images)")
         for epoch in range(self.state.epoch, epochs):
             gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             torch.manual_seed(epoch_seed(self.seed, epoch, "augment"))
@@ -268,12 +287,16 @@ class Trainer:
             t0 = time.perf_counter()
             losses, correct, seen = [], 0, 0
             part_sums: dict[str, float] = {}
-            batches = self._batches(n, gen)
+            batches = self._batches(n, gen, views)
             lr = self._set_lr(epoch, 0, len(batches), epochs)
             bar = _progress(batches, f"epoch {epoch + 1}/{epochs}", self.progress)
             for i, idx in enumerate(bar):
                 lr = self._set_lr(epoch, i, len(batches), epochs)
-                feats = source.batch(idx, gen)  # the global batch: the generator advances as in one process
+                if pool:  # (view, image) pairs of the pool
+                    view, idx = idx // n, idx % n
+                    feats = source.batch(idx, gen, views=view)
+                else:
+                    feats = source.batch(idx, gen)  # the global batch: the generator advances as in one process
                 if parallel:
                     sl = distributed.share(len(idx))
                     feats, idx_here = feats.rows(sl), idx[sl]

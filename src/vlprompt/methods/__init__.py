@@ -70,6 +70,9 @@ register_method("promptsrc", "vlprompt.methods.towers.promptsrc:PromptSRC")
 register_method("tip-adapter", "vlprompt.methods.adapters.tip_adapter:TipAdapter")
 register_method("tip-adapter-f", "vlprompt.methods.adapters.tip_adapter:TipAdapterF")
 register_method("lpp", "vlprompt.methods.adapters.lpp:LPP")
+register_method("taskres", "vlprompt.methods.adapters.taskres:TaskRes")
+register_method("clip-adapter", "vlprompt.methods.adapters.clip_adapter:CLIPAdapter")
+register_method("clap", "vlprompt.methods.adapters.clap:CLAP")
 
 #: names results written by earlier versions used
 ALIASES = {"linear_probe": "linear-probe"}
@@ -159,11 +162,18 @@ def build_config(name: str, options: dict | MethodConfig | None) -> MethodConfig
     return cls.config_class.from_dict(dict(options or {}))
 
 
-def build_method(name: str, config: dict | MethodConfig, backbone, classnames, *, template=None) -> Method:
+def build_method(name: str, config: dict | MethodConfig, backbone, classnames, *, template=None,
+                 source_names=None) -> Method:
+    """The method ``name`` on a backbone and a class list; ``template``: the dataset's own prompt template (for
+    methods that use it), ``source_names``: the class names as the dataset's files spell them (for methods whose
+    original prompts with them, :attr:`Method.uses_source_names`)."""
     cls = method_class(name)
+    kwargs = {}
     if cls.uses_template:
-        return cls(build_config(name, config), backbone, classnames, template=template)
-    return cls(build_config(name, config), backbone, classnames)
+        kwargs["template"] = template
+    if cls.uses_source_names:
+        kwargs["source_names"] = source_names
+    return cls(build_config(name, config), backbone, classnames, **kwargs)
 
 
 __all__ = ["Method", "MethodConfig", "Features", "Batch", "StepOutput", "opt", "register_method",

@@ -270,9 +270,16 @@ class Method(nn.Module):
     #: user asked for (``template_request``, e.g. ``["dataset"]``) is kept in method.json, so that an evaluation on
     #: another dataset resolves it again with that dataset's own prompt (the papers' cross-dataset protocol)
     template_field: ClassVar[Optional[str]] = None
+    #: the constructor also takes ``source_names=``: the class names as the dataset's files spell them (underscores
+    #: kept: ``vlprompt.data.source_classnames``), for a method whose original prompts with them; None where they are
+    #: not known (a method rebuilt from its run directory, which keeps what it built from them)
+    uses_source_names: ClassVar[bool] = False
     #: the format of the original repository's saved runs that ``vlprompt import --from NAME`` reads (``dassl``:
     #: a Dassl output folder; ``lightning``: a Lightning checkpoint), or None: see :meth:`import_original`
     original_format: ClassVar[Optional[str]] = None
+    #: the name under which the original's Dassl trainer registers its model: its checkpoints are
+    #: ``<output>/<original_module>/model.pth.tar-<epoch>``
+    original_module: ClassVar[str] = "prompt_learner"
     #: what :meth:`setup` / :meth:`after_training` read: ``train`` / ``val`` (un-augmented features of the split),
     #: ``train_views`` (every cached augmented view of the training images, :meth:`setup_views` of them)
     setup_reads: ClassVar[frozenset] = frozenset()
@@ -448,17 +455,18 @@ class Method(nn.Module):
         says what is class-specific, ``hint`` what to do instead."""
         trained, given = [str(c) for c in self.classnames], [str(c) for c in classnames]
         if given != trained:
-            raise VLPromptError(f"{what} is class-specific: it belongs to the {len(trained)} classes it was trained "
-                                f"on and cannot be used for another class list ({first_difference(trained, given)})"
-                                + (f"; {hint}" if hint else ""))
+            raise _class_specific(what, trained, given, hint)
 
-    def trained_class_rows(self, classnames: Sequence[str], what: str, hint: str = "") -> Optional[list[int]]:
-        """For a class-specific state that can be restricted to some of its classes: None for the trained class
-        list itself; for a subset of it (ImageNet-A / -R: 200 of ImageNet's 1000 classes), the position of each of
-        its classes in the trained list -- the state's rows for them classify among those classes exactly as the
-        whole state does; any other list is refused as :meth:`require_trained_classes` refuses it (a name the
-        trained list holds twice is ambiguous, hence refused too)."""
-        trained, given = [str(c) for c in self.classnames], [str(c) for c in classnames]
+    def trained_class_rows(self, classnames: Sequence[str], what: str, hint: str = "",
+                           trained: Optional[Sequence[str]] = None) -> Optional[list[int]]:
+        """For a class-specific state that can be restricted to some of its classes (``trained``: the classes of its
+        rows, by default the current class list): None for the trained class list itself; for a sub-list of it in
+        any order (ImageNet-A / -R: 200 of ImageNet's 1000 classes), the position of each of its classes in the
+        trained list -- the state's rows for them classify among those classes exactly as the whole state does, as
+        the original TaskRes and CLAP re-index theirs; any other list is refused as :meth:`require_trained_classes`
+        refuses it (a name the trained list holds twice is ambiguous, hence refused too)."""
+        trained = [str(c) for c in (self.classnames if trained is None else trained)]
+        given = [str(c) for c in classnames]
         if given == trained:
             return None
         where = {}
@@ -466,8 +474,12 @@ class Method(nn.Module):
             where.setdefault(c, []).append(i)
         if given and len(set(given)) == len(given) and all(len(where.get(c, ())) == 1 for c in given):
             return [where[c][0] for c in given]
-        self.require_trained_classes(classnames, what, hint)  # raises: the lists differ
-        return None
+        missing = [c for c in given if c not in where]
+        if missing and given:
+            raise VLPromptError(f"{what} is class-specific: it belongs to the {len(trained)} classes it was trained "
+                                f"on, and class {given.index(missing[0])} {missing[0]!r} is not one of them (a "
+                                f"sub-list of them is evaluated on their own rows)" + (f"; {hint}" if hint else ""))
+        raise _class_specific(what, trained, given, hint)
 
     def forward(self, feats: Features) -> torch.Tensor:  # (B, K)
         raise NotImplementedError  # abstract
@@ -574,6 +586,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     return {"accuracy": float(Fraction(100 * int(correct.sum()), max(n, 1))),
             "mean_per_class_accuracy": float(100 * sum(per_class, Fraction(0)) / max(len(per_class), 1)),
             "num_samples": n}
+
+
+def _class_specific(what: str, trained: list[str], given: list[str], hint: str) -> VLPromptError:
+    return VLPromptError(f"{what} is class-specific: it belongs to the {len(trained)} classes it was trained on and "
+                         f"cannot be used for another class list ({first_difference(trained, given)})"
+                         + (f"; {hint}" if hint else ""))
 
 
 def first_difference(trained: Sequence[str], given: Sequence[str]) -> str:

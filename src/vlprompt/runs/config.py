@@ -275,6 +275,10 @@ def resolve(request: dict | RunConfig) -> RunConfig:
                    f"the images" if own_images else "--no-augment has a single view")
             raise ConfigError(f"--views {train_req['views']} does not apply: {why}")
         train.views = views
+        if train.sampling == "pool" and (views or 1) < 2:
+            why = ("--online encodes every step" if train.online else f"{name} trains its own image encoder on the "
+                   f"images" if own_images else "--no-augment has a single view" if not train.augment else "--views 1")
+            raise ConfigError(f"--sampling pool draws batches from all cached views of the images: {why}")
         if train_req.get("online") and own_images:
             raise ConfigError(f"--online does not apply: {name} trains its own image encoder on the images")
         if train.cache_dtype != "float32" and (train.online or own_images):

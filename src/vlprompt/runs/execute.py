@@ -31,7 +31,7 @@ import torch
 from .._io import atomic_write_json, atomic_write_text
 from ..backbone import Backbone, load_backbone
 from ..backbone.cache import FeatureCache
-from ..data import DatasetSplits, load_split, save_split
+from ..data import DatasetSplits, load_split, save_split, source_classnames
 from ..engine import distributed
 from ..engine.callbacks import BestEpoch, MetricsJsonl, TensorBoard, TrainingCurve
 from ..engine.sources import sample_targets, split_data, train_source
@@ -102,7 +102,8 @@ def _run(cfg: RunConfig, run_dir: Path, *, resume: bool, force: bool, progress: 
                              pixels=cfg.pixels())
     train_tf, test_tf = transforms_for(cfg.preprocess, backbone, cfg.data.crop_scale)
     seed_everything(cfg.seed or 0)  # the method's initial values (random contexts) follow the seed
-    method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template)
+    method = build_method(cfg.method, cfg.method_options, backbone, splits.classnames, template=splits.template,
+                          source_names=source_classnames(splits))
     # record what is actually used (e.g. the number of context vectors a word init gives)
     cfg = with_built_options(cfg, method)
     if cls.trains(method.config) and cfg.train is not None:

@@ -65,12 +65,13 @@ def _has_checkpoints(folder: Path) -> bool:
     return (folder / "model-best.pth.tar").is_file() or any(folder.glob("model.pth.tar-*"))
 
 
-def _module_folder(path: Path) -> Path:
-    """The folder of a Dassl output folder's saved module: ``prompt_learner/`` (CoOp, CoCoOp, PLOT), else the one
-    subfolder holding checkpoints (Dassl names it after the registered model: ``MultiModalPromptLearner/`` for MaPLe,
+def _module_folder(path: Path, module: str = "prompt_learner") -> Path:
+    """The folder of a Dassl output folder's saved module: ``<module>/`` (the method's registered name:
+    ``prompt_learner`` for CoOp, CoCoOp and PLOT, ``adapter`` for CLAP...), else the one subfolder holding
+    checkpoints (Dassl names it after the registered model: ``MultiModalPromptLearner/`` for MaPLe,
     ``VLPromptLearner/``...), else the folder itself."""
-    if (path / "prompt_learner").is_dir():
-        return path / "prompt_learner"
+    if (path / module).is_dir():
+        return path / module
     if _has_checkpoints(path):
         return path
     found = sorted(d for d in path.iterdir() if d.is_dir() and _has_checkpoints(d))
@@ -80,10 +81,10 @@ def _module_folder(path: Path) -> Path:
     return found[0] if found else path
 
 
-def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
-    """The prompt-learner checkpoint of a Dassl output folder (or the file given): ``--epoch N`` picks
-    ``model.pth.tar-N``; else ``model-best.pth.tar`` when present (what the original's ``load_model`` loads),
-    else the last epoch's file."""
+def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None, module: str = "prompt_learner") -> Path:
+    """The checkpoint of a Dassl output folder's saved module (:func:`_module_folder`; or the file given):
+    ``--epoch N`` picks ``model.pth.tar-N``; else ``model-best.pth.tar`` when present (what the original's
+    ``load_model`` loads), else the last epoch's file."""
     path = Path(path)
     if path.is_file():
         if epoch is not None:
@@ -91,7 +92,7 @@ def dassl_checkpoint_file(path: Path, epoch: Optional[int] = None) -> Path:
         return path
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
-    folder = _module_folder(path)
+    folder = _module_folder(path, module)
     if epoch is not None:
         f = folder / f"model.pth.tar-{epoch}"
         if not f.is_file():
@@ -111,10 +112,10 @@ def _has_config(folder: Path) -> bool:
     return (folder / "config.yaml").is_file() or (folder / "log.txt").is_file()
 
 
-def _run_folder(ckpt: Path) -> Path:
+def _run_folder(ckpt: Path, module: str = "prompt_learner") -> Path:
     """The output folder of a checkpoint: above its module folder (``prompt_learner/``...), where log.txt is."""
     folder = ckpt.parent
-    if folder.name == "prompt_learner" or (not _has_config(folder) and _has_config(folder.parent)):
+    if folder.name == module or (not _has_config(folder) and _has_config(folder.parent)):
         return folder.parent
     return folder
 
@@ -165,13 +166,13 @@ def _state_dict(ckpt: Any, path: Path) -> dict:
 
 
 # -- the formats ------------------------------------------------------------------------------------------
-def read_dassl_run(path: Path, epoch: Optional[int] = None) -> OriginalRun:
-    """A Dassl output folder (or one of its checkpoint files): the saved module's ``state_dict``, Dassl's
+def read_dassl_run(path: Path, epoch: Optional[int] = None, module: str = "prompt_learner") -> OriginalRun:
+    """A Dassl output folder (or one of its checkpoint files): the saved ``module``'s ``state_dict``, Dassl's
     configuration from the folder's log.txt / config.yaml."""
-    ckpt_path = dassl_checkpoint_file(path, epoch)
+    ckpt_path = dassl_checkpoint_file(path, epoch, module)
     ckpt = load_checkpoint(ckpt_path)
     sd = _state_dict(ckpt, ckpt_path)
-    cfg, cfg_file = read_dassl_config(_run_folder(ckpt_path))
+    cfg, cfg_file = read_dassl_config(_run_folder(ckpt_path, module))
     info = {"format": "dassl", "path": str(ckpt_path.resolve()), "sha256": _sha256(ckpt_path),
             "epoch": ckpt.get("epoch"), "config_file": str(cfg_file.resolve()) if cfg_file else None,
             "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in sd.items()}}
@@ -307,7 +308,7 @@ def read_source(kind: str, path: str | Path, *, epoch: Optional[int] = None,
         if source_config is not None:
             raise ConfigError(f"--source-config is a Lightning run's config.yaml; {kind}'s Dassl runs are read from "
                               f"their log.txt")
-        run = read_dassl_run(Path(path), epoch)
+        run = read_dassl_run(Path(path), epoch, cls.original_module)
     elif cls.original_format == "tensor-files":
         if epoch is not None or source_config is not None:
             raise ConfigError(f"--{'epoch' if epoch is not None else 'source-config'} does not apply: {kind}'s "
@@ -396,6 +397,7 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     """Import an original run into ``output`` (see the module doc); returns its results (``results.json``)."""
     from ..backbone import load_backbone
     from ..backbone.cache import FeatureCache
+    from ..data import source_classnames
     from ..methods import build_config, build_method, method_class
     from .config import config_hash, resolve, with_built_options
     from .assembly import log_pixel_statistics, needed_splits, prepare_data, save_method, transforms_for
@@ -415,7 +417,8 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
         data = dataclasses.replace(cfg.data, shots=0, allow_fewer=False, sampler="dassl", fewshot_file=None)
         splits, skipped = prepare_data(data, None, ("test",))
     else:
-        splits, skipped = prepare_data(cfg.data, cfg.seed, needed_splits(cls, build_config(cfg.method, cfg.method_options)))
+        splits, skipped = prepare_data(cfg.data, cfg.seed,
+                                       needed_splits(cls, build_config(cfg.method, cfg.method_options)))
     if not splits.test:
         raise ConfigError(f"{cfg.data.dataset}: no test images to evaluate the imported run on")
     if src.num_classes is not None and src.num_classes != splits.num_classes:
@@ -425,7 +428,7 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     backbone = load_backbone(cfg.backbone, cfg.pretrained, cfg.device, precision=cfg.precision, pixels=cfg.pixels())
     _, test_tf = transforms_for(cfg.preprocess, backbone)
     method = build_method(cfg.method, cls.config_for_loading(dict(cfg.method_options)), backbone, splits.classnames,
-                          template=splits.template)
+                          template=splits.template, source_names=source_classnames(splits))
     cfg = with_built_options(cfg, method)
     if src.prepare is not None:  # e.g. a cache sized to the run's training images
         src.prepare(method)

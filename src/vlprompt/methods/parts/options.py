@@ -4,7 +4,8 @@ exist in one place whatever method carries them.
 
 * :class:`ContextOptions`: a learned context of token vectors (n_ctx, word init, class position, text path);
 * :class:`ClassContextOptions`: plus class-specific contexts and text-tower chunks (CoOp, PLOT, KgCoOp, ProGrad);
-* :class:`HandCraftedOptions`: the hand-crafted prompt templates of a zero-shot classifier.
+* :class:`HandCraftedOptions`: the hand-crafted prompt templates of a zero-shot classifier;
+* :class:`ClassFeatureOptions`: plus how the class features are built from them (TaskRes, CLAP).
 """
 from __future__ import annotations
 
@@ -111,5 +112,19 @@ class HandCraftedOptions(MethodConfig):
                                   f"{', '.join(TEMPLATE_SETS)}), and not a template: {e}") from e
 
 
+@dataclass
+class ClassFeatureOptions(HandCraftedOptions):
+    """Hand-crafted class features built as the adapters on CLIP's text features build theirs (TaskRes, CLAP):
+    the class names as the dataset's files spell them and the unnormalised mean over templates by default, each
+    with the other choice (:func:`.handcrafted.class_text_features`)."""
+
+    clean_names: bool = opt(False, "prompt with the class names cleaned as CoOp does (underscores become spaces); "
+                            "default: the names as the dataset's files spell them (american_pit_bull_terrier), as "
+                            "the original code does")
+    average: str = opt("raw", "the class feature of its templates: raw (the mean of the unnormalised text features, "
+                       "not renormalised, as the original code) or normalised (CLIP's prompt ensembling)",
+                       choices=("raw", "normalised"))
+
+
 __all__ = ["POSITIONS", "TEXT_MODES", "INIT_LENGTHS", "INIT_PLACEMENTS", "clean_init_words", "ContextOptions",
-           "ClassContextOptions", "HandCraftedOptions"]
+           "ClassContextOptions", "HandCraftedOptions", "ClassFeatureOptions"]

@@ -218,6 +218,54 @@ def check_frozen_towers(backbone, state: dict, path: Path, towers: dict, skip: C
                                   f"run used other CLIP weights (--backbone / --pretrained)")
 
 
-__all__ = ["OriginalRun", "ImportedRun", "config_get", "shape", "check_known_tensors", "check_trainer",
-           "dassl_request", "close", "check_prefix", "check_suffix", "dassl_context_import", "check_frozen_towers",
-           "CHECK_RTOL"]
+#: a saved class-feature buffer (computed by the original in fp16) vs the same rebuilt in fp32: largest relative
+#: distance of a class's row (fp16 rounding gives ~1e-3; another class name, template or weights, far more)
+FEATURE_RTOL = 2e-2
+
+
+def check_class_features(method, saved: torch.Tensor, path: Path, name: str = "base_text_features") -> None:
+    """A saved class-feature buffer (K, E) (TaskRes', CLAP's ``base_text_features``) against the ``base`` the method
+    rebuilt for its classes: each row within :data:`FEATURE_RTOL` of its own, else the class names, their order or
+    spelling, the templates or the weights differ from the run's."""
+    rebuilt = method.base.detach().float().cpu()
+    if shape(saved) != shape(rebuilt):
+        raise CheckpointError(f"{path}: {name} has shape {shape(saved)}, expected {shape(rebuilt)} for "
+                              f"{method.num_classes} classes of width {rebuilt.shape[-1]}")
+    dist = (saved.float() - rebuilt).norm(dim=-1) / rebuilt.norm(dim=-1).clamp_min(1e-12)
+    bad = (dist > FEATURE_RTOL).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise CheckpointError(f"{path}: the saved class features ({name}) of class {i} ({method.classnames[i]!r}) "
+                              f"differ from the ones rebuilt for it by {float(dist[i]):.1%}: the run had another class "
+                              f"list or order (--dataset, --classes), other prompts (--templates, --clean-names, "
+                              f"--average) or other CLIP weights (--backbone / --pretrained)")
+
+
+def class_features_import(cls, run: OriginalRun, *, learned: str, saved_name: str, options: dict) -> ImportedRun:
+    """The import of a class-specific classifier over hand-crafted class features (TaskRes, CLAP): the learned
+    ``saved_name`` (K, E) as ``learned`` and the saved ``base_text_features`` as ``base`` -- the originals evaluate
+    with the saved one, and so does the import -- checked against the base rebuilt for the given classes; the
+    protocol and recipe from the run's configuration."""
+    check_known_tensors(run, {saved_name, "base_text_features", "token_prefix", "token_suffix"},
+                        f"{cls.name} checkpoint")
+    state = {}
+    for key, orig in ((learned, saved_name), ("base", "base_text_features")):
+        t = run.state.get(orig)
+        if t is None or t.dim() != 2:
+            raise CheckpointError(f"{run.path}: {orig} has shape {shape(t) if t is not None else None}; "
+                                  f"{cls.name} saves (n_cls, dim)")
+        state[key] = (orig, t, t)
+    if shape(state[learned][1]) != shape(state["base"][1]):
+        raise CheckpointError(f"{run.path}: {saved_name} {shape(state[learned][1])} and base_text_features "
+                              f"{shape(state['base'][1])} differ in shape")
+    request = dassl_request(run.config, run.checkpoint)
+    request["method_options"] = dict(options)
+    base = run.state["base_text_features"]
+    imported = ImportedRun(cls.name, run.path, state, request, run.info, num_classes=int(base.shape[0]))
+    imported.checks.append(lambda m: check_class_features(m, base, run.path))
+    return imported
+
+
+__all__ = ["OriginalRun", "ImportedRun", "FEATURE_RTOL", "check_class_features", "class_features_import",
+           "config_get", "shape", "check_known_tensors", "check_trainer", "dassl_request", "close", "check_prefix",
+           "check_suffix", "dassl_context_import", "check_frozen_towers", "CHECK_RTOL"]
