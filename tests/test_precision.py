@@ -109,3 +109,28 @@ def test_bf16_without_bf16_units_is_one_line_and_auto_falls_back(files, monkeypa
     monkeypatch.setattr(backbone_model, "cpu_has_fast_bf16", lambda: True)
     assert main(["zeroshot", *common, "--precision", "auto", "--output", str(tmp_path / "auto-bf16")]) == 0
     assert json.loads(capsys.readouterr().out)["precision_used"] == "bf16"
+
+
+def test_a_bf16_run_is_evaluated_in_bf16_and_a_run_without_the_record_in_the_default(files, fast_bf16, tmp_path,
+                                                                                      capsys):
+    """eval rebuilds a run's backbone at the precision the run was made with (method.json records it): the numbers
+    of `vlprompt eval` on the run's own test split are the run's own."""
+    data = color_folder(tmp_path / "data" / "shapes", per_class=10)
+    run = tmp_path / "run"
+    common = ["--backbone", str(files[0]), "--pretrained", str(files[1]), "--dataset", "folder", "--root", str(data),
+              "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(["train", "--method", "coop", "--n-ctx", "2", "--epochs", "1", "--shots", "2", *common,
+                 "--precision", "bf16", "--output", str(run)]) == 0
+    trained = json.loads((run / "results.json").read_text())
+    assert trained["precision_used"] == "bf16"
+    assert json.loads((run / "method.json").read_text())["precision"] == "bf16"
+    capsys.readouterr()
+    assert main(["eval", str(run), "--dataset", "folder", "--root", str(data), "--quiet"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["precision_used"] == "bf16"
+    assert evaluated["metrics"]["accuracy"] == trained["metrics"]["accuracy"]
+    meta = json.loads((run / "method.json").read_text())
+    del meta["precision"]  # a run written before the precision was recorded: the default (fp32 on this CPU)
+    (run / "method.json").write_text(json.dumps(meta))
+    assert main(["eval", str(run), "--dataset", "folder", "--root", str(data), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision_used"] == "fp32"

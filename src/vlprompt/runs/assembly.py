@@ -119,7 +119,7 @@ def save_method(run_dir: Path, cfg: RunConfig, method: Method, splits: DatasetSp
     meta = {"method": cfg.method, "config": method.config.to_dict(), "classnames": list(method.classnames),
             "backbone": cfg.backbone, "pretrained": cfg.pretrained, "dataset": cfg.data.dataset,
             "template": splits.template, "preprocess": cfg.preprocess, "image_size": method.backbone.image_size,
-            "pixels": method.backbone.pixel_statistics}
+            "pixels": method.backbone.pixel_statistics, "precision": cfg.precision}
     if method.template_field:  # what the user asked for (e.g. ["dataset"]), resolved again on other datasets
         meta["template_request"] = method.template_request
     atomic_write_json(run_dir / "method.json", meta)
@@ -165,7 +165,9 @@ def load_method(run_dir: Path, backbone: Optional[Backbone] = None, classnames: 
             options[cls.template_field], template = request, dataset_template
             meta["templates_from"] = "evaluated dataset"
     if backbone is None:
-        backbone = load_backbone(meta["backbone"], meta["pretrained"], device, pixels=recorded_pixels(meta))
+        # the precision the run was made with (runs written before it was recorded: the default, amp)
+        backbone = load_backbone(meta["backbone"], meta["pretrained"], device, pixels=recorded_pixels(meta),
+                                 precision=meta.get("precision", "amp"))
     method = build_method(meta["method"], options, backbone, meta["classnames"], template=template)
     method.load_learned_state({k: v.to(backbone.device) for k, v in state.items()})
     if classnames is not None and list(classnames) != list(meta["classnames"]):

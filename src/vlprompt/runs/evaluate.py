@@ -104,7 +104,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig, *, split: str = "test", 
     result = {"run": str(run_dir), "method": meta["method"], "trained_on": meta["dataset"],
               "dataset": data.dataset, "classes": data.classes, "split": split, "metrics": metrics, **prompts,
               "skipped_images": skipped, "warnings": warnings, "identity": _run_identity(run_dir),
-              "eval_data": data.to_dict()}
+              "eval_data": data.to_dict(), "precision_used": backbone.precision_used}
     name = f"{data.dataset.replace(':', '_').replace('/', '_')}-{data.classes}-{split}.json"
     atomic_write_json(run_dir / "eval" / name, result)
     return result
