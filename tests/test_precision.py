@@ -134,3 +134,26 @@ def test_a_bf16_run_is_evaluated_in_bf16_and_a_run_without_the_record_in_the_def
     (run / "method.json").write_text(json.dumps(meta))
     assert main(["eval", str(run), "--dataset", "folder", "--root", str(data), "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["precision_used"] == "fp32"
+
+
+def test_cpu_bf16_attention_gets_its_input_sequence_first_and_computes_the_same(files, fast_bf16):
+    """Under CPU autocast nn.MultiheadAttention projects a transposed view of its batch-first input, which matmul
+    does not fold into one GEMM (it copies the weight once per position instead): the backbone hands it the same
+    values laid out sequence-first. The features equal those of the unhooked attention (same values, another
+    memory layout), and an fp32 backbone is left as open_clip builds it."""
+    bb = _load(files, "bf16")
+    attns = [m for m in bb.model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attns and all(m._forward_pre_hooks for m in attns)
+    assert not any(m._forward_pre_hooks for m in _load(files, "fp32").model.modules()
+                   if isinstance(m, torch.nn.MultiheadAttention))
+    seen = []
+    attns[0].register_forward_pre_hook(lambda m, a, k: seen.append(a[0].transpose(0, 1).is_contiguous()),
+                                       with_kwargs=True)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    hooked = bb.encode_image(images)
+    assert seen == [True]
+    for m in attns:
+        m._forward_pre_hooks.clear()
+    plain = bb.encode_image(images)
+    assert float((hooked - plain).abs().max()) <= FEATURE_RTOL * float(plain.abs().max())
+    assert float((hooked - plain).abs().max()) < 0.5 * float((hooked - plain.roll(1, 0)).abs().max())
