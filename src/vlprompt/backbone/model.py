@@ -28,7 +28,8 @@ PRECISIONS = ("amp", "fp32", "bf16", "auto")
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has bf16 matrix units (x86 AMX-BF16 or AVX512-BF16): there bf16 GEMMs run about 3x faster
-    than fp32 (without them, 6-20x slower: measured, docs/benchmarks/precision.md)."""
+    than fp32 (docs/benchmarks/precision.md); without them bf16 GEMMs are many times slower than fp32 (measured on
+    an earlier machine without these units), hence refused there."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             flags = set()
