@@ -157,3 +157,26 @@ def test_cpu_bf16_attention_gets_its_input_sequence_first_and_computes_the_same(
     plain = bb.encode_image(images)
     assert float((hooked - plain).abs().max()) <= FEATURE_RTOL * float(plain.abs().max())
     assert float((hooked - plain).abs().max()) < 0.5 * float((hooked - plain.roll(1, 0)).abs().max())
+
+
+def test_cpu_half_attention_with_gradients_runs_the_math_kernel_and_keeps_fp32_gradients(files, fast_bf16):
+    """CPU autocast: attention that will be differentiated runs through SDPA's math kernel (the flash kernel's
+    backward is many times slower there), attention without gradients keeps the flash kernel; the bf16 gradient
+    of a learned context stays within bf16's tolerance of the fp32 one."""
+    bf16 = _load(files, "bf16")
+    with bf16.autocast():
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+    with torch.no_grad(), bf16.autocast():
+        assert torch.backends.cuda.flash_sdp_enabled()
+    grads = {}
+    for p, bb in (("fp32", _load(files, "fp32")), ("bf16", bf16)):
+        torch.manual_seed(0)
+        coop = build_method("coop", {"n_ctx": 4}, bb, CLASSES)
+        feats = torch.randn(6, bb.embed_dim, generator=torch.Generator().manual_seed(3))
+        loss = F.cross_entropy(coop(Features(global_=feats)), torch.arange(6) % len(CLASSES))
+        loss.backward()
+        grads[p] = coop.prompt.ctx.grad
+    assert grads["bf16"].dtype == torch.float32
+    rel = float((grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm())
+    assert rel < 0.05, rel

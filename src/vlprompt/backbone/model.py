@@ -195,7 +195,20 @@ class Backbone(nn.Module):
         Learned tensors stay float32 whatever the precision (autocast casts their copies for the matmuls)."""
         if self.compute_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        if self.device.type != "cpu":
+            return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        # on a CPU, attention in half precision that will be differentiated runs through the math kernel: the flash
+        # kernel's backward there is many times slower on the short sequences of prompts (a CoOp step under bf16:
+        # 1.54 s with it, 0.81 s without, fp32 1.17-1.28 s; benchmarks/step_profile.py); its forward is the faster
+        # one (a ViT-B/16 image tower under bf16: 12.6 images/s, 6.2 through the math kernel), so it is kept where
+        # no gradient is taken
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast("cpu", dtype=self.compute_dtype))
+        if torch.is_grad_enabled():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
 
     @property
     def precision_used(self) -> str:

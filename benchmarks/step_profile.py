@@ -1,0 +1,156 @@
+"""The CoOp and PLOT training steps against this machine's matmul rate, in fp32 and bf16, with their profiles.
+
+One run prints and writes to docs/benchmarks/step_profile.md:
+
+* the GEMM rate of this machine (2048 x 2048 matmul) in fp32 and bf16, GFLOP/s;
+* each method's training step on cached features (forward, loss, backward, SGD; RN50 size, random weights,
+  K = 102 classes, batch 32, 16 context vectors; PLOT: 4 prompts on 7 x 7 local features) in fp32 and under
+  ``--precision bf16`` (where the CPU has bf16 matrix units): seconds per step, the FLOPs of a step (counted by
+  ``torch.utils.flop_counter``: matmuls and attention, forward and backward) and the share of the GEMM rate of the
+  precision in use that this makes;
+* the fp32 step's profile (``torch.profiler``), the operators with the most self CPU time: where the time that is
+  not matmul goes.
+
+    python benchmarks/step_profile.py [--steps 3] [--threads N] [--top 12]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.simplefilter("ignore")
+
+from vlprompt.backbone import load_backbone  # noqa: E402
+from vlprompt.backbone.model import cpu_has_fast_bf16  # noqa: E402
+from vlprompt.methods import build_method  # noqa: E402
+from vlprompt.methods.base import Features  # noqa: E402
+
+K, BATCH = 102, 32
+
+
+def gemm_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def make_step(method_name: str, precision: str):
+    bb = load_backbone("RN50", None, "cpu", precision=precision)
+    torch.manual_seed(0)
+    options = {"n_ctx": 16, **({"n_prompts": 4} if method_name == "plot" else {})}
+    m = build_method(method_name, options, bb, [f"class number {i}" for i in range(K)])
+    m.train()
+    g = torch.Generator().manual_seed(1)
+    feats = Features(global_=torch.randn(BATCH, bb.embed_dim, generator=g),
+                     local=torch.randn(BATCH, 49, bb.embed_dim, generator=g) if method_name == "plot" else None)
+    labels = torch.randint(0, K, (BATCH,), generator=g)
+    opt = torch.optim.SGD(m.trainable_parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        loss = m.loss(m(feats), labels)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def step_flops(step) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def timed(step, steps: int) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def profile_rows(step, top: int) -> list[tuple[str, float, int]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [(e.key, e.self_cpu_time_total / total, e.count) for e in events[:top]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--methods", nargs="+", default=["coop", "plot"], choices=["coop", "plot"])
+    ap.add_argument("--write-docs", default=str(ROOT / "docs/benchmarks/step_profile.md"),
+                    help="the Markdown file the figures are written to ('' to write none)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bf16 = cpu_has_fast_bf16()
+    precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
+    machine = (f"{platform.machine()}, bf16 matrix units: {'yes' if bf16 else 'no'}, {torch.get_num_threads()} "
+               f"threads, torch {torch.__version__}")
+    print("#", machine, flush=True)
+    gemm = {p: gemm_rate(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
+    print("GEMM 2048:", ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in gemm.items()), flush=True)
+    rows, profiles = [], {}
+    for name in args.methods:
+        for precision in precisions:
+            step = make_step(name, precision)
+            flops = step_flops(step)
+            t = timed(step, args.steps)
+            share = flops / t / 1e9 / gemm[precision]
+            rows.append((name, precision, t, flops / 1e9, share))
+            print(f"{name} {precision}: {t:.3f} s/step, {flops / 1e9:.1f} GFLOP/step, {flops / t / 1e9:.0f} GFLOP/s "
+                  f"= {share:.0%} of the {precision} GEMM rate", flush=True)
+            if precision == "fp32":
+                profiles[name] = profile_rows(step, args.top)
+    cmd = " ".join(["python benchmarks/step_profile.py", *sys.argv[1:]])
+    lines = ["# CoOp and PLOT steps against the matmul rate", "",
+             f"Machine: {machine}. Produced by `{cmd}`; every figure from that one run. RN50 size, random weights, "
+             f"K = {K} classes, batch {BATCH}, 16 context vectors (PLOT: 4 prompts, 7 x 7 local features), a step on "
+             f"cached features (forward, loss, backward, SGD), median of {args.steps} steps after a warm-up; FLOPs "
+             "counted by torch.utils.flop_counter (matmuls and attention, forward and backward).", "",
+             "| GEMM 2048 x 2048 | " + " | ".join(f"{p}: {r:.0f} GFLOP/s" for p, r in gemm.items()) + " |",
+             "|---|" + "---|" * len(gemm), "",
+             "| method | precision | s/step | GFLOP/step | share of the GEMM rate |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {n} | {p} | {t:.3f} | {f:.1f} | {s:.0%} |" for n, p, t, f, s in rows]
+    for name, prof in profiles.items():
+        lines += ["", f"{name}, fp32 step: operators with the most self CPU time", "",
+                  "| operator | share of the step's CPU time | calls |", "|---|---:|---:|"]
+        lines += [f"| `{k}` | {s:.1%} | {c} |" for k, s, c in prof]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write_docs:
+        from vlprompt._io import atomic_write_text
+
+        atomic_write_text(args.write_docs, text)
+
+
+if __name__ == "__main__":
+    main()
