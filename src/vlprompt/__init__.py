@@ -14,7 +14,7 @@ Methods (CoOp, CoCoOp, PLOT, OrdinalCLIP, the baselines...) are registered in :m
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["load_backbone", "Backbone", "train", "resolve", "run", "show_config", "build_method", "load_method",
            "method_names", "__version__"]
