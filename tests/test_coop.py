@@ -150,6 +150,23 @@ def test_cocoop_batched_equals_per_image_loop(tiny_backbone, position, memory_mb
     assert ((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5
 
 
+def test_cocoop_says_once_when_its_batch_is_recomputed(tiny_backbone, caplog):
+    """Chunks recomputed in backward only where the memory budget forces it, and the log says so once."""
+    image = Features(global_=features(6, tiny_backbone.embed_dim, seed=4))
+    whole = build_method("cocoop", {}, tiny_backbone, CLASSES)
+    with caplog.at_level("WARNING", logger="vlprompt"):
+        F.cross_entropy(whole(image), torch.arange(6) % 4).backward()
+    assert not [r for r in caplog.records if "recomputed in backward" in r.getMessage()]
+    tight = build_method("cocoop", {"text_memory_mb": 1e-3}, tiny_backbone, CLASSES)
+    with caplog.at_level("WARNING", logger="vlprompt"):
+        for _ in range(2):
+            F.cross_entropy(tight(image), torch.arange(6) % 4).backward()
+        with torch.no_grad():
+            tight(image)
+    said = [r.getMessage() for r in caplog.records if "recomputed in backward" in r.getMessage()]
+    assert len(said) == 1 and "the 24 image-conditioned prompts of a batch of 6" in said[0], said
+
+
 # -- engine ----------------------------------------------------------------------------------------
 def test_cached_views_follow_online_mode(tmp_path, tiny_vit):
     """With one view and no augmentation, cached features give the online mode's loss trajectory."""

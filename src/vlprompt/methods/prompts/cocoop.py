@@ -10,6 +10,7 @@ as B x K exceeds it, and batching would then cost as much per image as batch 1.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from ..base import Features, opt
 from ..parts.context import ContextPromptMethod
 from ..parts.options import ContextOptions
 from ..parts.originals import check_known_tensors, check_trainer, dassl_context_import, shape
+
+log = logging.getLogger("vlprompt")
 
 #: floats saved for backward per suffix token, layer and width unit of the text tower: 13-14 measured with
 #: torch.autograd.graph.saved_tensors_hooks (fp32, widths 64 and 512, suffixes of 4 and 13 tokens); 16 keeps a
@@ -130,6 +133,14 @@ class CoCoOp(ContextPromptMethod):
         shift = self.meta_net(image)  # (B, D)
         grad = torch.is_grad_enabled() and shift.requires_grad
         chunk = self.text_chunk(image.shape[0], grad)
+        if grad and chunk is not None and not getattr(self, "_recompute_logged", False):
+            self._recompute_logged = True  # once per run: every step of this batch size does the same
+            n = image.shape[0] * self.num_classes
+            log.warning("cocoop: the %d image-conditioned prompts of a batch of %d need about %.0f MB of text-tower "
+                        "activations, over the budget of %.0f MB (text_memory_mb): encoded in chunks of %d prompts, "
+                        "each recomputed in backward (the same gradients, one more forward pass of the text tower; a "
+                        "larger --text-memory-mb or a smaller --batch-size avoids it)", n, image.shape[0],
+                        n * self.prompt_bytes(True) / 2 ** 20, self.text_memory_bytes / 2 ** 20, chunk)
         # one call for the whole batch: its chunks (if any) are checkpointed, so saved memory stays in the budget
         text = F.normalize(self.prompt.encode(shift, chunk_size=chunk), dim=-1)  # (B, K, E)
         return self.logit_scale * torch.einsum("be,bke->bk", image, text)
