@@ -430,10 +430,10 @@ def import_run(kind: str, path: str | Path, request: dict, output: str | Path, *
     method = build_method(cfg.method, cls.config_for_loading(dict(cfg.method_options)), backbone, splits.classnames,
                           template=splits.template, source_names=source_classnames(splits))
     cfg = with_built_options(cfg, method)
-    if src.prepare is not None:  # e.g. a cache sized to the run's training images
-        src.prepare(method)
-    if src.state_for is not None:  # a layout only the built method tells
-        src.state = src.state_for(method)
+    if src.prepare is not None:  # a state sized to the run (a cache), or a layout only the built method tells
+        state = src.prepare(method)
+        if state is not None:
+            src.state = state
     learned = map_state(src, method)  # first: a shape mismatch names the learned tensor
     for check in src.checks:
         check(method)

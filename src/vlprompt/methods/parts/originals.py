@@ -45,10 +45,10 @@ class ImportedRun:
     method (saved fixed buffers vs the rebuilt ones); ``optional``: learned-state keys the method derives from its
     config (kept as built); ``required``: method options the files do not tell and the flags must; ``num_classes``:
     the classes a class-specific state was learned for; ``counts_words``: the original counts a word init in words;
-    ``state_for``: where the mapping of the tensors onto the learned state depends on the built method (CLIP-LoRA's
-    ``layer_<i>`` numbers the adapted attentions of the towers the backbone has), a function of the method giving
-    ``state``; ``prepare``: called on the built method before the tensors are mapped (a state whose size the run
-    decides, as Tip-Adapter's cache of its training images, is sized to the run's)."""
+    ``prepare``: called on the built method before the tensors are mapped, where the run decides the size of a state
+    (Tip-Adapter's cache of its training images, sized to the run's) or only the built method tells the layout of
+    the tensors (CLIP-LoRA's ``layer_<i>`` numbers the adapted attentions of the towers the backbone has): it may
+    resize the method's state and may return ``state`` (then used instead of the one given)."""
 
     method: str
     path: Path
@@ -60,8 +60,7 @@ class ImportedRun:
     required: tuple[str, ...] = ()
     num_classes: Optional[int] = None
     counts_words: bool = False
-    state_for: Optional[Callable[[Any], dict]] = None
-    prepare: Optional[Callable[[Any], None]] = None
+    prepare: Optional[Callable[[Any], Optional[dict]]] = None
 
 
 def config_get(cfg: Optional[dict], dotted: str, default=None):

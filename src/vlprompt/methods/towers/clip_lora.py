@@ -249,7 +249,7 @@ class CLIPLoRA(Method):
             return out
 
         # without save_lora's folders, the shots must be given (the import's request says so)
-        return ImportedRun(cls.name, run.path, {}, request, run.info, state_for=state_for)
+        return ImportedRun(cls.name, run.path, {}, request, run.info, prepare=state_for)
 
     # -- classes ---------------------------------------------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:
