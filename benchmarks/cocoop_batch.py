@@ -4,7 +4,7 @@ One CoCoOp step = meta-network, the B x K image-conditioned prompts through the 
 cross-entropy, backward, SGD step, on cached image features (the image tower is not part of a CoCoOp step in
 vlprompt). Three text-chunking rules on the same model and prompts:
 
-* ``budget``: the default (``text_memory_mb`` unset: a quarter of the available memory): a batch whose prompts'
+* ``budget``: the default (``text_memory_mb`` unset: half the available memory): a batch whose prompts'
   saved activations fit is encoded at once, nothing recomputed;
 * ``chunk256``: what a fixed chunk of 256 prompts did before (emulated with a budget of exactly 256 prompts): as
   soon as B x K > 256 every chunk is checkpointed and recomputed in backward.
@@ -94,7 +94,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     bb = backbone(args.size)
-    names = NAMES[:args.classes]
+    # DTD's 47 names, then two-word combinations of them (K = 102, the issue's Flowers size, needs more)
+    names = (NAMES + [f"{a} {b}" for a in NAMES for b in NAMES if a != b])[:args.classes]
     torch.manual_seed(0)
     method = build_method("cocoop", {}, bb, names)
     row = method.prompt_bytes(grad=True)

@@ -453,3 +453,23 @@ def test_online_loading_threads_are_deterministic(tmp_path, tiny_vit):
         batches.append(OnlineImages(ds, tiny_vit, local=False, encode=False, workers=workers)._images(idx))
     assert torch.equal(batches[0], batches[1]) and torch.equal(batches[0], batches[2])
     assert not torch.equal(batches[0][0], batches[0][1])
+
+
+def test_cocoop_memory_budget_follows_the_hosts_available_memory_and_a_cgroup_limit(tmp_path, monkeypatch):
+    """The automatic text-memory budget: MemAvailable (the page cache the kernel can reclaim counts), capped by the
+    room a cgroup limit (a Slurm job, a container) leaves."""
+    from vlprompt.methods.prompts import cocoop
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    monkeypatch.setattr(cocoop, "MEMINFO", str(meminfo))
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    monkeypatch.setattr(cocoop, "CGROUP_FILES", ((str(limit), str(usage)),))
+    cpu = torch.device("cpu")
+    assert cocoop.available_memory_bytes(cpu) == 20000000 * 1024  # no cgroup files: the host's
+    limit.write_text("max\n")
+    usage.write_text("123\n")
+    assert cocoop.available_memory_bytes(cpu) == 20000000 * 1024  # a cgroup without a limit
+    limit.write_text(str(8 << 30))
+    usage.write_text(str(3 << 30))
+    assert cocoop.available_memory_bytes(cpu) == 5 << 30  # the job's room, below the host's

@@ -32,9 +32,9 @@ log = logging.getLogger("vlprompt")
 #: torch.autograd.graph.saved_tensors_hooks (fp32, widths 64 and 512, suffixes of 4 and 13 tokens); 16 keeps a
 #: margin. Without gradients one layer's activations live at a time.
 SAVED_FLOATS_PER_TOKEN = 16
-#: the automatic budget: this fraction of the memory free on the device (CUDA) or available (CPU) when the
-#: method is built
-AUTO_BUDGET_FRACTION = 0.25
+#: the automatic budget: this fraction of the memory free on the device (CUDA) or available (CPU: MemAvailable,
+#: which counts the reclaimable page cache) when the method is built
+AUTO_BUDGET_FRACTION = 0.5
 _FALLBACK_BUDGET = 2 << 30  # where the OS does not say how much memory is available
 
 
@@ -44,17 +44,54 @@ class CoCoOpConfig(ContextOptions):
     text_memory_mb: Optional[float] = opt(
         None, "memory (MB) the text tower's activations may take: a training batch whose B x K prompts fit is "
         "encoded at once with nothing recomputed, a larger one in chunks recomputed in backward (same gradients, "
-        "one more forward pass); default: a quarter of the memory free when the run starts", gt=0)
+        "one more forward pass); default: half the memory available when the run starts", gt=0)
 
 
 def available_memory_bytes(device: torch.device) -> int:
-    """Bytes free on a CUDA device, or available to this process on the host (CPU)."""
+    """Bytes free on a CUDA device, or available to this process on the host (CPU: the kernel's MemAvailable, which
+    counts the page cache it can reclaim -- the free pages alone, often half of it, would force recomputation that
+    memory does not)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    host = None
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # not a POSIX system that says it
-        return _FALLBACK_BUDGET
+        with open(MEMINFO, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    host = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if host is None:
+        try:
+            host = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):  # not a POSIX system that says it
+            host = _FALLBACK_BUDGET
+    room = cgroup_memory_room()  # a Slurm job's or a container's limit, below the host's memory
+    return host if room is None else min(host, room)
+
+
+#: where the kernel says how much memory the host has available, and the memory limit and use of this process's
+#: cgroup (v2, then v1)
+MEMINFO = "/proc/meminfo"
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def cgroup_memory_room() -> Optional[int]:
+    """Bytes this process's cgroup may still take (its limit minus its use), or None without a limit."""
+    for limit_file, usage_file in CGROUP_FILES:
+        try:
+            with open(limit_file, encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(usage_file, encoding="ascii") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # no limit (v1 writes a huge number)
+            return None
+        return max(int(limit) - usage, 0)
+    return None
 
 
 class CoCoOp(ContextPromptMethod):
