@@ -31,8 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 K, METHODS = 102, ("coop", "plot", "cocoop")
 
 
-def worker(method: str, steps: int) -> float:
-    """Median time of ``steps`` training steps (after two warm-up steps) with the vlprompt on ``sys.path``."""
+def make_step(method: str, precision: str = "fp32"):
+    """One training step of ``method`` on cached features (forward, loss, backward, SGD) with the vlprompt on
+    ``sys.path``: RN50 size for CoOp and PLOT (K = 102, batch 32, 16 context vectors; PLOT 4 prompts on 7 x 7 local
+    features), ViT-B/16 for CoCoOp (batch 8, 4 context vectors); random weights. (benchmarks/step_profile.py times
+    the same steps.)"""
     import torch
     import torch.nn.functional as F
 
@@ -44,9 +47,9 @@ def worker(method: str, steps: int) -> float:
     torch.manual_seed(0)
     classes = [f"class number {i}" for i in range(K)]
     if method == "cocoop":
-        bb, bs, options = load_backbone("ViT-B-16", None, "cpu"), 8, {"n_ctx": 4}
+        bb, bs, options = load_backbone("ViT-B-16", None, "cpu", precision=precision), 8, {"n_ctx": 4}
     else:
-        bb, bs, options = load_backbone("RN50", None, "cpu"), 32, {"n_ctx": 16}
+        bb, bs, options = load_backbone("RN50", None, "cpu", precision=precision), 32, {"n_ctx": 16}
     if method == "plot":
         options["n_prompts"] = 4
     m = build_method(method, options, bb, classes)
@@ -63,6 +66,12 @@ def worker(method: str, steps: int) -> float:
         loss.backward()
         opt.step()
 
+    return step
+
+
+def worker(method: str, steps: int) -> float:
+    """Median time of ``steps`` training steps (after two warm-up steps)."""
+    step = make_step(method)
     for _ in range(2):
         step()
     times = []

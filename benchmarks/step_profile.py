@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -31,44 +29,11 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
-from vlprompt.backbone import load_backbone  # noqa: E402
+from framework_overhead import K, make_step  # noqa: E402  (the steps framework_overhead.py times)
+from precision import gemm_rate, median_time  # noqa: E402
 from vlprompt.backbone.model import cpu_has_fast_bf16  # noqa: E402
-from vlprompt.methods import build_method  # noqa: E402
-from vlprompt.methods.base import Features  # noqa: E402
 
-K, BATCH = 102, 32
-
-
-def gemm_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
-def make_step(method_name: str, precision: str):
-    bb = load_backbone("RN50", None, "cpu", precision=precision)
-    torch.manual_seed(0)
-    options = {"n_ctx": 16, **({"n_prompts": 4} if method_name == "plot" else {})}
-    m = build_method(method_name, options, bb, [f"class number {i}" for i in range(K)])
-    m.train()
-    g = torch.Generator().manual_seed(1)
-    feats = Features(global_=torch.randn(BATCH, bb.embed_dim, generator=g),
-                     local=torch.randn(BATCH, 49, bb.embed_dim, generator=g) if method_name == "plot" else None)
-    labels = torch.randint(0, K, (BATCH,), generator=g)
-    opt = torch.optim.SGD(m.trainable_parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
-
-    def step():
-        loss = m.loss(m(feats), labels)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return step
+BATCH = 32
 
 
 def step_flops(step) -> float:
@@ -77,16 +42,6 @@ def step_flops(step) -> float:
     with FlopCounterMode(display=False) as counter:
         step()
     return float(counter.get_total_flops())
-
-
-def timed(step, steps: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def profile_rows(step, top: int) -> list[tuple[str, float, int]]:
@@ -123,7 +78,7 @@ def main() -> None:
         for precision in precisions:
             step = make_step(name, precision)
             flops = step_flops(step)
-            t = timed(step, args.steps)
+            t = median_time(step, args.steps)
             share = flops / t / 1e9 / gemm[precision]
             rows.append((name, precision, t, flops / 1e9, share))
             print(f"{name} {precision}: {t:.3f} s/step, {flops / 1e9:.1f} GFLOP/step, {flops / t / 1e9:.0f} GFLOP/s "
