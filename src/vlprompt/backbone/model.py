@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import BackboneError
 from .text_encoder import TextEncoder
@@ -205,8 +206,6 @@ class Backbone(nn.Module):
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast("cpu", dtype=self.compute_dtype))
         if torch.is_grad_enabled():
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         return stack
 

@@ -241,10 +241,8 @@ class Trainer:
         as ``n`` images make."""
         order = torch.randperm(n * views, generator=gen)
         bs = self.cfg.batch_size or n  # 0: full-batch steps
-        # as Dassl: drop the last partial batch when there is at least one full batch (unless it is kept)
-        drop_last = n >= bs and self.cfg.last_batch == "drop"
-        stop = (n // bs) * bs if drop_last else n
-        return [order[i:i + bs] for i in range(0, stop, bs)]
+        # as many as TrainConfig.steps_per_epoch counts (the schedule's), the last partial one dropped as Dassl drops it
+        return [order[i * bs:(i + 1) * bs] for i in range(self.cfg.steps_per_epoch(n))]
 
     def _set_lr(self, epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
         cfg = self.cfg

@@ -141,6 +141,7 @@ class CoCoOp(ContextPromptMethod):
             self.text_memory_bytes = int(config.text_memory_mb * 2 ** 20)
         else:
             self.text_memory_bytes = int(available_memory_bytes(backbone.device) * AUTO_BUDGET_FRACTION)
+        self._recompute_logged = False  # the log says once when a batch is recomputed in backward
         e, d = backbone.embed_dim, backbone.text.width
         self.meta_net = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(e, max(e // 16, 1))),
@@ -170,7 +171,7 @@ class CoCoOp(ContextPromptMethod):
         shift = self.meta_net(image)  # (B, D)
         grad = torch.is_grad_enabled() and shift.requires_grad
         chunk = self.text_chunk(image.shape[0], grad)
-        if grad and chunk is not None and not getattr(self, "_recompute_logged", False):
+        if grad and chunk is not None and not self._recompute_logged:
             self._recompute_logged = True  # once per run: every step of this batch size does the same
             n = image.shape[0] * self.num_classes
             log.warning("cocoop: the %d image-conditioned prompts of a batch of %d need about %.0f MB of text-tower "
