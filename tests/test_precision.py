@@ -136,27 +136,35 @@ def test_a_bf16_run_is_evaluated_in_bf16_and_a_run_without_the_record_in_the_def
     assert json.loads(capsys.readouterr().out)["precision_used"] == "fp32"
 
 
-def test_cpu_bf16_attention_gets_its_input_sequence_first_and_computes_the_same(files, fast_bf16):
-    """Under CPU autocast nn.MultiheadAttention projects a transposed view of its batch-first input, which matmul
-    does not fold into one GEMM (it copies the weight once per position instead): the backbone hands it the same
-    values laid out sequence-first. The features equal those of the unhooked attention (same values, another
-    memory layout), and an fp32 backbone is left as open_clip builds it."""
-    bb = _load(files, "bf16")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_towers_attend_batch_first_and_compute_what_multihead_attention_computes(files, precision, request):
+    """On a CPU the towers' nn.MultiheadAttention modules compute self-attention from their batch-first input
+    (vlprompt.backbone.attention: one packed projection, q / k / v as views, SDPA), where PyTorch transposes and
+    copies (and under CPU autocast ran a bmm against the weight copied once per position). Image and text
+    features equal those of nn.MultiheadAttention's own forward to float rounding (bitwise-close in fp32, within
+    the bf16 tolerance under bf16), and are far from another image's."""
+    from vlprompt.backbone.attention import BatchFirstSelfAttention
+
+    if precision == "bf16":
+        request.getfixturevalue("fast_bf16")
+    bb = _load(files, precision)
     attns = [m for m in bb.model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
-    assert attns and all(m._forward_pre_hooks for m in attns)
-    assert not any(m._forward_pre_hooks for m in _load(files, "fp32").model.modules()
-                   if isinstance(m, torch.nn.MultiheadAttention))
-    seen = []
-    attns[0].register_forward_pre_hook(lambda m, a, k: seen.append(a[0].transpose(0, 1).is_contiguous()),
-                                       with_kwargs=True)
+    assert attns and all(type(m) is BatchFirstSelfAttention for m in attns)
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    hooked = bb.encode_image(images)
-    assert seen == [True]
+    tokens = bb.tokenizer(["a photo of a cat.", "a photo of a dog.", "a bird"])
+    ours_img, ours_txt = bb.encode_image(images), _text(bb, tokens)
     for m in attns:
-        m._forward_pre_hooks.clear()
-    plain = bb.encode_image(images)
-    assert float((hooked - plain).abs().max()) <= FEATURE_RTOL * float(plain.abs().max())
-    assert float((hooked - plain).abs().max()) < 0.5 * float((hooked - plain.roll(1, 0)).abs().max())
+        m.__class__ = torch.nn.MultiheadAttention
+    plain_img, plain_txt = bb.encode_image(images), _text(bb, tokens)
+    tol = 1e-5 if precision == "fp32" else FEATURE_RTOL
+    for ours, plain in ((ours_img, plain_img), (ours_txt, plain_txt)):
+        assert float((ours - plain).abs().max()) <= tol * float(plain.abs().max())
+        assert float((ours - plain).abs().max()) < 0.5 * float((ours - plain.roll(1, 0)).abs().max())
+
+
+def _text(bb, tokens):
+    with torch.no_grad(), bb.autocast():
+        return bb.model.encode_text(tokens).float()
 
 
 def test_cpu_half_attention_with_gradients_runs_the_math_kernel_and_keeps_fp32_gradients(files, fast_bf16):

@@ -326,4 +326,6 @@ def test_two_rank_torchrun_learns_the_single_process_prompts(towers, folder, tmp
     assert moved > 1000 * DIST_ATOL and diff <= DIST_ATOL, (diff, moved)
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("single", "dist"))
     assert (one["world_size"], two["world_size"]) == (1, 2) and two["train"]["steps"] == one["train"]["steps"] == 6
-    assert two["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], abs=1e-5)
+    # the loss of a batch split over ranks: a mean of the same per-image losses, computed through GEMMs of other row
+    # counts (other float rounding): fp32's relative tolerance
+    assert two["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-5)

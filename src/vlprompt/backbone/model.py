@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import BackboneError
+from .attention import use_batch_first_self_attention
 from .text_encoder import TextEncoder
 
 #: the pixel statistics a backbone's preprocess config carries (open_clip's names)
@@ -68,30 +69,6 @@ def compute_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]
     return None
 
 
-def _sequence_first_layout(module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook of a batch-first ``nn.MultiheadAttention``: its self-attention input (N, L, D), the same
-    values laid out sequence-first in memory, so that the (L, N, D) view the module takes of it is contiguous."""
-    if not args or not torch.is_tensor(args[0]) or args[0].dim() != 3:
-        return None
-    x = args[0]
-    if not all(a is x for a in args[1:3]) or x.transpose(0, 1).is_contiguous():
-        return None
-    y = x.transpose(0, 1).contiguous().transpose(0, 1)
-    return (y, y, y, *args[3:]), kwargs
-
-
-def _sequence_first_attention_inputs(model: nn.Module) -> None:
-    """Under CPU autocast, ``nn.MultiheadAttention`` leaves its fast path and projects the (L, N, D) transposed view
-    of a batch-first input: a non-contiguous 3-d input that ``torch.matmul`` does not fold into one GEMM, so it runs
-    a ``bmm`` against the weight expanded to L copies, copying it L times per call (ViT-B/16 under bf16 autocast:
-    77% of the image tower's time in those copies, the tower slower than in fp32). Feeding the attention the same
-    values in a sequence-first memory layout makes that view contiguous: one GEMM, the same numbers (only the
-    memory layout changes). Measured in ``benchmarks/precision.py``."""
-    for m in model.modules():
-        if isinstance(m, nn.MultiheadAttention) and getattr(m, "batch_first", False):
-            m.register_forward_pre_hook(_sequence_first_layout, with_kwargs=True)
-
-
 @dataclass(frozen=True)
 class BackboneSpec:
     """What identifies a backbone: its open_clip name (or config file) and its weights."""
@@ -132,8 +109,8 @@ class Backbone(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
-        if self.compute_dtype is not None and device.type == "cpu":
-            _sequence_first_attention_inputs(self.model)
+        if device.type == "cpu":  # measured on CPUs only (vlprompt.backbone.attention says how much it gains)
+            use_batch_first_self_attention(self.model)
         self.text = TextEncoder.from_model(model, tokenizer, autocast=self.autocast)
         self._fingerprint: Optional[str] = None
 

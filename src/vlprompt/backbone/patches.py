@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError
+from .attention import packed_self_attention
 
 
 # -- per-layer prompts ---------------------------------------------------------------------------------------
@@ -225,19 +226,7 @@ class LoRAAttention(nn.Module):
     def forward(self, query, key=None, value=None, need_weights: bool = False, attn_mask=None, **kwargs):
         if key is not None and key is not query or value is not None and value is not query:
             raise BackboneError("LoRA attention supports self-attention only")
-        n, length, d = query.shape
-        q, k, v = self.in_projection(query)
-        h = self.num_heads
-
-        def heads(t):
-            return t.reshape(n, length, h, d // h).transpose(1, 2)
-
-        mask = attn_mask
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(q.dtype)
-        o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
-        o = o.transpose(1, 2).reshape(n, length, d)
-        return self.out_projection(o), None
+        return packed_self_attention(query, self.num_heads, self.in_projection, self.out_projection, attn_mask), None
 
 
 class LoRA(nn.Module):
