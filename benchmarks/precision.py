@@ -6,7 +6,9 @@ Printed and written to docs/benchmarks/precision.md:
 2. the GEMM rate (2048 x 2048 matmul) in fp32 and in bf16, GFLOP/s;
 3. the image tower of ViT-B/16 (random weights: the cost does not depend on the values), batch 32 at 224 px, in
    fp32 and under bf16 autocast (``--precision bf16``): images/s and the share of the GEMM rate of the precision in
-   use (FLOPs counted by ``torch.utils.flop_counter``);
+   use (FLOPs counted by ``torch.utils.flop_counter``); and the same tower with PyTorch's own
+   ``nn.MultiheadAttention.forward`` in place of the backbone's batch-first attention
+   (``vlprompt.backbone.attention``), timed alternately with it: what that attention gains;
 4. agreement of the towers under bf16 with fp32, on the same images (the shared DTD test images when present, else
    random pixels): the largest logit difference relative to the logit scale and the argmax agreement of zero-shot
    logits, for ViT-B/16 (random weights) and a tiny sharpened model (``vlprompt.testing.make_tiny_checkpoint``);
@@ -82,6 +84,9 @@ def image_flops(bb, x) -> float:
 
 
 def tower_rows(repeats: int) -> tuple[list[tuple], dict]:
+    """Per precision: (precision, images/s, GFLOP/s, images/s with nn.MultiheadAttention's own forward)."""
+    from vlprompt.backbone.attention import BatchFirstSelfAttention
+
     x = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     rows, backbones = [], {}
     flops = None
@@ -90,8 +95,23 @@ def tower_rows(repeats: int) -> tuple[list[tuple], dict]:
         backbones[precision] = bb
         if flops is None:
             flops = image_flops(bb, x)
-        t = median_time(lambda: bb.encode_image(x), repeats)
-        rows.append((precision, len(x) / t, flops / t / 1e9))
+        attns = [m for m in bb.model.modules() if type(m) is BatchFirstSelfAttention]
+
+        def plain_attention():
+            for m in attns:
+                m.__class__ = torch.nn.MultiheadAttention
+            try:
+                return bb.encode_image(x)
+            finally:
+                for m in attns:
+                    m.__class__ = BatchFirstSelfAttention
+
+        times = {"ours": [], "plain": []}
+        for _ in range(repeats):  # alternating, so that a load change hits both alike
+            times["ours"].append(median_time(lambda: bb.encode_image(x), 1))
+            times["plain"].append(median_time(plain_attention, 1))
+        t, t_plain = statistics.median(times["ours"]), statistics.median(times["plain"])
+        rows.append((precision, len(x) / t, flops / t / 1e9, len(x) / t_plain))
     return rows, backbones
 
 
@@ -159,9 +179,10 @@ def main() -> None:
     print(f"GEMM 2048: fp32 {gemm['fp32']:.0f} GFLOP/s, bf16 {gemm['bf16']:.0f} GFLOP/s "
           f"({gemm['bf16'] / gemm['fp32']:.2f}x)", flush=True)
     rows, vit = tower_rows(args.repeats)
-    for precision, ips, gflops in rows:
+    for precision, ips, gflops, plain in rows:
         print(f"ViT-B/16 image tower {precision}: {ips:.1f} images/s, {gflops:.0f} GFLOP/s "
-              f"({gflops / gemm[precision]:.0%} of the {precision} GEMM rate)", flush=True)
+              f"({gflops / gemm[precision]:.0%} of the {precision} GEMM rate); with nn.MultiheadAttention's forward "
+              f"{plain:.1f} images/s", flush=True)
 
     from vlprompt.testing import make_tiny_checkpoint
 
@@ -192,11 +213,15 @@ def main() -> None:
              "| figure | fp32 | bf16 | ratio |", "|---|---:|---:|---:|",
              f"| GEMM 2048 x 2048, GFLOP/s | {gemm['fp32']:.0f} | {gemm['bf16']:.0f} | "
              f"{gemm['bf16'] / gemm['fp32']:.2f}x |"]
-    by = {p: (ips, g) for p, ips, g in rows}
+    by = {p: (ips, g, plain) for p, ips, g, plain in rows}
     lines += [f"| ViT-B/16 image tower, batch 32, images/s | {by['fp32'][0]:.1f} | {by['bf16'][0]:.1f} | "
               f"{by['bf16'][0] / by['fp32'][0]:.2f}x |",
               f"| ... share of the GEMM rate of its precision | {by['fp32'][1] / gemm['fp32']:.0%} | "
-              f"{by['bf16'][1] / gemm['bf16']:.0%} | |"]
+              f"{by['bf16'][1] / gemm['bf16']:.0%} | |",
+              f"| ... the same tower with nn.MultiheadAttention's own forward, images/s | {by['fp32'][2]:.1f} | "
+              f"{by['bf16'][2]:.1f} | {by['bf16'][2] / by['fp32'][2]:.2f}x |",
+              f"| ... the backbone's batch-first attention over it | {by['fp32'][0] / by['fp32'][2]:.2f}x | "
+              f"{by['bf16'][0] / by['bf16'][2]:.2f}x | |"]
     if coop:
         lines.append(f"| CoOp 16-shot DTD, tiny model, {args.epochs} epochs: test accuracy | {coop['fp32'][0]:.2f}% | "
                      f"{coop['bf16'][0]:.2f}% | {coop['bf16'][0] - coop['fp32'][0]:+.2f} points |")

@@ -1,4 +1,14 @@
-"""Epoch time of vlprompt's CoOp / CoCoOp against reference-style pipelines, side by side in one run.
+"""Steps and epochs of vlprompt's CoOp / PLOT / CoCoOp against reference-style pipelines, side by side in one run.
+
+First table (no data needed): this machine's GEMM rate (2048 x 2048) in fp32 and bf16 (where the CPU has bf16
+matrix units); each method's training step on cached features in fp32 and under ``--precision bf16`` with its
+share of the GEMM rate of that precision (FLOPs counted by ``torch.utils.flop_counter``), and its ratio to a plain
+re-implementation of the original step run in the same process on the same method (its weights and context):
+the image tower every step, the prompts at the full 77 tokens (PLOT: its Sinkhorn as the reference runs it;
+CoCoOp: one image at a time), fp32. The steps are those of benchmarks/framework_overhead.py (RN50, K = 102,
+batch 32; CoCoOp ViT-B/16, batch 8, per image).
+
+Then the epoch times:
 
 The reference pipelines are written here as the reference implementations work (KaiyangZhou/CoOp):
 
@@ -15,7 +25,7 @@ Same model (RN50 for CoOp, ViT-B/16 for CoCoOp, random weights: the cost does no
 runs a few steps (after a warm-up step) and the epoch time is the mean step time times the steps per epoch;
 the one-time feature extraction of the cached mode is reported separately. Writes docs/benchmarks/train_speed.md.
 
-    python benchmarks/train_speed.py [--steps 2] [--skip-cocoop]
+    python benchmarks/train_speed.py [--steps 2] [--skip-cocoop] [--skip-epochs]
 """
 from __future__ import annotations
 
@@ -36,7 +46,10 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
-from vlprompt.backbone import load_backbone  # noqa: E402
+from framework_overhead import make_step  # noqa: E402  (the steps of framework_overhead.py / step_profile.py)
+from precision import cpu_model, gemm_rate, median_time  # noqa: E402
+from step_profile import step_flops  # noqa: E402
+from vlprompt.backbone import cpu_has_fast_bf16, load_backbone  # noqa: E402
 from vlprompt.data import build_test_transform, build_train_transform, few_shot_split, load_dataset, load_image  # noqa: E402
 from vlprompt.methods.base import Features  # noqa: E402
 from vlprompt.methods.prompts.cocoop import CoCoOp, CoCoOpConfig  # noqa: E402
@@ -46,8 +59,82 @@ from vlprompt.methods.prompts.coop import CoOp, CoOpConfig  # noqa: E402
 def flowers(shots=16):
     root = Path(os.environ.get("VLPROMPT_SHARED", ROOT.parent / "shared")) / "assets" / "data"
     if not (root / "oxford_flowers").exists():
-        sys.exit(f"skipped: 16-shot Flowers102 not found under {root} (set VLPROMPT_SHARED)")
+        print(f"epoch tables skipped: 16-shot Flowers102 not found under {root} (set VLPROMPT_SHARED)")
+        return None
     return few_shot_split(load_dataset("oxford_flowers", root), shots, 1)
+
+
+def cpu_flags() -> str:
+    """The CPU flags that decide the GEMM kernels (AVX2 / AVX-512 / AMX / AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    keep = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    return " ".join(f for f in keep if f in flags) or "none of " + ", ".join(keep)
+
+
+def reference_step(name: str, step):
+    """The original's step on the method and backbone of ``step`` (a make_step closure, fp32): the image tower on
+    a batch of images every step, every prompt at 77 tokens through the plain text path, fp32. Returns
+    (a function running one step, images it covers)."""
+    method, bb, bs = step.method, step.backbone, step.batch
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, method.num_classes, (bs,), generator=g)
+    opt = torch.optim.SGD(method.trainable_parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
+    if name == "plot":
+        from plot_speed import REFERENCE_ONE_BATCH_GB, ReferencePLOT, available_gb
+
+        ref = ReferencePLOT(bb, method, one_batch=available_gb() >= REFERENCE_ONE_BATCH_GB)
+        x = torch.randn(bs, 3, 224, 224, generator=g)
+        return (lambda: ref.step(x, labels, opt)), bs
+    if name == "cocoop":  # batch 1, the tower and all K prompts (conditioned on the image) per image
+        x = torch.randn(1, 3, 224, 224, generator=g)
+
+        def one_image():
+            with torch.no_grad():
+                img = bb.model.encode_image(x)
+            loss = F.cross_entropy(method.forward_per_image(Features(global_=img)), labels[:1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return one_image, 1
+    x = torch.randn(bs, 3, 224, 224, generator=g)
+
+    def coop():
+        with torch.no_grad():
+            img = bb.model.encode_image(x)
+        prefix, suffix, eot = method.prompt.prompt_embeddings()
+        text = bb.text.encode_prompts(prefix, suffix, eot, mode="plain", chunk_size=None)[0]
+        loss = F.cross_entropy(bb.logit_scale * F.normalize(img, dim=-1) @ F.normalize(text, dim=-1).t(), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return coop, bs
+
+
+def step_rows(args) -> tuple[dict, list[tuple]]:
+    """The GEMM rates and, per method, the reference step and vlprompt's step in each precision (per image)."""
+    precisions = ["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"]
+    gemm = {p: gemm_rate(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
+    print("GEMM 2048 x 2048: " + ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in gemm.items()), flush=True)
+    rows = []
+    for name in args.methods:
+        ours = {}
+        for precision in precisions:
+            step = make_step(name, precision)
+            flops = step_flops(step)
+            t = median_time(step, args.steps)
+            ours[precision] = (t / step.batch, flops / t / 1e9 / gemm[precision])
+            if precision == "fp32":
+                ref_fn, ref_images = reference_step(name, step)
+        t_ref = median_time(ref_fn, 1) / ref_images
+        rows.append((name, step.batch, t_ref, ours))
+        print(f"{name}: reference {t_ref:.3f} s/image; " + "; ".join(
+            f"vlprompt {p} {t:.4f} s/image ({share:.0%} of the {p} GEMM rate, {t_ref / t:.1f}x the reference)"
+            for p, (t, share) in ours.items()), flush=True)
+    return gemm, rows
 
 
 def timed(fn, steps):
@@ -204,37 +291,62 @@ def cocoop_rows(args, splits):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=["coop", "plot", "cocoop"], choices=["coop", "plot", "cocoop"],
+                    help="the methods of the step table")
     ap.add_argument("--cocoop-batch", type=int, default=8)
-    ap.add_argument("--skip-cocoop", action="store_true")
+    ap.add_argument("--skip-cocoop", action="store_true", help="no CoCoOp epoch rows")
+    ap.add_argument("--skip-epochs", action="store_true", help="the step table only")
     ap.add_argument("--write-docs", default=str(ROOT / "docs/benchmarks/train_speed.md"))
     args = ap.parse_args()
-    splits = flowers()
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    rows, extra = coop_rows(args, splits)
-    for r in rows:
-        print(f"{r[0]:75s} {r[1]:9.1f} s/epoch  {r[2]:6.1f}x", flush=True)
-    if not args.skip_cocoop:
-        more = cocoop_rows(args, splits)
-        for r in more:
+    machine = (f"{cpu_model()} ({platform.machine()}; flags: {cpu_flags()}), {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}")
+    print("#", machine, flush=True)
+    gemm, srows = step_rows(args)
+    cmd = " ".join(["python benchmarks/train_speed.py", *sys.argv[1:]])
+    precisions = list(gemm)
+    lines = ["# Training speed benchmark", "", f"Machine: {machine}. Produced by `{cmd}`; every figure from that one run.",
+             "", "## Steps against the matmul rate and the original's step", "",
+             "| GEMM 2048 x 2048 | " + " | ".join(f"{p}: {r:.0f} GFLOP/s" for p, r in gemm.items()) + " |",
+             "|---|" + "---|" * len(gemm), "",
+             "A step on cached features (forward, loss, backward, SGD), random weights, K = 102 classes: CoOp and PLOT "
+             "RN50 size, batch 32, 16 context vectors (PLOT 4 prompts, 7 x 7 local features); CoCoOp ViT-B/16 size, "
+             f"batch 8, 4 context vectors. Median of {args.steps} steps after a warm-up, per image. Share: FLOPs of "
+             "the step (torch.utils.flop_counter: matmuls and attention, forward and backward) per second over the "
+             "GEMM rate of the precision in use. Reference: the original's step re-implemented here on the same "
+             "method and weights (image tower every step on a batch of images, every prompt at 77 tokens, fp32; "
+             "CoCoOp one image per step), one step after a warm-up.", "",
+             "| method | reference fp32 s/image | " + " | ".join(
+                 f"vlprompt {p} s/image | share of {p} GEMM | vs reference" for p in precisions) + " |",
+             "|---|---:|" + "---:|---:|---:|" * len(precisions)]
+    for name, bs, t_ref, ours in srows:
+        lines.append(f"| {name} (batch {bs}) | {t_ref:.3f} | " + " | ".join(
+            f"{t:.4f} | {share:.0%} | {t_ref / t:.1f}x" for t, share in ours.values()) + " |")
+    splits = None if args.skip_epochs else flowers()
+    if splits is not None:
+        rows, extra = coop_rows(args, splits)
+        for r in rows:
             print(f"{r[0]:75s} {r[1]:9.1f} s/epoch  {r[2]:6.1f}x", flush=True)
-        rows += more
-    mem = k1000_peak()
-    lines = ["# Training speed benchmark", "",
-             f"Machine: {machine}. Produced by `python benchmarks/train_speed.py`: 16-shot Flowers102 "
-             f"(K = {splits.num_classes}, {len(splits.train)} training images), batch 32 (CoCoOp reference: 1), "
-             f"SGD, random weights. Epoch time = mean time of {args.steps} measured steps (after one warm-up step) "
-             "x steps per epoch; ratios are over the reference pipeline of the same method, measured in the same run.",
-             "", "| pipeline | epoch time | speed-up |", "|---|---:|---:|"]
-    lines += [f"| {name} | {t:.1f} s | {ratio:.1f}x |" for name, t, ratio in rows]
-    lines += ["", *[f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in extra.items()]]
-    if mem:
-        lines.append(f"- K = 1000 CoOp step (RN50, forward + backward, chunked shared-prefix text): peak RSS "
-                     f"{mem[1]:.0f} MB (of which {mem[0]:.0f} MB is the loaded model)")
+        if not args.skip_cocoop:
+            more = cocoop_rows(args, splits)
+            for r in more:
+                print(f"{r[0]:75s} {r[1]:9.1f} s/epoch  {r[2]:6.1f}x", flush=True)
+            rows += more
+        mem = k1000_peak()
+        lines += ["", "## Epochs (fp32)", "",
+                  f"16-shot Flowers102 (K = {splits.num_classes}, {len(splits.train)} training images), batch 32 "
+                  f"(CoCoOp reference: 1), SGD, random weights. Epoch time = mean time of {args.steps} measured steps "
+                  "(after one warm-up step) x steps per epoch; ratios are over the reference pipeline of the same "
+                  "method, measured in the same run.",
+                  "", "| pipeline | epoch time | speed-up |", "|---|---:|---:|"]
+        lines += [f"| {name} | {t:.1f} s | {ratio:.1f}x |" for name, t, ratio in rows]
+        lines += ["", *[f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in extra.items()]]
+        if mem:
+            lines.append(f"- K = 1000 CoOp step (RN50, forward + backward, chunked shared-prefix text): peak RSS "
+                         f"{mem[1]:.0f} MB (of which {mem[0]:.0f} MB is the loaded model)")
     lines.append(f"- peak RSS of this benchmark: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write_docs:
-        sys.path.insert(0, str(ROOT / "src"))
         from vlprompt._io import atomic_write_text
         atomic_write_text(args.write_docs, text)
 

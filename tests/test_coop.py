@@ -448,11 +448,93 @@ def test_online_loading_threads_are_deterministic(tmp_path, tiny_vit):
     ds = ImageDataset(splits.train, build_train_transform(tiny_vit.image_size))
     idx = torch.arange(len(splits.train))
     batches = []
-    for workers in (2, 2, 1):
+    for workers in (2, 2, 1, 0):
         torch.manual_seed(5)
         batches.append(OnlineImages(ds, tiny_vit, local=False, encode=False, workers=workers)._images(idx))
-    assert torch.equal(batches[0], batches[1]) and torch.equal(batches[0], batches[2])
+    assert all(torch.equal(batches[0], b) for b in batches[1:])
     assert not torch.equal(batches[0][0], batches[0][1])
+
+
+def test_with_workers_the_next_batch_is_decoded_while_a_step_runs_and_training_is_unchanged(tmp_path, tiny_vit):
+    """--workers N in online mode: the training loop names the next batch to the source before running the current
+    step, which starts decoding its files in the decoder's threads; every step but an epoch's first is served from
+    that prefetch, and the learned context and losses are bitwise those of a run without workers."""
+    import threading
+
+    from vlprompt.data import ImageDataset, build_train_transform, load_dataset, load_image
+    from vlprompt.engine.sources import ImageDecoder
+
+    splits = load_dataset("folder", make_folder_dataset(tmp_path / "data"))
+    labels = torch.tensor([s.label for s in splits.train])
+    events, threads = [], set()
+
+    def loader(path):
+        threads.add(threading.current_thread().name)
+        return load_image(path)
+
+    results = {}
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        method = CoOp(CoOpConfig(n_ctx=4), tiny_vit, splits.classnames)
+        source = OnlineImages(ImageDataset(splits.train, build_train_transform(tiny_vit.image_size), loader=loader),
+                              tiny_vit, local=False, encode=True, workers=workers)
+        batch = source.batch
+
+        def recording_batch(idx, gen, batch=batch):
+            events.append(("batch", [splits.train[int(i)].path for i in idx]))
+            return batch(idx, gen)
+
+        source.batch = recording_batch
+        if source.decoder is not None:
+            prefetch = source.decoder.prefetch
+            source.decoder.prefetch = lambda paths, prefetch=prefetch: (events.append(("prefetch", list(paths))),
+                                                                        prefetch(paths))
+            assert isinstance(source.decoder, ImageDecoder)
+        cfg = TrainConfig(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0, checkpoint_every=0)
+        trainer = Trainer(method, cfg, tmp_path / f"w{workers}", seed=3, progress=False)
+        events.clear()
+        threads.clear()
+        trainer.fit(source, labels)
+        results[workers] = ([r["loss"] for r in trainer.state.history],
+                            {k: v.detach().clone() for k, v in method.learned_state().items()})
+        if workers:
+            per_epoch = cfg.steps_per_epoch(len(labels))
+            asked = [paths for kind, paths in events if kind == "batch"]
+            assert len(asked) == 2 * per_epoch and per_epoch > 1
+            assert source.decoder.prefetched == len(asked) - 2  # all but each epoch's first batch
+            # batch n + 1 (within an epoch) is named right after batch n is read, before batch n's step runs
+            for n in range(len(asked)):
+                if n % per_epoch:
+                    at = events.index(("batch", asked[n]), 1)
+                    assert events[at - 1] == ("prefetch", asked[n]) and events[at - 2] == ("batch", asked[n - 1])
+            assert threads and all(name.startswith("vlprompt-decode") for name in threads)
+        else:
+            assert threads == {threading.current_thread().name}
+    assert results[0][0] == results[2][0]
+    assert results[0][1].keys() == results[2][1].keys()
+    assert all(torch.equal(results[0][1][k], results[2][1][k]) for k in results[0][1])
+
+
+def test_prefetched_files_are_not_decoded_again_and_a_bad_file_raises_when_its_batch_is_used(tmp_path):
+    from vlprompt.engine.sources import ImageDecoder
+
+    calls = []
+
+    def loader(path):
+        calls.append(path)
+        if path == "bad":
+            raise OSError("cannot identify image file 'bad'")
+        return path.upper()
+
+    decoder = ImageDecoder(loader, 2)
+    decoder.prefetch(["a", "b"])
+    assert decoder.decode(["a", "b"]) == ["A", "B"] and sorted(calls) == ["a", "b"] and decoder.prefetched == 1
+    decoder.prefetch(["c"])
+    assert decoder.decode(["d"]) == ["D"] and decoder.prefetched == 1  # another batch: decoded now
+    decoder.prefetch(["bad"])
+    with pytest.raises(OSError, match="bad"):
+        decoder.decode(["bad"])
+    decoder.close()
 
 
 def test_cocoop_memory_budget_follows_the_hosts_available_memory_and_a_cgroup_limit(tmp_path, monkeypatch):

@@ -9,9 +9,10 @@ under bf16 was slower than in fp32 until the backbone worked around it, see docs
 
 :func:`packed_self_attention` computes the same attention from the batch-first input: one GEMM of the packed
 projection, q / k / v as strided views of its output (no copy), SDPA, the heads merged, the output projection.
-Measured on a ViT-B/16 image tower, batch 32, 1 thread (benchmarks/precision.py): 1.05x the hooked
-``nn.MultiheadAttention`` under bf16 autocast with bitwise the same features, 1.04x its native fast path in fp32
-(features within 1e-6 relative); :class:`BatchFirstSelfAttention` is what the backbone's CPU towers use, and
+Measured on a ViT-B/16 image tower, batch 32, 1 thread (benchmarks/precision.py, docs/benchmarks/precision.md):
+1.12x ``nn.MultiheadAttention``'s native fast path in fp32 (features within 1e-6 relative), 4.9x its forward under
+bf16 autocast, and 1.05x (by hand, once) the sequence-first input layout the backbone fed it before, with bitwise
+the same features. :class:`BatchFirstSelfAttention` is what the backbone's CPU towers use, and
 :class:`~vlprompt.backbone.patches.LoRAAttention` computes its attention with the same function.
 """
 from __future__ import annotations

@@ -5,12 +5,13 @@
 * :class:`OnlineImages`: every step loads, augments and (unless the method trains its own image encoder)
   encodes its images, exactly as the papers do.
 
-Both give ``batch(idx, gen) -> Features`` for the indices of a batch and the epoch's generator.
+Both give ``batch(idx, gen) -> Features`` for the indices of a batch and the epoch's generator. Sources that decode
+image files also take ``prefetch(idx)``: the training loop and the evaluation name the next batch before running
+the current one, and with ``--workers N`` its files are decoded in N threads meanwhile (:class:`ImageDecoder`).
 """
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -89,6 +90,40 @@ class CachedViews:
         return Features(global_=g, local=loc)
 
 
+class ImageDecoder:
+    """Decodes image files in ``workers`` threads, one batch ahead: ``prefetch(paths)`` starts decoding the next
+    batch's files while the current step runs (the tower, the text side, backward: the overlap), ``decode(paths)``
+    returns them (waiting for the prefetched ones, or decoding now in the threads when they were not prefetched).
+    Decoding is a pure function of the file, so what a step sees does not depend on the overlap; the random
+    transforms run afterwards in the caller's thread, in order. A file that cannot be read raises when its batch is
+    used, as without prefetching."""
+
+    def __init__(self, loader, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.loader = loader
+        self.pool = ThreadPoolExecutor(max(1, int(workers)), thread_name_prefix="vlprompt-decode")
+        self._pending: Optional[tuple[tuple[str, ...], list]] = None
+        self.prefetched = 0  # batches served from a prefetch (for tests and logs)
+
+    def prefetch(self, paths: Sequence[str]) -> None:
+        key = tuple(paths)
+        if self._pending is None or self._pending[0] != key:
+            self._pending = (key, [self.pool.submit(self.loader, p) for p in key])
+
+    def decode(self, paths: Sequence[str]) -> list:
+        key = tuple(paths)
+        if self._pending is not None and self._pending[0] == key:
+            futures, self._pending = self._pending[1], None
+            self.prefetched += 1
+            return [f.result() for f in futures]
+        return list(self.pool.map(self.loader, key))
+
+    def close(self) -> None:
+        self._pending = None
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class OnlineImages:
     """Augment and load the batch's images at every step; encode them with the frozen tower unless the method
     trains its own image encoder (then the images themselves are passed)."""
@@ -100,25 +135,32 @@ class OnlineImages:
         self.encode = encode
         self.workers = workers
         self.keep_images = keep_images  # the images too, with their frozen features (paired inputs)
+        self.decoder = (ImageDecoder(dataset.loader, workers)
+                        if workers > 0 and hasattr(dataset, "loader") and hasattr(dataset, "samples") else None)
+
+    def _paths(self, idx: torch.Tensor) -> list[str]:
+        return [self.dataset.samples[int(i)].path for i in idx]
+
+    def prefetch(self, idx: torch.Tensor) -> None:
+        if self.decoder is not None:
+            self.decoder.prefetch(self._paths(idx))
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.workers > 0 and hasattr(self.dataset, "loader") and hasattr(self.dataset, "samples"):
-            from concurrent.futures import ThreadPoolExecutor
+        if not (hasattr(self.dataset, "loader") and hasattr(self.dataset, "samples")):
+            return torch.stack([self.dataset[int(i)][0] for i in idx])
+        from ..backbone.cache import apply_view_transform
 
-            # decoding (the slow part) runs in threads; the random transforms run here, in order, each under
-            # its own seed drawn from the epoch's RNG, so results do not depend on thread scheduling
-            paths = [self.dataset.samples[int(i)].path for i in idx]
-            seeds = torch.randint(0, 2 ** 62, (len(idx),)).tolist()
-            with ThreadPoolExecutor(self.workers) as pool:
-                pil = list(pool.map(self.dataset.loader, paths))
-            out = []
-            for img, s in zip(pil, seeds):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(s)
-                    random.seed(s)
-                    out.append(self.dataset.transform(img))
-            return torch.stack(out)
-        return torch.stack([self.dataset[int(i)][0] for i in idx])
+        # each image's random transform draws from its own seed, the seeds drawn in order from the epoch's RNG: the
+        # batch does not depend on --workers (the files decoded in threads, possibly while the previous step ran)
+        seeds = torch.randint(0, 2 ** 62, (len(idx),)).tolist()
+        paths = self._paths(idx)
+        pil = self.decoder.decode(paths) if self.decoder is not None else [self.dataset.loader(p) for p in paths]
+        tf = self.dataset.transform
+        return torch.stack([img if tf is None else apply_view_transform(tf, img, s) for img, s in zip(pil, seeds)])
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Features:
         images = self._images(idx)
@@ -149,16 +191,28 @@ class PairedViews:
         self.seed = seed
         self.workers = workers
         self.num_views = rows.num_views
+        if workers > 0:
+            from ..data import load_image
+
+            self.decoder: Optional[ImageDecoder] = ImageDecoder(load_image, workers)
+        else:
+            self.decoder = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _image(self, i: int, view: int) -> torch.Tensor:
-        from ..backbone.cache import apply_view_transform, view_seed
-        from ..data import load_image
+    def prefetch(self, idx: torch.Tensor) -> None:
+        if self.decoder is not None:
+            self.decoder.prefetch([self.paths[int(i)] for i in idx])
 
-        return apply_view_transform(self.transform, load_image(self.paths[i]),
-                                    view_seed(self.seed, view, self.identities[i]))
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+
+    def _view(self, image, i: int, view: int) -> torch.Tensor:
+        from ..backbone.cache import apply_view_transform, view_seed
+
+        return apply_view_transform(self.transform, image, view_seed(self.seed, view, self.identities[i]))
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Features:
         state = gen.get_state()
@@ -167,13 +221,13 @@ class PairedViews:
         replay.set_state(state)
         views = torch.randint(0, self.num_views, (len(idx),), generator=replay)  # the same draw, replayed
         pairs = list(zip(idx.tolist(), views.tolist()))
-        if self.workers > 0:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(self.workers) as pool:
-                images = list(pool.map(lambda p: self._image(*p), pairs))
+        if self.decoder is not None:  # each view's transform is seeded by its own (seed, view, image): in threads
+            decoded = self.decoder.decode([self.paths[i] for i, _ in pairs])
+            images = list(self.decoder.pool.map(lambda a: self._view(a[0], *a[1]), zip(decoded, pairs)))
         else:
-            images = [self._image(i, v) for i, v in pairs]
+            from ..data import load_image
+
+            images = [self._view(load_image(self.paths[i]), i, v) for i, v in pairs]
         return Features(global_=feats.global_, local=feats.local, images=torch.stack(images))
 
 

@@ -277,6 +277,7 @@ class Trainer:
         if pool and views < 1:
             raise VLPromptError("--sampling pool draws from cached views; this run has none (--online, or a method "
                                 "that reads the images)")
+        prefetch = getattr(source, "prefetch", None)
         for epoch in range(self.state.epoch, epochs):
             gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             torch.manual_seed(epoch_seed(self.seed, epoch, "augment"))
@@ -295,6 +296,8 @@ class Trainer:
                     feats = source.batch(idx, gen, views=view)
                 else:
                     feats = source.batch(idx, gen)  # the global batch: the generator advances as in one process
+                    if prefetch is not None and i + 1 < len(batches):
+                        prefetch(batches[i + 1])  # decoded in threads while this step runs (--workers)
                 if parallel:
                     sl = distributed.share(len(idx))
                     feats, idx_here = feats.rows(sl), idx[sl]
@@ -392,8 +395,12 @@ def predict_logits(method: Method, source, n: int, batch_size: int = 256, progre
     try:
         gen = torch.Generator().manual_seed(0)
         idx_all = torch.arange(n)
+        prefetch = getattr(source, "prefetch", None)
         for i in _progress(range(0, n, batch_size), "evaluate", progress):
-            feats = source.batch(idx_all[i:i + batch_size], gen).to(method.backbone.device)
+            feats = source.batch(idx_all[i:i + batch_size], gen)
+            if prefetch is not None and i + batch_size < n:
+                prefetch(idx_all[i + batch_size:i + 2 * batch_size])  # decoded while this batch is evaluated
+            feats = feats.to(method.backbone.device)
             with method.backbone.autocast():
                 out.append(method(feats).float().cpu())
     finally:
