@@ -138,7 +138,9 @@ def test_global_and_local_image_features(tiny_backbone):
     assert local.shape == (3, side * side, tiny_backbone.embed_dim)
     # the pooled position of the attention pool / the ViT's pooled token is exactly the global feature
     torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-6)
-    assert torch.equal(g, tiny_backbone.model.encode_image(x))
+    with torch.no_grad():  # a ResNet is encoded with its batch norms folded into the convolutions: float rounding
+        plain = tiny_backbone.model.encode_image(x)
+    assert float((g - plain).abs().max()) <= 1e-5 * float(plain.abs().max())
 
 
 def test_resnet_local_features_are_attention_pool_outputs(sharp_rn):

@@ -683,6 +683,67 @@ def test_resnet_tower_in_channels_last_equals_the_plain_layout(models):
     assert torch.allclose(g, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
+def test_frozen_resnet_encoding_folds_the_batch_norms_into_a_copy_and_computes_the_same(models, caplog):
+    """Without gradients on a CPU a ResNet tower is encoded by a copy with every batch norm folded into the
+    convolution before it: global and local features equal open_clip's plain forward to float32 rounding; the
+    backbone's own tower keeps its batch norms (state dict and fingerprint unchanged); a change of the tower's
+    weights rebuilds the copy; with gradients the tower itself runs; a folding that computes something else is
+    refused with a warning and the tower itself runs."""
+    import copy
+
+    from vlprompt.backbone import model as backbone_model
+
+    bb = copy.deepcopy(models[("tiny-rn", 0)])
+    bb.__dict__.pop("_folded_visual", None)
+    keys, fingerprint = sorted(bb.model.state_dict()), bb.fingerprint
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def plain():
+        with torch.no_grad():
+            return bb.model.encode_image(x)
+
+    got, (g, loc) = bb.encode_image(x), bb.encode_image(x, local=True)
+    folded = bb.__dict__["_folded_visual"][1]
+    assert folded is not None and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bb.model.visual.modules()) > 5
+    ref = plain()
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert float((g - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert float((got - ref.roll(1, 0)).abs().max()) > 100 * float((got - ref).abs().max())
+    assert sorted(bb.model.state_dict()) == keys
+    bb._fingerprint = None
+    assert bb.fingerprint == fingerprint
+    with torch.no_grad():  # the weights change in place: the folded copy follows
+        bb.model.visual.layer1[0].bn1.running_var.mul_(4.0)
+    changed, ref = bb.encode_image(x), plain()
+    assert float((changed - got).abs().max()) > 1e-3 * float(got.abs().max())
+    assert float((changed - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    # with gradients (a method learning through the tower), the tower itself
+    calls = []
+    hook = bb.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    bb.encode_image(x, grad=True)
+    assert calls == [1]
+    hook.remove()
+    # a folding that does not compute what the tower computes is not used
+    bb.__dict__.pop("_folded_visual")
+    real = backbone_model.fold_batch_norms
+
+    def wrong(module):
+        out = real(module)
+        with torch.no_grad():
+            out.conv1.weight.mul_(1.5)
+        return out
+
+    backbone_model.fold_batch_norms = wrong
+    try:
+        with caplog.at_level("WARNING", logger="vlprompt"):
+            again = bb.encode_image(x)
+    finally:
+        backbone_model.fold_batch_norms = real
+    assert bb.__dict__["_folded_visual"][1] is None and "folded" in caplog.text
+    assert float((again - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # read-only caches (a lab's shared cache, a read-only mount)
 # ------------------------------------------------------------------------------------------------------------
