@@ -116,7 +116,8 @@ def main():
                 ref, got = plain.encode_image(x), b.encode_image(x)
                 rel = float((got - ref).abs().max() / ref.abs().max())
                 lines.append(f"| {precision} | {bs} | {t_plain:.3f} | {t_cl:.3f} | {t_ours:.3f} | "
-                             f"{bs * gflop / t_ours:.1f} | {t_plain / t_ours:.2f}x | {t_cl / t_ours:.2f}x | {rel:.1e} |")
+                             f"{bs * gflop / t_ours:.1f} | {t_plain / t_ours:.2f}x | {t_cl / t_ours:.2f}x | "
+                             f"{rel:.1e} |")
                 print(lines[-1], flush=True)
 
     paths = dtd_paths(n_images)

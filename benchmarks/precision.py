@@ -60,6 +60,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> str:
+    """The CPU flags that decide the GEMM kernels (AVX2 / AVX-512 / AMX / AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    keep = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    return " ".join(f for f in keep if f in flags) or "none of " + ", ".join(keep)
+
+
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -70,9 +81,17 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def gemm_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def gemm_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """The rate of an n x n matmul, GFLOP/s: its best of ``repeats`` timings (the machine's matmul rate; on a
+    shared machine the median moved by up to 18% between runs, the best much less)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / median_time(lambda: a @ b, repeats) / 1e9
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
 
 
 def image_flops(bb, x) -> float:
@@ -169,8 +188,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     fast = cpu_has_fast_bf16()
-    machine = (f"{cpu_model()} ({platform.machine()}), bf16 matrix units: {'yes' if fast else 'no'}, "
-               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    machine = (f"{cpu_model()} ({platform.machine()}; flags: {cpu_flags()}), bf16 matrix units: "
+               f"{'yes' if fast else 'no'}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("#", machine, flush=True)
     if not fast:
         sys.exit("skipped: this CPU has no bf16 matrix units (AMX-BF16 / AVX512-BF16): --precision bf16 is refused "

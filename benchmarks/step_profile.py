@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
 from framework_overhead import K, make_step  # noqa: E402  (the steps framework_overhead.py times)
-from precision import gemm_rate, median_time  # noqa: E402
+from precision import cpu_flags, cpu_model, gemm_rate, median_time  # noqa: E402
 from vlprompt.backbone.model import cpu_has_fast_bf16  # noqa: E402
 
 BATCH = 32
@@ -68,8 +68,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     bf16 = cpu_has_fast_bf16()
     precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
-    machine = (f"{platform.machine()}, bf16 matrix units: {'yes' if bf16 else 'no'}, {torch.get_num_threads()} "
-               f"threads, torch {torch.__version__}")
+    machine = (f"{cpu_model()} ({platform.machine()}; flags: {cpu_flags()}), bf16 matrix units: "
+               f"{'yes' if bf16 else 'no'}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("#", machine, flush=True)
     gemm = {p: gemm_rate(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
     print("GEMM 2048:", ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in gemm.items()), flush=True)
@@ -91,7 +91,7 @@ def main() -> None:
              f"K = {K} classes, batch {BATCH}, 16 context vectors (PLOT: 4 prompts, 7 x 7 local features), a step on "
              f"cached features (forward, loss, backward, SGD), median of {args.steps} steps after a warm-up; FLOPs "
              "counted by torch.utils.flop_counter (matmuls and attention, forward and backward).", "",
-             "| GEMM 2048 x 2048 | " + " | ".join(f"{p}: {r:.0f} GFLOP/s" for p, r in gemm.items()) + " |",
+             "| GEMM 2048 x 2048 (best of 10) | " + " | ".join(f"{p}: {r:.0f} GFLOP/s" for p, r in gemm.items()) + " |",
              "|---|" + "---|" * len(gemm), "",
              "| method | precision | s/step | GFLOP/step | share of the GEMM rate |", "|---|---|---:|---:|---:|"]
     lines += [f"| {n} | {p} | {t:.3f} | {f:.1f} | {s:.0%} |" for n, p, t, f, s in rows]

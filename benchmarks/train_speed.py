@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
 from framework_overhead import make_step  # noqa: E402  (the steps of framework_overhead.py / step_profile.py)
-from precision import cpu_model, gemm_rate, median_time  # noqa: E402
+from precision import cpu_flags, cpu_model, gemm_rate, median_time  # noqa: E402
 from step_profile import step_flops  # noqa: E402
 from vlprompt.backbone import cpu_has_fast_bf16, load_backbone  # noqa: E402
 from vlprompt.data import build_test_transform, build_train_transform, few_shot_split, load_dataset, load_image  # noqa: E402
@@ -62,17 +62,6 @@ def flowers(shots=16):
         print(f"epoch tables skipped: 16-shot Flowers102 not found under {root} (set VLPROMPT_SHARED)")
         return None
     return few_shot_split(load_dataset("oxford_flowers", root), shots, 1)
-
-
-def cpu_flags() -> str:
-    """The CPU flags that decide the GEMM kernels (AVX2 / AVX-512 / AMX / AVX512-BF16)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "unknown"
-    keep = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-    return " ".join(f for f in keep if f in flags) or "none of " + ", ".join(keep)
 
 
 def reference_step(name: str, step):
@@ -334,7 +323,8 @@ def main() -> None:
              "RN50 size, batch 32, 16 context vectors (PLOT 4 prompts, 7 x 7 local features); CoCoOp ViT-B/16 size, "
              f"batch 8, 4 context vectors. Median of {args.steps} steps after a warm-up, per image. Share: FLOPs of "
              "the step (torch.utils.flop_counter: matmuls and attention, forward and backward) per second over the "
-             "GEMM rate of the precision in use. Reference: the original's step re-implemented here on the same "
+             "GEMM rate of the precision in use (the best of 10 timings of a 2048 x 2048 matmul). Reference: the "
+             "original's step re-implemented here on the same "
              "method and weights (image tower every step on a batch of images, every prompt at 77 tokens, fp32; "
              "CoCoOp one image per step), one step after a warm-up.", "",
              "| method | reference fp32 s/image | " + " | ".join(

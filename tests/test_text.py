@@ -124,9 +124,11 @@ def test_bad_prompt_shapes_are_refused(tiny_vit):
         te.encode_prompts(emb[0, :20], emb[:, 20:], eot)
 
 
+@pytest.mark.parametrize("rows", [0, 256])
 @pytest.mark.parametrize("chunk", [None, 3])
-def test_length_buckets_equal_plain(tiny_rn, chunk):
-    """Rows sorted by EOT position and cut per bucket (one bucket per length here) equal the plain path."""
+def test_length_buckets_equal_plain(tiny_rn, chunk, rows):
+    """Rows sorted by EOT position and cut per bucket equal the plain path: one bucket per length (no minimum of
+    token rows) or buckets holding prompts of several lengths (the default minimum of 256 token rows)."""
     te = tiny_rn.text
     classes = ["a", "golden retriever", "bird of paradise flower", "x", "sword lily", "cat", "king protea"]
     emb, eot = prompt_parts(te, 4, classes)
@@ -137,7 +139,8 @@ def test_length_buckets_equal_plain(tiny_rn, chunk):
         if fn == "plain":
             out = te.encode_prompts(prefix, emb[:, 5:], eot, mode="plain")
         else:
-            out = te._run_prefixed(prefix, emb[None, :, 5:], eot[None].expand(2, -1), chunk, min_bucket=1)
+            out = te._run_prefixed(prefix, emb[None, :, 5:], eot[None].expand(2, -1), chunk, min_bucket=1,
+                                       min_rows=rows)
         out.square().sum().backward()
         res.append((out.detach(), prefix.grad.clone()))
     assert len(set(eot.tolist())) >= 4  # several lengths, so several buckets

@@ -393,12 +393,16 @@ class TextEncoder:
 
     def _run_prefixed(self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor,
                       chunk_size: Optional[int], lp: Optional[TextLayerPrompts] = None,
-                      min_bucket: int = 8) -> torch.Tensor:
+                      min_bucket: int = 8, min_rows: int = 256) -> torch.Tensor:
         """Prefix once per group, then the suffix rows in buckets of similar length.
 
         ``suffix`` is (1, K, S, D) when shared by the groups (rows index it without a per-group copy) or
         (G, K, S, D). Rows are sorted by EOT position and each bucket is cut after its own longest EOT, so
         short class names do not pay for the longest one (padding after the EOT is never needed: causal mask).
+        A bucket holds at least ``min_bucket`` prompts and ``min_rows`` token rows before a longer length starts a
+        new one: the GEMMs of a few dozen rows run at half the rate of a few hundred (a CoOp step, RN50 size, 1
+        thread: 0.864 -> 0.835 s with Flowers102's 102 names, 8.36 -> 8.19 s with ImageNet's 1000; 512 rows was
+        slower than either, the padding then costing more than the GEMMs gain).
         """
         g, k = eot.shape
         p = prefix.shape[1]
@@ -409,7 +413,8 @@ class TextEncoder:
         step = n if chunk_size is None else max(chunk_size, 1)
         buckets, start = [], 0
         for i in range(1, n + 1):  # a new bucket when the length grows and the bucket is big enough
-            if i == n or i - start >= step or (lengths[i] != lengths[i - 1] and i - start >= min_bucket):
+            if i == n or i - start >= step or (lengths[i] != lengths[i - 1] and i - start >= min_bucket
+                                               and (i - start) * lengths[i - 1] >= min_rows):
                 buckets.append((start, i))
                 start = i
         needs_grad = torch.is_grad_enabled() and (suffix.requires_grad or prefix.requires_grad)
