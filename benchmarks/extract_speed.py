@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
@@ -37,15 +37,10 @@ from vlprompt.data.transforms import build_transforms  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from precision import cpu_flags, cpu_model
+
+    return (f"{cpu_model()} (flags: {cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def best(fn, reps):
