@@ -31,16 +31,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
+from precision import machine_line, write_report  # noqa: E402
 from vlprompt.backbone import load_backbone  # noqa: E402
 from vlprompt.backbone.cache import FeatureCache, _EncodeSet, default_loader  # noqa: E402
 from vlprompt.data.transforms import build_transforms  # noqa: E402
-
-
-def machine() -> str:
-    from precision import cpu_flags, cpu_model
-
-    return (f"{cpu_model()} (flags: {cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
 
 
 def best(fn, reps):
@@ -148,11 +142,8 @@ def main():
     same = all(torch.equal(feats[w], feats[0]) for w in workers)
     lines += ["", f"bare tower on pre-decoded tensors: {bare:.1f} images/s (channels_last, batch {bs}); features "
               f"bitwise identical for 0, 1, 2 workers: {same}"]
-    doc = Path(args.out)
-    body = "\n".join(lines)
-    doc.write_text(HEADER.format(machine=machine(), quick=" (--quick)" if args.quick else "", date=time.strftime(
-        "%Y-%m-%d")) + body + "\n" + FOOTER)
-    print(body)
+    write_report(HEADER.format(machine=machine_line(), quick=" (--quick)" if args.quick else "",
+                               date=time.strftime("%Y-%m-%d")) + "\n".join(lines) + "\n" + FOOTER, args.out)
 
 
 HEADER = """# Feature extraction speed

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
-from precision import cpu_flags, cpu_model  # noqa: E402
+from precision import machine_line, write_report  # noqa: E402
 from vlprompt.backbone import load_backbone  # noqa: E402
 from vlprompt.data import ImageDataset, build_train_transform, few_shot_split, load_dataset  # noqa: E402
 from vlprompt.engine.sources import OnlineImages  # noqa: E402
@@ -85,8 +85,7 @@ def main() -> None:
     torch.set_num_threads(1)
     splits = flowers()
     steps = len(splits.train) // 32
-    machine = (f"{cpu_model()} (flags: {cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__}, 1 thread "
-               "for the towers")
+    machine = machine_line()
     print("#", machine, flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,11 +115,7 @@ def main() -> None:
     lines += [f"| {n} | {label} | {t:.2f} | {r:.2f}x | {'bitwise' if same else 'NO'} |"
               for n, label, t, r, same in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write_docs:
-        from vlprompt._io import atomic_write_text
-
-        atomic_write_text(args.write_docs, text)
+    write_report(text, args.write_docs)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,23 @@ def cpu_flags() -> str:
     return " ".join(f for f in keep if f in flags) or "none of " + ", ".join(keep)
 
 
+def machine_line(note: str = "") -> str:
+    """The machine a benchmark ran on, as the docs pages name it: CPU model, architecture, the flags that decide the
+    GEMM kernels, whether bf16 is fast, threads, torch (``note``: what else the page should say of the machine)."""
+    return (f"{cpu_model()} ({platform.machine()}; flags: {cpu_flags()}), bf16 matrix units: "
+            f"{'yes' if cpu_has_fast_bf16() else 'no'}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+            f"{note}, torch {torch.__version__}")
+
+
+def write_report(text: str, path: str) -> None:
+    """Print a benchmark's report and write it to ``path`` (atomically; nothing when ``path`` is empty)."""
+    print(text)
+    if path:
+        from vlprompt._io import atomic_write_text
+
+        atomic_write_text(path, text)
+
+
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -188,8 +205,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     fast = cpu_has_fast_bf16()
-    machine = (f"{cpu_model()} ({platform.machine()}; flags: {cpu_flags()}), bf16 matrix units: "
-               f"{'yes' if fast else 'no'}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    machine = machine_line()
     print("#", machine, flush=True)
     if not fast:
         sys.exit("skipped: this CPU has no bf16 matrix units (AMX-BF16 / AVX512-BF16): --precision bf16 is refused "
@@ -260,11 +276,7 @@ def main() -> None:
               "weights, and a tiny model's accuracy says nothing of real weights under bf16. `--precision bf16` (or "
               "`auto`) is the user's choice where the speed matters more than the last digit.", ""]
     text = "\n".join(lines)
-    print(text)
-    if args.write_docs:
-        from vlprompt._io import atomic_write_text
-
-        atomic_write_text(args.write_docs, text)
+    write_report(text, args.write_docs)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
 from framework_overhead import K, make_step  # noqa: E402  (the steps framework_overhead.py times)
-from precision import cpu_flags, cpu_model, gemm_rate, median_time  # noqa: E402
+from precision import gemm_rate, machine_line, median_time, write_report  # noqa: E402
 from vlprompt.backbone.model import cpu_has_fast_bf16  # noqa: E402
 
 BATCH = 32
@@ -68,8 +67,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     bf16 = cpu_has_fast_bf16()
     precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
-    machine = (f"{cpu_model()} ({platform.machine()}; flags: {cpu_flags()}), bf16 matrix units: "
-               f"{'yes' if bf16 else 'no'}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    machine = machine_line()
     print("#", machine, flush=True)
     gemm = {p: gemm_rate(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
     print("GEMM 2048:", ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in gemm.items()), flush=True)
@@ -100,11 +98,7 @@ def main() -> None:
                   "| operator | share of the step's CPU time | calls |", "|---|---:|---:|"]
         lines += [f"| `{k}` | {s:.1%} | {c} |" for k, s, c in prof]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write_docs:
-        from vlprompt._io import atomic_write_text
-
-        atomic_write_text(args.write_docs, text)
+    write_report(text, args.write_docs)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import sys
 import time
@@ -47,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
 from framework_overhead import make_step  # noqa: E402  (the steps of framework_overhead.py / step_profile.py)
-from precision import cpu_flags, cpu_model, gemm_rate, median_time  # noqa: E402
+from precision import gemm_rate, machine_line, median_time, write_report  # noqa: E402
 from step_profile import step_flops  # noqa: E402
 from vlprompt.backbone import cpu_has_fast_bf16, load_backbone  # noqa: E402
 from vlprompt.data import build_test_transform, build_train_transform, few_shot_split, load_dataset, load_image  # noqa: E402
@@ -309,8 +308,7 @@ def main() -> None:
     ap.add_argument("--skip-epochs", action="store_true", help="the step table only")
     ap.add_argument("--write-docs", default=str(ROOT / "docs/benchmarks/train_speed.md"))
     args = ap.parse_args()
-    machine = (f"{cpu_model()} ({platform.machine()}; flags: {cpu_flags()}), {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}")
+    machine = machine_line()
     print("#", machine, flush=True)
     gemm, srows = step_rows(args)
     cmd = " ".join(["python benchmarks/train_speed.py", *sys.argv[1:]])
@@ -357,10 +355,7 @@ def main() -> None:
                          f"{mem[1]:.0f} MB (of which {mem[0]:.0f} MB is the loaded model)")
     lines.append(f"- peak RSS of this benchmark: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write_docs:
-        from vlprompt._io import atomic_write_text
-        atomic_write_text(args.write_docs, text)
+    write_report(text, args.write_docs)
 
 
 if __name__ == "__main__":

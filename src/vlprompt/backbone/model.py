@@ -4,6 +4,7 @@ local image features), so that a method refuses at build time what a backbone ca
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -391,7 +392,6 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
     Raises ``BackboneError`` when a batch norm follows no convolution of matching width (nothing is folded
     silently wrong)."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
-    import copy
 
     folded = copy.deepcopy(module).eval()
     for parent in list(folded.modules()):

@@ -96,7 +96,8 @@ class ImageDecoder:
     returns them (waiting for the prefetched ones, or decoding now in the threads when they were not prefetched).
     Decoding is a pure function of the file, so what a step sees does not depend on the overlap; the random
     transforms run afterwards in the caller's thread, in order. A file that cannot be read raises when its batch is
-    used, as without prefetching."""
+    used, as without prefetching. The threads end with the decoder (``close``, or when it is garbage collected with
+    its source)."""
 
     def __init__(self, loader, workers: int):
         from concurrent.futures import ThreadPoolExecutor
@@ -133,7 +134,6 @@ class OnlineImages:
         self.backbone = backbone
         self.local = local
         self.encode = encode
-        self.workers = workers
         self.keep_images = keep_images  # the images too, with their frozen features (paired inputs)
         self.decoder = (ImageDecoder(dataset.loader, workers)
                         if workers > 0 and hasattr(dataset, "loader") and hasattr(dataset, "samples") else None)
@@ -144,10 +144,6 @@ class OnlineImages:
     def prefetch(self, idx: torch.Tensor) -> None:
         if self.decoder is not None:
             self.decoder.prefetch(self._paths(idx))
-
-    def close(self) -> None:
-        if self.decoder is not None:
-            self.decoder.close()
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
         if not (hasattr(self.dataset, "loader") and hasattr(self.dataset, "samples")):
@@ -189,7 +185,6 @@ class PairedViews:
         self.transform = transform
         self.identities = list(identities)
         self.seed = seed
-        self.workers = workers
         self.num_views = rows.num_views
         if workers > 0:
             from ..data import load_image
@@ -204,10 +199,6 @@ class PairedViews:
     def prefetch(self, idx: torch.Tensor) -> None:
         if self.decoder is not None:
             self.decoder.prefetch([self.paths[int(i)] for i in idx])
-
-    def close(self) -> None:
-        if self.decoder is not None:
-            self.decoder.close()
 
     def _view(self, image, i: int, view: int) -> torch.Tensor:
         from ..backbone.cache import apply_view_transform, view_seed
